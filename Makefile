@@ -1,0 +1,56 @@
+# Kiln: `make run` starts the whole mesh, `make test` runs every check.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; GPU hosts set TORCH_SPEC (e.g. torch==2.13.0 from a CUDA index).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.kiln-installed
+PROTOS := $(shell find protos/kiln -name '*.proto')
+
+.PHONY: run test gen install lint protolint check clean bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Python code generated from the protos into ./kiln (git-ignored; never edited).
+kiln/.generated: $(PROTOS) | $(STAMP)
+	rm -rf kiln
+	$(BIN)/python -m grpc_tools.protoc -I protos -I protos/third_party \
+	  --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	find kiln -type d -exec touch {}/__init__.py \;
+	touch kiln/.generated
+
+gen: kiln/.generated
+
+run: gen
+	$(BIN)/kiln up
+
+protolint: $(STAMP)
+	$(BIN)/buf lint
+	$(BIN)/buf format --exit-code --diff
+	$(BIN)/buf build -o descriptors.binpb
+	@if git rev-parse --verify --quiet main >/dev/null && git ls-tree -r --name-only main | grep -q '^buf.yaml$$'; then \
+	  $(BIN)/buf breaking --against '.git#branch=main'; \
+	else echo "buf breaking: no buf.yaml on main yet, nothing to compare"; fi
+
+lint: gen
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy services edge kiln_cli bench
+
+test: gen protolint lint
+	$(BIN)/python -m pytest
+
+bench: gen
+	$(BIN)/python bench/edge_overhead.py
+
+clean:
+	rm -rf kiln descriptors.binpb .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Kiln's gRPC services: shared server code in `common`, one package per capability."""

@@ -1,0 +1,141 @@
+"""The contract's error types, in one place.
+
+Engines and servicers raise :class:`KilnError` subclasses; they know nothing of
+gRPC or HTTP. The gRPC server interceptor (``services.common.grpc_server``)
+turns them into a ``google.rpc.Status`` with an ``ErrorInfo`` whose ``reason``
+is the error type, and the edge turns that back into an HTTP status and the
+``{"error": {"message", "type"}}`` envelope. Both read the table below, so the
+mapping cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+#: ``ErrorInfo.domain`` of every error Kiln raises.
+ERROR_DOMAIN = "kiln.dev"
+
+
+class ErrorType(StrEnum):
+    """The ``error.type`` values of the public contract (plus two of our own)."""
+
+    INVALID_REQUEST = "invalid_request_error"
+    AUTHENTICATION = "authentication_error"
+    INSUFFICIENT_CREDITS = "insufficient_credits"
+    PREMIUM_REQUIRED = "premium_required"
+    PROCESSING = "processing_error"
+    MAINTENANCE = "maintenance_mode"
+    RATE_LIMIT = "rate_limit_error"
+    NOT_FOUND = "not_found_error"
+
+
+@dataclass(frozen=True)
+class ErrorMapping:
+    """How one error type travels: its gRPC status code name and HTTP status."""
+
+    grpc_code: str
+    http_status: int
+
+
+ERROR_MAPPINGS: dict[ErrorType, ErrorMapping] = {
+    ErrorType.INVALID_REQUEST: ErrorMapping("INVALID_ARGUMENT", 400),
+    ErrorType.AUTHENTICATION: ErrorMapping("UNAUTHENTICATED", 401),
+    ErrorType.INSUFFICIENT_CREDITS: ErrorMapping("FAILED_PRECONDITION", 402),
+    ErrorType.PREMIUM_REQUIRED: ErrorMapping("PERMISSION_DENIED", 403),
+    ErrorType.NOT_FOUND: ErrorMapping("NOT_FOUND", 404),
+    ErrorType.RATE_LIMIT: ErrorMapping("RESOURCE_EXHAUSTED", 429),
+    ErrorType.PROCESSING: ErrorMapping("INTERNAL", 500),
+    ErrorType.MAINTENANCE: ErrorMapping("UNAVAILABLE", 503),
+}
+
+#: The error type assumed for a gRPC status that carries no ErrorInfo.
+GRPC_CODE_FALLBACK: dict[str, ErrorType] = {
+    "INVALID_ARGUMENT": ErrorType.INVALID_REQUEST,
+    "OUT_OF_RANGE": ErrorType.INVALID_REQUEST,
+    "UNAUTHENTICATED": ErrorType.AUTHENTICATION,
+    "PERMISSION_DENIED": ErrorType.PREMIUM_REQUIRED,
+    "NOT_FOUND": ErrorType.NOT_FOUND,
+    "RESOURCE_EXHAUSTED": ErrorType.RATE_LIMIT,
+    "FAILED_PRECONDITION": ErrorType.INVALID_REQUEST,
+}
+
+MAINTENANCE_MESSAGE = "We're in maintenance mode now. Please try again later"
+AUTHENTICATION_MESSAGE = (
+    "Authentication failed. Provide a valid API Key in the 'X-API-Key' header or log in."
+)
+
+
+class KilnError(Exception):
+    """An error with a contract type and a message safe to show the caller."""
+
+    error_type: ErrorType = ErrorType.PROCESSING
+    default_message: str = "The request could not be processed."
+
+    def __init__(self, message: str | None = None, *, metadata: dict[str, str] | None = None) -> None:
+        self.message = message or self.default_message
+        super().__init__(self.message)
+        self.metadata = dict(metadata or {})
+
+    @property
+    def mapping(self) -> ErrorMapping:
+        return ERROR_MAPPINGS[self.error_type]
+
+
+class InvalidRequest(KilnError):
+    error_type = ErrorType.INVALID_REQUEST
+    default_message = "Invalid request."
+
+
+class AuthenticationFailed(KilnError):
+    error_type = ErrorType.AUTHENTICATION
+    default_message = AUTHENTICATION_MESSAGE
+
+
+class InsufficientCredits(KilnError):
+    error_type = ErrorType.INSUFFICIENT_CREDITS
+    default_message = "You do not have enough credits."
+
+
+class PremiumRequired(KilnError):
+    error_type = ErrorType.PREMIUM_REQUIRED
+    default_message = "This endpoint requires a premium subscription."
+
+
+class ProcessingError(KilnError):
+    error_type = ErrorType.PROCESSING
+
+
+class MaintenanceMode(KilnError):
+    error_type = ErrorType.MAINTENANCE
+    default_message = MAINTENANCE_MESSAGE
+
+
+class RateLimited(KilnError):
+    error_type = ErrorType.RATE_LIMIT
+    default_message = "Too many requests."
+
+
+class NotFound(KilnError):
+    error_type = ErrorType.NOT_FOUND
+    default_message = "Not found."
+
+
+_BY_TYPE: dict[ErrorType, type[KilnError]] = {
+    cls.error_type: cls
+    for cls in (
+        InvalidRequest,
+        AuthenticationFailed,
+        InsufficientCredits,
+        PremiumRequired,
+        ProcessingError,
+        MaintenanceMode,
+        RateLimited,
+        NotFound,
+    )
+}
+
+
+def error_from_type(error_type: ErrorType, message: str) -> KilnError:
+    """Rebuilds the exception for an error type (used when an error crosses gRPC)."""
+    return _BY_TYPE[error_type](message)

@@ -1,0 +1,50 @@
+"""Channels to Kiln services, and the one reader of rich error statuses."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from services.common.errors import (
+    GRPC_CODE_FALLBACK,
+    ErrorType,
+    KilnError,
+    ProcessingError,
+    error_from_type,
+)
+from services.common.telemetry import client_interceptors
+
+
+def create_channel(address: str, *, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.aio.Channel:
+    """An insecure aio channel with tracing and the mesh's message size limits."""
+    return grpc.aio.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+        ],
+        interceptors=client_interceptors(),
+    )
+
+
+def error_from_rpc(err: grpc.aio.AioRpcError) -> KilnError:
+    """The Kiln error a failed call carries (its ErrorInfo reason), or a generic one."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                try:
+                    return error_from_type(ErrorType(info.reason), status.message)
+                except ValueError:
+                    break
+    code = err.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ProcessingError("An upstream service is unavailable; please try again.")
+    fallback = GRPC_CODE_FALLBACK.get(code.name)
+    if fallback is not None:
+        return error_from_type(fallback, err.details() or fallback.value)
+    return ProcessingError("Internal error while processing the request.")

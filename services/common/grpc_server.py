@@ -1,0 +1,168 @@
+"""The standard bootstrap of every Kiln gRPC service.
+
+``create_server`` builds a ``grpc.aio`` server with tracing and error
+interceptors, reflection and the standard health service (NOT_SERVING until
+the service says it is ready), bound to a configured address; it returns the
+bound port, so tests bind port 0. ``ErrorInterceptor`` is the one place where
+a :class:`~services.common.errors.KilnError` becomes a ``google.rpc.Status``
+with an ``ErrorInfo`` whose reason is the contract's error type.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from services.common.errors import ERROR_DOMAIN, KilnError, ProcessingError
+from services.common.telemetry import server_interceptors
+
+log = logging.getLogger(__name__)
+
+#: The caller's request id (gRPC metadata ``x-request-id``), for logs.
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+def to_status(err: KilnError) -> grpc.Status:
+    """The rich gRPC status for a Kiln error."""
+    detail = any_pb2.Any()
+    detail.Pack(
+        error_details_pb2.ErrorInfo(reason=err.error_type.value, domain=ERROR_DOMAIN, metadata=err.metadata)
+    )
+    code = grpc.StatusCode[err.mapping.grpc_code]
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=err.message, details=[detail]))
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, KilnError):
+        err = exc
+    else:
+        log.exception("unhandled error in %s", request_id_var.get(), exc_info=exc)
+        err = ProcessingError("Internal error while processing the request.")
+    await context.abort_with_status(to_status(err))
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # mapped to a status; never leaks a traceback
+            await _abort(context, exc)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            result = behavior(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:
+                await result
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return wrapper
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps KilnError (and anything unexpected) to rich statuses; sets the request id."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "x-request-id":
+                request_id_var.set(str(value))
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))
+        return handler
+
+
+@dataclass
+class GrpcService:
+    """A built, bound (not yet started) gRPC server and its health servicer."""
+
+    server: grpc.aio.Server
+    port: int
+    health: HealthServicer
+    service_names: tuple[str, ...]
+
+    async def set_serving(self, serving: bool = True) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self, grace: float) -> None:
+        """Graceful shutdown: health says NOT_SERVING, in-flight calls get `grace` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def create_server(
+    *,
+    address: str,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Iterable[str],
+    max_message_bytes: int = 64 * 1024 * 1024,
+) -> GrpcService:
+    """Builds a server with the standard interceptors, reflection and health.
+
+    ``register`` adds the capability's servicers; ``service_names`` are their
+    full names (``kiln.image.v1.ImageService``). Health starts NOT_SERVING.
+    """
+    server = grpc.aio.server(
+        interceptors=[*server_interceptors(), ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    register(server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = tuple(service_names)
+    reflection.enable_server_reflection(
+        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC address {address}")
+    service = GrpcService(server=server, port=port, health=health, service_names=names)
+    await service.set_serving(False)
+    return service

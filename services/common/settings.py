@@ -1,0 +1,118 @@
+"""One typed settings object per process, read from ``KILN_*`` variables and an optional file.
+
+Precedence: keyword arguments, then environment variables, then the TOML file
+named by ``KILN_CONFIG_FILE`` (read by :func:`load_settings` at the entry
+point), then the defaults below. Nothing reads ``os.environ`` at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_REGISTRY = Path(__file__).with_name("registry.toml")
+
+
+class Settings(BaseSettings):
+    """Every setting an operator may change, with its default."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", toml_file=None)
+
+    # --- state ---
+    data_dir: Path = Field(Path(".kiln"), description="Folder for the SQLite database, media and model cache.")
+    database_url: str | None = Field(
+        None, description="sqlite:///path or postgresql://...; SQLite in data_dir when unset."
+    )
+    media_root: Path | None = Field(None, description="Media store folder; data_dir/media when unset.")
+    model_cache_dir: Path | None = Field(
+        None, description="Where tiny random-weight models are built; data_dir/models when unset."
+    )
+    registry_path: Path = Field(DEFAULT_REGISTRY, description="The model registry (TOML).")
+
+    # --- addresses ---
+    billing_address: str = Field("127.0.0.1:50051", description="host:port of the billing gRPC service.")
+    image_gen_address: str = Field("127.0.0.1:50052", description="host:port of the image_gen gRPC service.")
+    http_host: str = Field("127.0.0.1", description="Interface the HTTP edge binds.")
+    http_port: int = Field(8000, description="Port of the HTTP edge.")
+    public_base_url: str | None = Field(
+        None, description="Base of media URLs in responses; taken from the request's Host when unset."
+    )
+
+    # --- limits ---
+    max_body_bytes: int = Field(25 * 1024 * 1024, description="Largest accepted request body (413 above).")
+    max_prompt_chars: int = Field(4000, description="Longest accepted prompt or negative prompt.")
+    grpc_max_message_bytes: int = Field(64 * 1024 * 1024, description="Largest gRPC message either way.")
+    service_timeout_seconds: float = Field(600.0, description="Deadline of one capability call from the edge.")
+
+    # --- billing ---
+    reservation_ttl_seconds: int = Field(600, description="Default time to live of a credit hold.")
+    expiry_sweep_seconds: float = Field(5.0, description="How often billing releases expired holds.")
+    jwt_hs256_secret: SecretStr | None = Field(None, description="Shared secret for HS256 JWTs.")
+    jwt_public_keys: list[Path] = Field(
+        default_factory=list, description="PEM public keys for RS256/ES256 JWTs."
+    )
+    jwt_audience: str | None = Field(None, description="Required `aud` of JWTs, when set.")
+    jwt_issuer: str | None = Field(None, description="Required `iss` of JWTs, when set.")
+    jwt_leeway_seconds: int = Field(0, description="Clock skew allowed on exp/nbf.")
+
+    # --- demo account created by `kiln up` ---
+    demo_api_key: str | None = Field(None, description="Fixed demo API key; a new one is made when unset.")
+    demo_credits: Decimal = Field(Decimal(1000), description="Credits the demo account is topped up to.")
+    demo_premium: bool = Field(False, description="Whether the demo account is premium (pays 0).")
+
+    # --- engines ---
+    torch_threads: int | None = Field(None, description="torch intra-op threads; torch's default when unset.")
+
+    # --- operations ---
+    grace_seconds: float = Field(5.0, description="Graceful shutdown period for in-flight calls.")
+    otel_exporter: Literal["none", "console", "otlp"] = Field("none", description="Where spans go.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    # --- derived paths ---
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'kiln.db').resolve()}"
+
+    @property
+    def resolved_media_root(self) -> Path:
+        return self.media_root or self.data_dir / "media"
+
+    @property
+    def resolved_model_cache_dir(self) -> Path:
+        return self.model_cache_dir or self.data_dir / "models"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Builds the process's settings; call once, at the entry point."""
+    config_file = os.environ.get("KILN_CONFIG_FILE")
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    cls = _FileSettings if config_file else Settings
+    return cls(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,54 @@
+"""OpenTelemetry set-up: one tracer provider per process, gRPC interceptors both ways.
+
+Trace context travels in gRPC metadata (W3C ``traceparent``), so a request's
+spans from the edge, billing and image_gen share one trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def setup_tracing(settings: Settings, service_name: str) -> None:
+    """Installs the process's tracer provider (once; later calls keep the first)."""
+    if isinstance(trace.get_tracer_provider(), TracerProvider):
+        return
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if settings.otel_exporter == "console":
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    elif settings.otel_exporter == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+                OTLPSpanExporter,
+            )
+        except ImportError:
+            log.warning("KILN_OTEL_EXPORTER=otlp needs opentelemetry-exporter-otlp; spans are not exported")
+        else:
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """The tracing interceptor for a grpc.aio server (continues the caller's trace)."""
+    return [aio_server_interceptor()]
+
+
+def client_interceptors() -> list[Any]:
+    """Tracing interceptors for a grpc.aio channel (injects the trace context)."""
+    return list(aio_client_interceptors())
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)
