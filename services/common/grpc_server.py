@@ -14,7 +14,8 @@ import contextvars
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -115,6 +116,12 @@ class GrpcService:
     port: int
     health: HealthServicer
     service_names: tuple[str, ...]
+    #: Coroutines started as background tasks once the server listens
+    #: (model loading, expiry sweeps); cancelled on stop.
+    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: Awaited after the server stopped (close pools, engines).
+    cleanup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def set_serving(self, serving: bool = True) -> None:
         status = (
@@ -125,11 +132,17 @@ class GrpcService:
 
     async def start(self) -> None:
         await self.server.start()
+        self._tasks = [asyncio.create_task(job()) for job in self.background]
 
     async def stop(self, grace: float) -> None:
         """Graceful shutdown: health says NOT_SERVING, in-flight calls get `grace` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for job in self.cleanup:
+            await job()
 
 
 async def create_server(
