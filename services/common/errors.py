@@ -61,9 +61,7 @@ GRPC_CODE_FALLBACK: dict[str, ErrorType] = {
 }
 
 MAINTENANCE_MESSAGE = "We're in maintenance mode now. Please try again later"
-AUTHENTICATION_MESSAGE = (
-    "Authentication failed. Provide a valid API Key in the 'X-API-Key' header or log in."
-)
+AUTHENTICATION_MESSAGE = "Authentication failed. Provide a valid API Key in the 'X-API-Key' header or log in."
 
 
 class KilnError(Exception):

@@ -10,11 +10,11 @@ with an ``ErrorInfo`` whose reason is the contract's error type.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", toml_file=None)
 
     # --- state ---
-    data_dir: Path = Field(Path(".kiln"), description="Folder for the SQLite database, media and model cache.")
+    data_dir: Path = Field(
+        Path(".kiln"), description="Folder for the SQLite database, media and model cache."
+    )
     database_url: str | None = Field(
         None, description="sqlite:///path or postgresql://...; SQLite in data_dir when unset."
     )
@@ -52,7 +54,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(25 * 1024 * 1024, description="Largest accepted request body (413 above).")
     max_prompt_chars: int = Field(4000, description="Longest accepted prompt or negative prompt.")
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, description="Largest gRPC message either way.")
-    service_timeout_seconds: float = Field(600.0, description="Deadline of one capability call from the edge.")
+    service_timeout_seconds: float = Field(
+        600.0, description="Deadline of one capability call from the edge."
+    )
 
     # --- billing ---
     reservation_ttl_seconds: int = Field(600, description="Default time to live of a credit hold.")

@@ -1,0 +1,1 @@
+"""Kiln's HTTP edge: the public REST API in front of the gRPC mesh."""

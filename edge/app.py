@@ -1,0 +1,41 @@
+"""``create_app(settings) -> web.Application``: the edge, wired."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from edge.clients import Upstreams
+from edge.keys import MEDIA, REGISTRY, SETTINGS, UPSTREAMS
+from edge.media_store import LocalMediaStore
+from edge.middlewares import error_envelope, request_context
+from edge.routes import setup_routes
+from services.common.registry import Registry, load_registry
+from services.common.settings import Settings
+
+
+async def _upstreams(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[UPSTREAMS] = Upstreams.connect(
+        billing_address=settings.billing_address,
+        image_address=settings.image_gen_address,
+        max_message_bytes=settings.grpc_max_message_bytes,
+        timeout=settings.service_timeout_seconds,
+    )
+    yield
+    await app[UPSTREAMS].close()
+
+
+def create_app(settings: Settings, *, registry: Registry | None = None) -> web.Application:
+    """The edge application; gRPC channels open on startup and close on cleanup."""
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[request_context, error_envelope],
+    )
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry or load_registry(settings.registry_path)
+    app[MEDIA] = LocalMediaStore(settings.resolved_media_root)
+    app.cleanup_ctx.append(_upstreams)
+    setup_routes(app)
+    return app

@@ -1,0 +1,23 @@
+"""The one place where an error becomes an HTTP status and the contract's envelope."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from services.common.errors import ERROR_MAPPINGS, ErrorType, KilnError
+
+
+def envelope(message: str, error_type: ErrorType | str) -> dict[str, dict[str, str]]:
+    """``{"error": {"message": ..., "type": ...}}``."""
+    return {"error": {"message": message, "type": str(error_type)}}
+
+
+def error_response(err: KilnError, *, status: int | None = None) -> web.Response:
+    """The HTTP response for a Kiln error (status from the shared mapping table)."""
+    return web.Response(
+        status=status or ERROR_MAPPINGS[err.error_type].http_status,
+        text=json.dumps(envelope(err.message, err.error_type)),
+        content_type="application/json",
+    )

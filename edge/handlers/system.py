@@ -1,0 +1,66 @@
+"""Health, readiness, the model list, the caller's account and the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from edge.flow import credential_from
+from edge.keys import REGISTRY, REQUEST_ID, UPSTREAMS
+from services.common.money import format_credits
+from services.common.registry import ModelSpec
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: billing and image_gen answer their health checks with SERVING."""
+    services = await request.app[UPSTREAMS].health()
+    ready = all(services.values())
+    return web.json_response(
+        {"status": "ready" if ready else "not_ready", "services": services}, status=200 if ready else 503
+    )
+
+
+def model_entry(spec: ModelSpec) -> dict[str, Any]:
+    return {
+        "id": spec.id,
+        "object": "model",
+        "owned_by": "kiln",
+        "description": spec.description,
+        "capability": spec.capability,
+        "aliases": list(spec.aliases),
+        "limits": spec.limits.model_dump(),
+        "defaults": spec.defaults.model_dump(),
+        "pricing": {
+            "formula": spec.price.describe(),
+            "base_credits": str(spec.price.base),
+            "credits_per_megapixel": str(spec.price.per_megapixel),
+            "reference_steps": spec.price.reference_steps,
+            "premium_only": spec.price.premium_only,
+        },
+    }
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """Every model with its aliases, capability, limits, defaults and price formula."""
+    models = [model_entry(spec) for spec in request.app[REGISTRY].models]
+    return web.json_response({"object": "list", "data": models})
+
+
+async def get_account(request: web.Request) -> web.Response:
+    """The authenticated caller's account and balance (no charge)."""
+    account = await request.app[UPSTREAMS].billing.authenticate(credential_from(request), request[REQUEST_ID])
+    return web.json_response(
+        {
+            "id": account.id,
+            "name": account.name,
+            "premium": account.premium,
+            "balance": format_credits(account.balance_hundredths),
+            "held": format_credits(account.held_hundredths),
+        }
+    )

@@ -1,0 +1,65 @@
+"""Where generated files live until a client GETs them at ``/v1/media/{id}``.
+
+Ids are 144 random bits (``secrets.token_urlsafe(18)``, 24 URL-safe
+characters), so they cannot be guessed; the file's extension records its MIME
+type. Files are immutable once written (written to a temporary name, then
+renamed), which makes them safe to cache.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+#: MIME type <-> file extension for everything the media store holds.
+MIME_EXTENSIONS: dict[str, str] = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+}
+_EXTENSION_MIME = {ext: mime for mime, ext in MIME_EXTENSIONS.items()}
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{24}$")
+
+
+@dataclass(frozen=True)
+class StoredMedia:
+    media_id: str
+    path: Path
+    mime_type: str
+
+
+class LocalMediaStore:
+    """A media store on the local filesystem (the embedded default)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, media_id: str, ext: str) -> Path:
+        return self.root / media_id[:2] / f"{media_id}{ext}"
+
+    def put(self, data: bytes, mime_type: str) -> str:
+        """Stores bytes and returns the new media id."""
+        ext = MIME_EXTENSIONS[mime_type]
+        media_id = secrets.token_urlsafe(18)
+        path = self._path(media_id, ext)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+        return media_id
+
+    def get(self, media_id: str) -> StoredMedia | None:
+        """The stored file for an id, or None for an unknown or malformed id."""
+        if not _ID_RE.match(media_id):
+            return None
+        for ext, mime in _EXTENSION_MIME.items():
+            path = self._path(media_id, ext)
+            if path.is_file():
+                return StoredMedia(media_id, path, mime)
+        return None

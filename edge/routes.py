@@ -1,0 +1,167 @@
+"""The route table: the router and the OpenAPI document are both built from it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from edge.handlers import images, media, system
+from edge.schemas import BatchImageGenerationRequest, ImageGenerationRequest
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    body: type[BaseModel] | None = None
+    authenticated: bool = True
+    responses: dict[int, str] = field(default_factory=dict)
+
+
+_PAID = {
+    200: "Success",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_credits",
+    403: "premium_required",
+    413: "Request body too large",
+    500: "processing_error",
+    503: "maintenance_mode",
+}
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "POST",
+        "/v1/images/generations",
+        images.create_generation,
+        "Generate images from a text prompt (OpenAI-compatible).",
+        body=ImageGenerationRequest,
+        responses=_PAID,
+    ),
+    Route(
+        "POST",
+        "/v1/images/generations/batch",
+        images.create_generation_batch,
+        "Generate up to 5 image requests at once; the cost is the sum, reserved once.",
+        body=BatchImageGenerationRequest,
+        responses=_PAID,
+    ),
+    Route(
+        "GET",
+        "/v1/media/{media_id}",
+        media.get_media,
+        "Fetch a stored media file (public, cacheable, conditional GET).",
+        authenticated=False,
+        responses={200: "The file", 304: "Not modified", 404: "not_found_error"},
+    ),
+    Route(
+        "GET",
+        "/v1/models",
+        system.list_models,
+        "List models with aliases, limits, defaults and price formula.",
+        authenticated=False,
+        responses={200: "Success"},
+    ),
+    Route(
+        "GET",
+        "/v1/account",
+        system.get_account,
+        "The caller's account and balance (authenticated, free).",
+        responses={200: "Success", 401: "authentication_error", 503: "maintenance_mode"},
+    ),
+    Route("GET", "/healthz", system.healthz, "Liveness.", authenticated=False, responses={200: "Alive"}),
+    Route(
+        "GET",
+        "/readyz",
+        system.readyz,
+        "Readiness: billing and image_gen reachable and serving.",
+        authenticated=False,
+        responses={200: "Ready", 503: "Not ready"},
+    ),
+)
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 for every route, request bodies from the pydantic models."""
+    schemas: dict[str, Any] = {
+        "Error": {
+            "type": "object",
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "properties": {"message": {"type": "string"}, "type": {"type": "string"}},
+                    "required": ["message", "type"],
+                }
+            },
+        }
+    }
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        operation: dict[str, Any] = {
+            "summary": route.summary,
+            "operationId": route.handler.__name__,
+            "responses": {
+                str(code): {"description": text}
+                | (
+                    {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                    if code >= 400
+                    else {}
+                )
+                for code, text in route.responses.items()
+            },
+        }
+        if "{media_id}" in route.path:
+            operation["parameters"] = [
+                {"name": "media_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ]
+        if route.body is not None:
+            schema = route.body.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[route.body.__name__] = schema
+            operation["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{route.body.__name__}"}}
+                },
+            }
+        if route.authenticated:
+            operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    paths["/openapi.json"] = {
+        "get": {"summary": "This document.", "responses": {"200": {"description": "OK"}}}
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Kiln",
+            "version": "1",
+            "description": "Self-hosted, OpenAI-compatible generation API.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "Bearer": {"type": "http", "scheme": "bearer"},
+            },
+        },
+    }
+
+
+def setup_routes(app: web.Application) -> None:
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+    document = openapi_document()
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app.router.add_get("/openapi.json", openapi)
