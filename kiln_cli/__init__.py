@@ -1,0 +1,1 @@
+"""The `kiln` command: run the mesh, one service, or the admin tools."""

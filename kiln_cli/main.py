@@ -1,0 +1,266 @@
+"""``kiln up | serve <service> | admin ...``.
+
+``kiln up`` runs billing, image_gen and the HTTP edge in one process (or, with
+``--split``, one process each, as containers would), on the embedded defaults:
+SQLite and local media under ``KILN_DATA_DIR`` (``.kiln``) and tiny
+random-weight models. It makes sure a demo account exists and prints the URL
+and the demo API key. ``kiln serve <service>`` runs one service, as a container
+does. ``kiln admin`` manages accounts, keys, credits and maintenance mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+
+from aiohttp import web
+
+from services.common.grpc_server import GrpcService
+from services.common.money import format_credits
+from services.common.settings import Settings, load_settings
+from services.common.telemetry import setup_tracing
+
+log = logging.getLogger("kiln")
+
+SERVICES = ("billing", "image_gen", "edge")
+
+
+class PortTaken(Exception):
+    pass
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def check_ports(settings: Settings, services: tuple[str, ...]) -> None:
+    """Fails with a clear message when a port we need is already in use."""
+    wanted = {
+        "billing": (_split_address(settings.billing_address), "KILN_BILLING_ADDRESS"),
+        "image_gen": (_split_address(settings.image_gen_address), "KILN_IMAGE_GEN_ADDRESS"),
+        "edge": ((settings.http_host, settings.http_port), "KILN_HTTP_PORT"),
+    }
+    for name in services:
+        (host, port), variable = wanted[name]
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise PortTaken(
+                        f"kiln: port {port} on {host} ({name}) is already in use. "
+                        f"Stop whatever holds it, or choose another port with {variable}."
+                    ) from None
+                raise
+
+
+async def _demo_key(settings: Settings) -> tuple[str, str]:
+    from services.billing.admin import ensure_demo_account
+    from services.billing.ledger import Ledger
+    from services.billing.store import Database
+
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = await Database.open(settings.resolved_database_url)
+    try:
+        account, key = await ensure_demo_account(
+            Ledger(db),
+            api_key=settings.demo_api_key,
+            credits=Decimal(settings.demo_credits),
+            premium=settings.demo_premium,
+        )
+    finally:
+        await db.close()
+    return key, format_credits(account.balance)
+
+
+async def _create_grpc_service(name: str, settings: Settings) -> GrpcService:
+    if name == "billing":
+        from services.billing.server import create_service as create_billing
+
+        return await create_billing(settings)
+    from services.image_gen.server import create_service as create_image_gen
+
+    return await create_image_gen(settings)
+
+
+async def _start_edge(settings: Settings) -> web.AppRunner:
+    from edge.app import create_app
+
+    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=settings.grace_seconds)
+    await runner.setup()
+    await web.TCPSite(runner, settings.http_host, settings.http_port).start()
+    return runner
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _serve(settings: Settings, names: tuple[str, ...], on_ready: Callable[[], Awaitable[None]]) -> None:
+    grpc_services: list[GrpcService] = []
+    runner: web.AppRunner | None = None
+    try:
+        for name in names:
+            if name == "edge":
+                runner = await _start_edge(settings)
+            else:
+                service = await _create_grpc_service(name, settings)
+                await service.start()
+                grpc_services.append(service)
+        await on_ready()
+        await _wait_for_signal()
+        log.info("shutting down (grace %.0f s)", settings.grace_seconds)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await asyncio.gather(*(s.stop(settings.grace_seconds) for s in grpc_services))
+
+
+def _banner(settings: Settings, key: str, balance: str) -> str:
+    host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::") else settings.http_host
+    url = f"http://{host}:{settings.http_port}"
+    return (
+        f"\nKiln is up at {url}\n"
+        f"Demo API key: {key}  (balance {balance} credits, premium: {str(settings.demo_premium).lower()})\n"
+        f"Try:\n  curl -s {url}/v1/images/generations -H 'X-API-Key: {key}' "
+        '-H \'Content-Type: application/json\' -d \'{"prompt": "a red fox", "image_size": "256x256"}\'\n'
+        f"Models load in the background; {url}/readyz says when they are ready. Ctrl-C stops.\n"
+    )
+
+
+async def _wait_ready(settings: Settings) -> None:
+    from edge.clients import Upstreams
+
+    upstreams = Upstreams.connect(
+        billing_address=settings.billing_address,
+        image_address=settings.image_gen_address,
+        max_message_bytes=settings.grpc_max_message_bytes,
+        timeout=settings.service_timeout_seconds,
+    )
+    try:
+        while True:
+            if all((await upstreams.health()).values()):
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await upstreams.close()
+    print("All services are ready.", flush=True)
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    check_ports(settings, SERVICES)
+    key, balance = asyncio.run(_demo_key(settings))
+    if args.split:
+        return _run_split(settings, key, balance)
+    setup_tracing(settings, "kiln")
+
+    async def ready() -> None:
+        print(_banner(settings, key, balance), flush=True)
+        asyncio.get_running_loop().create_task(_wait_ready(settings))
+
+    asyncio.run(_serve(settings, SERVICES, ready))
+    return 0
+
+
+def _run_split(settings: Settings, key: str, balance: str) -> int:
+    """One child process per service; if one dies, the others are stopped."""
+    children = {
+        name: subprocess.Popen([sys.executable, "-m", "kiln_cli.main", "serve", name], env=os.environ.copy())
+        for name in SERVICES
+    }
+    print(_banner(settings, key, balance), flush=True)
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    code = 0
+    while children:
+        for name, child in list(children.items()):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                rc = child.wait(timeout=0.2)
+                del children[name]
+                if not stopping:
+                    print(f"kiln: {name} exited with status {rc}; stopping the others", file=sys.stderr)
+                    code = rc or 1
+                    stop(signal.SIGTERM, None)
+    return code
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    name = args.service
+    check_ports(settings, (name,))
+    setup_tracing(settings, f"kiln-{name}")
+
+    async def ready() -> None:
+        log.info("%s is listening", name)
+
+    asyncio.run(_serve(settings, (name,), ready))
+    return 0
+
+
+def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
+    from services.billing.admin import run_admin
+
+    return asyncio.run(run_admin(args, settings))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from services.billing.admin import add_admin_commands
+
+    parser = argparse.ArgumentParser(prog="kiln", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="run the whole mesh on this machine")
+    up.add_argument("--split", action="store_true", help="one process per service")
+    up.set_defaults(func=cmd_up)
+    serve = commands.add_parser("serve", help="run one service (as a container does)")
+    serve.add_argument("service", choices=SERVICES)
+    serve.set_defaults(func=cmd_serve)
+    admin = commands.add_parser("admin", help="accounts, API keys, credits, maintenance mode")
+    add_admin_commands(admin.add_subparsers(dest="admin_command", required=True))
+    admin.set_defaults(func=cmd_admin)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args, settings))
+    except PortTaken as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
