@@ -1,0 +1,156 @@
+"""Shared fixtures: the whole mesh, started in-process on loopback port 0.
+
+Tracing goes to an in-memory exporter so tests can check that one request's
+spans from the edge, billing and image_gen share a trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from services.common.settings import DEFAULT_REGISTRY, Settings, load_settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SPANS = InMemorySpanExporter()
+_provider = TracerProvider()
+_provider.add_span_processor(SimpleSpanProcessor(SPANS))
+trace.set_tracer_provider(_provider)
+
+JWT_SECRET = "test-secret-for-hs256-tokens-0123456789"
+
+#: A registry with the shipped models plus a premium-only one (for 403 tests).
+PREMIUM_MODEL = """
+
+[[models]]
+id = "z-image-turbo-premium"
+capability = "text-to-image"
+description = "Premium-only copy of z-image-turbo, for tests"
+engine = "zimage"
+weights = "tiny"
+
+[models.limits]
+max_width = 1792
+max_height = 1792
+
+[models.defaults]
+steps = 8
+
+[models.price]
+base = "1"
+reference_steps = 8
+premium_only = true
+"""
+
+
+@dataclass
+class Mesh:
+    settings: Settings
+    url: str
+    ledger: object  # services.billing.ledger.Ledger on the same database
+    billing_port: int
+    image_port: int
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny-model cache for the whole session (models are built once)."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> AsyncIterator[Mesh]:
+    from services.billing.ledger import Ledger
+    from services.billing.server import create_service as create_billing
+    from services.image_gen.server import create_service as create_image_gen
+
+    from edge.app import create_app
+    from services.billing.store import Database
+
+    data_dir = tmp_path_factory.mktemp("kiln")
+    registry = data_dir / "registry.toml"
+    registry.write_text(DEFAULT_REGISTRY.read_text() + PREMIUM_MODEL)
+    settings = load_settings(
+        data_dir=data_dir,
+        model_cache_dir=model_cache,
+        registry_path=registry,
+        max_body_bytes=256 * 1024,
+        jwt_hs256_secret=JWT_SECRET,
+        expiry_sweep_seconds=0.5,
+    )
+    billing = await create_billing(settings, address="127.0.0.1:0")
+    image_gen = await create_image_gen(settings, address="127.0.0.1:0")
+    await billing.start()
+    await image_gen.start()
+    settings = settings.model_copy(
+        update={
+            "billing_address": f"127.0.0.1:{billing.port}",
+            "image_gen_address": f"127.0.0.1:{image_gen.port}",
+        }
+    )
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(600):  # the tiny models build on first start
+            async with session.get(f"{url}/readyz") as response:
+                if response.status == 200:
+                    break
+            await asyncio.sleep(0.1)
+        else:
+            raise RuntimeError("the mesh did not become ready")
+    db = await Database.open(settings.resolved_database_url)
+    try:
+        yield Mesh(settings, url, Ledger(db), billing.port, image_gen.port)
+    finally:
+        await db.close()
+        await runner.cleanup()
+        await image_gen.stop(1)
+        await billing.stop(1)
+
+
+@dataclass
+class Customer:
+    account_id: str
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.key}
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def balance(mesh: Mesh, account_id: str) -> int:
+    account = await mesh.ledger.get_account(account_id)  # type: ignore[attr-defined]
+    return int(account.balance)
+
+
+async def new_customer(mesh: Mesh, credits: str = "100", *, premium: bool = False) -> Customer:
+    """A fresh account with an API key and a grant of credits."""
+    ledger = mesh.ledger
+    account = await ledger.create_account("test", premium=premium)  # type: ignore[attr-defined]
+    if Decimal(credits) > 0:
+        await ledger.add_credits(account.id, Decimal(credits), kind="grant")  # type: ignore[attr-defined]
+    _, key = await ledger.create_api_key(account.id)  # type: ignore[attr-defined]
+    return Customer(account.id, key)
