@@ -1,0 +1,190 @@
+"""What the edge costs: the same request through the edge vs. straight to the service.
+
+Not a test. Run with `make bench` (or `.venv/bin/python bench/edge_overhead.py`).
+A child process runs the mesh (billing, image_gen, edge) plus a bare aiohttp
+handler, as `kiln up` would, on loopback; this process is the client and
+measures, one request at a time:
+
+  1. the same small generation (256x256, 1 step, fixed seed) through
+     POST /v1/images/generations (auth + reservation + gRPC + media store +
+     base64 + commit) vs. the GenerateImages RPC called directly;
+  2. the authenticated no-op route GET /v1/account (one billing call) vs. a
+     bare aiohttp handler.
+
+It prints p50/p99 of each, the differences and the ratios, measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+async def _serve_child(data_dir: Path) -> None:
+    from aiohttp import web
+
+    from edge.app import create_app
+    from services.billing.admin import ensure_demo_account
+    from services.billing.ledger import Ledger
+    from services.billing.server import create_service as create_billing
+    from services.billing.store import Database
+    from services.common.settings import load_settings
+    from services.image_gen.server import create_service as create_image_gen
+
+    settings = load_settings(data_dir=data_dir)
+    billing = await create_billing(settings, address="127.0.0.1:0")
+    image_gen = await create_image_gen(settings, address="127.0.0.1:0")
+    await billing.start()
+    await image_gen.start()
+    settings = settings.model_copy(
+        update={
+            "billing_address": f"127.0.0.1:{billing.port}",
+            "image_gen_address": f"127.0.0.1:{image_gen.port}",
+        }
+    )
+    db = await Database.open(settings.resolved_database_url)
+    _, key = await ensure_demo_account(Ledger(db), api_key=None, credits=Decimal(10**7), premium=False)
+    await db.close()
+
+    edge = web.AppRunner(create_app(settings), access_log=None)
+    await edge.setup()
+    await web.TCPSite(edge, "127.0.0.1", 0).start()
+
+    async def bare(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    bare_app = web.Application()
+    bare_app.router.add_get("/bare", bare)
+    bare_runner = web.AppRunner(bare_app, access_log=None)
+    await bare_runner.setup()
+    await web.TCPSite(bare_runner, "127.0.0.1", 0).start()
+    info = {
+        "edge": edge.addresses[0][1],
+        "bare": bare_runner.addresses[0][1],
+        "image_gen": image_gen.port,
+        "key": key,
+    }
+    print(json.dumps(info), flush=True)
+    await asyncio.Event().wait()
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+async def _measure(label: str, fn, n: int, warmup: int) -> list[float]:  # type: ignore[no-untyped-def]
+    for _ in range(warmup):
+        await fn()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await fn()
+        samples.append((time.perf_counter() - start) * 1000)
+    print(
+        f"  {label:<44} p50 {percentile(samples, 50):8.3f} ms   p99 {percentile(samples, 99):8.3f} ms"
+        f"   mean {statistics.fmean(samples):8.3f} ms",
+        flush=True,
+    )
+    return samples
+
+
+def _compare(name: str, ours: list[float], base: list[float]) -> None:
+    for q in (50, 99):
+        a, b = percentile(ours, q), percentile(base, q)
+        print(f"  {name} p{q}: +{a - b:.3f} ms over baseline, ratio {a / b:.3f}")
+
+
+async def _client(info: dict[str, object], n: int, warmup: int) -> None:
+    import aiohttp
+    import grpc
+
+    from kiln.image.v1 import image_service_pb2 as image_pb
+    from kiln.image.v1 import image_service_pb2_grpc as image_grpc
+
+    edge = f"http://127.0.0.1:{info['edge']}"
+    headers = {"X-API-Key": str(info["key"])}
+    body = {"prompt": "a small red fox", "size": "256x256", "num_inference_steps": 1, "seed": 42}
+    direct_request = image_pb.GenerateImagesRequest(
+        model="z-image-turbo", prompt=body["prompt"], width=256, height=256, num_inference_steps=1, seed=42
+    )
+    async with aiohttp.ClientSession() as http, grpc.aio.insecure_channel(f"127.0.0.1:{info['image_gen']}") as ch:
+        stub = image_grpc.ImageServiceStub(ch)
+        for _ in range(600):  # wait for the models
+            async with http.get(edge + "/readyz") as response:
+                if response.status == 200:
+                    break
+            await asyncio.sleep(0.1)
+
+        async def via_edge() -> None:
+            async with http.post(edge + "/v1/images/generations", json=body, headers=headers) as response:
+                assert response.status == 200, await response.text()
+                await response.read()
+
+        async def direct() -> None:
+            async for event in stub.GenerateImages(direct_request):
+                if event.HasField("result"):
+                    assert event.result.images
+
+        async def account() -> None:
+            async with http.get(edge + "/v1/account", headers=headers) as response:
+                assert response.status == 200
+                await response.read()
+
+        async def bare() -> None:
+            async with http.get(f"http://127.0.0.1:{info['bare']}/bare") as response:
+                assert response.status == 200
+                await response.read()
+
+        print(f"\nsequential requests, n={n} after {warmup} warm-up, loopback, this machine")
+        print("1) the same 256x256 1-step generation")
+        gen_edge = await _measure("through the edge (HTTP, auth, reserve, store)", via_edge, n, warmup)
+        gen_direct = await _measure("direct gRPC GenerateImages (baseline)", direct, n, warmup)
+        print("2) authenticated no-op vs bare handler")
+        noop = await _measure("GET /v1/account (auth via billing)", account, n, warmup)
+        plain = await _measure("bare aiohttp handler (baseline)", bare, n, warmup)
+        print("\nresults")
+        _compare("edge overhead on generation", gen_edge, gen_direct)
+        _compare("authenticated no-op vs bare", noop, plain)
+        overhead = percentile(gen_edge, 50) - percentile(gen_direct, 50)
+        verdict = "meets" if overhead <= 2.0 else "misses"
+        print(f"  target: edge adds <= 2 ms p50 over direct gRPC -> {overhead:.3f} ms ({verdict})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", type=int, default=200, help="measured requests per case")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--serve", metavar="DATA_DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(_serve_child(Path(args.serve)))
+        return
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        child = subprocess.Popen(
+            [sys.executable, __file__, "--serve", tmp], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        )
+        try:
+            assert child.stdout is not None
+            info = json.loads(child.stdout.readline())
+            asyncio.run(_client(info, args.n, args.warmup))
+        finally:
+            child.terminate()
+            child.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
