@@ -82,7 +82,7 @@ async def _serve_child(data_dir: Path) -> None:
 
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def _measure(label: str, fn, n: int, warmup: int) -> list[float]:  # type: ignore[no-untyped-def]

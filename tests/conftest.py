@@ -73,12 +73,11 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> AsyncIterator[Mesh]:
+    from edge.app import create_app
     from services.billing.ledger import Ledger
     from services.billing.server import create_service as create_billing
-    from services.image_gen.server import create_service as create_image_gen
-
-    from edge.app import create_app
     from services.billing.store import Database
+    from services.image_gen.server import create_service as create_image_gen
 
     data_dir = tmp_path_factory.mktemp("kiln")
     registry = data_dir / "registry.toml"
