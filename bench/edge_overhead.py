@@ -116,11 +116,15 @@ async def _client(info: dict[str, object], n: int, warmup: int) -> None:
 
     edge = f"http://127.0.0.1:{info['edge']}"
     headers = {"X-API-Key": str(info["key"])}
-    body = {"prompt": "a small red fox", "size": "256x256", "num_inference_steps": 1, "seed": 42}
+    prompt = "a small red fox"
+    body = {"prompt": prompt, "size": "256x256", "num_inference_steps": 1, "seed": 42}
     direct_request = image_pb.GenerateImagesRequest(
-        model="z-image-turbo", prompt=body["prompt"], width=256, height=256, num_inference_steps=1, seed=42
+        model="z-image-turbo", prompt=prompt, width=256, height=256, num_inference_steps=1, seed=42
     )
-    async with aiohttp.ClientSession() as http, grpc.aio.insecure_channel(f"127.0.0.1:{info['image_gen']}") as ch:
+    async with (
+        aiohttp.ClientSession() as http,
+        grpc.aio.insecure_channel(f"127.0.0.1:{info['image_gen']}") as ch,
+    ):
         stub = image_grpc.ImageServiceStub(ch)
         for _ in range(600):  # wait for the models
             async with http.get(edge + "/readyz") as response:

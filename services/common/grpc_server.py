@@ -14,7 +14,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,7 +118,7 @@ class GrpcService:
     service_names: tuple[str, ...]
     #: Coroutines started as background tasks once the server listens
     #: (model loading, expiry sweeps); cancelled on stop.
-    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     #: Awaited after the server stopped (close pools, engines).
     cleanup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
