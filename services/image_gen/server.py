@@ -1,0 +1,86 @@
+"""The image_gen gRPC server: bootstrap, model loading, shutdown.
+
+``create_service`` builds the server (standard interceptors, health,
+reflection) around :class:`ImageServiceServicer`; once started, a background
+task loads the engines on their worker threads, and health turns SERVING as
+soon as the default model (z-image-turbo) can serve. Health keeps answering
+while models load and while they generate, because all model work happens off
+the event loop. ``serve`` runs one service until SIGTERM/SIGINT, as
+``kiln serve image_gen`` and a container do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+
+from kiln.image.v1 import image_service_pb2_grpc as pb_grpc
+from services.common.engine import EnginePool
+from services.common.grpc_server import GrpcService, create_server
+from services.common.registry import DEFAULT_IMAGE_MODEL, Registry, load_registry
+from services.common.settings import Settings
+from services.image_gen.engines import build_engine_pool
+from services.image_gen.servicer import SERVICE_NAME, ImageServiceServicer
+
+log = logging.getLogger(__name__)
+
+
+async def create_service(
+    settings: Settings,
+    *,
+    address: str | None = None,
+    registry: Registry | None = None,
+    pool: EnginePool | None = None,
+) -> GrpcService:
+    """A bound, not yet started image_gen server.
+
+    ``registry`` defaults to ``settings.registry_path``; ``pool`` (the engines)
+    to one engine per text-to-image model of the registry, with tiny models
+    built in ``settings.resolved_model_cache_dir``. The engines load in the
+    background once the server starts, and close in its cleanup.
+    """
+    registry = registry or load_registry(settings.registry_path)
+    if pool is None:
+        pool = build_engine_pool(
+            registry,
+            cache_dir=settings.resolved_model_cache_dir,
+            torch_threads=settings.torch_threads,
+            default=DEFAULT_IMAGE_MODEL,
+        )
+    servicer = ImageServiceServicer(registry=registry, pool=pool, max_prompt_chars=settings.max_prompt_chars)
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_ImageServiceServicer_to_server(servicer, server)
+
+    service = await create_server(
+        address=address or settings.image_gen_address,
+        register=register,
+        service_names=[SERVICE_NAME],
+        max_message_bytes=settings.grpc_max_message_bytes,
+    )
+
+    async def load_engines() -> None:
+        await pool.load(on_default_ready=service.set_serving)
+
+    service.background.append(load_engines)
+    service.cleanup.append(pool.close)
+    return service
+
+
+async def serve(settings: Settings) -> None:
+    """Runs image_gen until SIGTERM or SIGINT, then shuts down gracefully."""
+    from services.common.telemetry import setup_tracing
+
+    setup_tracing(settings, "image_gen")
+    service = await create_service(settings)
+    await service.start()
+    log.info("image_gen listening on port %d", service.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await service.stop(settings.grace_seconds)
