@@ -1,0 +1,168 @@
+"""Credentials to accounts: API keys and JWT bearer tokens.
+
+* ``X-API-Key: <key>`` and ``Authorization: Bearer <key>`` name an API key,
+  looked up by its SHA-256 hash (see :meth:`Ledger.account_for_api_key`).
+* A bearer value with exactly two dots is a JWT, verified with pyjwt:
+  HS256 with ``settings.jwt_hs256_secret``, RS256 / ES256 (P-256) with the PEM
+  public keys in ``settings.jwt_public_keys``. Only algorithms with a
+  configured key are accepted (so ``alg: none`` never is); the token's header
+  picks the algorithm and every configured key of it is tried (key rotation).
+  ``exp`` and ``sub`` are required; ``aud`` and ``iss`` are checked when
+  configured; ``nbf`` and ``iat`` when present; clock skew is
+  ``settings.jwt_leeway_seconds``. The subject is an account's external id,
+  or its id.
+
+Every failure is ``authentication_error`` with the contract's message; for
+JWTs the reason is appended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from services.billing.ledger import AccountRecord, Ledger
+from services.common.errors import AUTHENTICATION_MESSAGE, AuthenticationFailed
+from services.common.settings import Settings
+
+#: Longest credential accepted (a guard against abuse, far above any real token).
+MAX_CREDENTIAL_CHARS = 8192
+
+
+def _failed(reason: str) -> AuthenticationFailed:
+    return AuthenticationFailed(f"{AUTHENTICATION_MESSAGE} ({reason})")
+
+
+def is_jwt(value: str) -> bool:
+    """A bearer value with two dots is a JWT; anything else is an API key."""
+    return value.count(".") == 2
+
+
+def load_public_key(pem: bytes, *, source: str = "public key") -> tuple[str, Any]:
+    """(algorithm, key) for a PEM public key: RSA -> RS256, EC P-256 -> ES256."""
+    key = load_pem_public_key(pem)
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RS256", key
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return "ES256", key
+    raise ValueError(f"{source}: only RSA and EC P-256 public keys are supported for JWTs")
+
+
+class Authenticator:
+    """Turns a presented credential into an account."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        hs256_secret: str | None = None,
+        public_keys: Iterable[bytes] = (),
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway_seconds: float = 0,
+    ) -> None:
+        self.ledger = ledger
+        self.audience = audience
+        self.issuer = issuer
+        self.leeway = leeway_seconds
+        self._keys: dict[str, list[Any]] = {}
+        if hs256_secret:
+            self._keys["HS256"] = [hs256_secret.encode()]
+        for index, pem in enumerate(public_keys):
+            alg, key = load_public_key(pem, source=f"JWT public key #{index + 1}")
+            self._keys.setdefault(alg, []).append(key)
+
+    @classmethod
+    def from_settings(cls, ledger: Ledger, settings: Settings) -> Authenticator:
+        secret = settings.jwt_hs256_secret.get_secret_value() if settings.jwt_hs256_secret else None
+        return cls(
+            ledger,
+            hs256_secret=secret,
+            public_keys=[Path(path).expanduser().read_bytes() for path in settings.jwt_public_keys],
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            leeway_seconds=settings.jwt_leeway_seconds,
+        )
+
+    @property
+    def algorithms(self) -> list[str]:
+        """The JWT algorithms accepted (those with a configured key)."""
+        return sorted(self._keys)
+
+    async def authenticate(
+        self, *, api_key: str | None = None, bearer_token: str | None = None
+    ) -> AccountRecord:
+        """The account of an ``X-API-Key`` value or a ``Bearer`` value."""
+        if api_key is not None:
+            return await self.account_for_api_key(api_key)
+        if bearer_token is not None:
+            token = bearer_token.strip()
+            if is_jwt(token):
+                return await self.account_for_jwt(token)
+            return await self.account_for_api_key(token)
+        raise AuthenticationFailed()
+
+    async def account_for_api_key(self, key: str) -> AccountRecord:
+        if not key or len(key) > MAX_CREDENTIAL_CHARS:
+            raise AuthenticationFailed()
+        return await self.ledger.account_for_api_key(key)
+
+    async def account_for_jwt(self, token: str) -> AccountRecord:
+        claims = self.verify_jwt(token)
+        account = await self.ledger.find_account_by_subject(claims["sub"])
+        if account is None:
+            raise _failed("unknown subject")
+        return account
+
+    def verify_jwt(self, token: str) -> dict[str, Any]:
+        """The verified claims of a JWT; AuthenticationFailed with the reason otherwise."""
+        if len(token) > MAX_CREDENTIAL_CHARS:
+            raise _failed("token too long")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise _failed("malformed token") from None
+        alg = header.get("alg")
+        keys = self._keys.get(alg) if isinstance(alg, str) else None
+        if not keys or not isinstance(alg, str):
+            raise _failed(f"algorithm {alg!r} is not accepted")
+        options: dict[str, Any] = {
+            "require": ["exp", "sub"],
+            "verify_aud": self.audience is not None,
+            "verify_iss": self.issuer is not None,
+        }
+        for key in keys:
+            try:
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[alg],
+                    audience=self.audience,
+                    issuer=self.issuer,
+                    leeway=self.leeway,
+                    options=options,  # type: ignore[arg-type]
+                )
+            except jwt.InvalidSignatureError:
+                continue  # maybe another configured key of this algorithm
+            except jwt.ExpiredSignatureError:
+                raise _failed("token expired") from None
+            except jwt.ImmatureSignatureError:
+                raise _failed("token not yet valid") from None
+            except jwt.InvalidAudienceError:
+                raise _failed("wrong audience") from None
+            except jwt.InvalidIssuerError:
+                raise _failed("wrong issuer") from None
+            except jwt.MissingRequiredClaimError as exc:
+                raise _failed(f"missing claim '{exc.claim}'") from None
+            except jwt.PyJWTError:
+                raise _failed("invalid token") from None
+            sub = claims.get("sub")
+            if not isinstance(sub, str) or not sub:
+                raise _failed("invalid subject")
+            return claims
+        raise _failed("bad signature")

@@ -1,0 +1,639 @@
+"""Accounts, API keys, credit holds and the ledger: the business rules of billing money.
+
+Amounts are integer units (hundredths of a credit). An account has a
+spendable ``balance`` and a ``held`` amount (open reservations). Every change
+of the spendable balance is a row in ``ledger_entries``, so ``balance`` is
+always the sum of the account's ledger rows:
+
+====================  ===========  ==========================================
+event                 ledger rows  balance / held
+====================  ===========  ==========================================
+purchase / grant      +credits     balance += credits
+reserve (hold H)      hold -H      balance -= H, held += H
+commit (charge C<=H)  release +H,  balance += H - C, held -= H
+                      charge -C
+release               release +H   balance += H, held -= H
+expiry (TTL passed)   expire +H    balance += H, held -= H
+====================  ===========  ==========================================
+
+Rows of amount 0 (premium accounts hold 0) are not written.
+
+The balance can never go negative: a hold is a conditional
+``UPDATE ... WHERE balance >= amount`` and the table has a CHECK constraint.
+A request id is unique per account, so a retry (even a concurrent one) gets
+the first reservation back and never a second hold. Commit and release are
+idempotent when repeated; mixing them, or committing after expiry, fails with
+``invalid_request_error``. Nothing here knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Literal
+
+from services.billing.pricing import purchase_paid_units
+from services.billing.store import Database, Row, Tx
+from services.common.errors import (
+    AuthenticationFailed,
+    InsufficientCredits,
+    InvalidRequest,
+    KilnError,
+    NotFound,
+)
+from services.common.money import UNITS_PER_CREDIT, format_credits
+
+ReservationState = Literal["held", "committed", "released", "expired"]
+CreditKind = Literal["purchase", "grant"]
+
+API_KEY_PREFIX = "sk-kiln-"
+MAX_REQUEST_ID_CHARS = 200
+#: Upper bound of one purchase or grant (a typo guard), in credits.
+MAX_CREDITS_PER_ADD = Decimal(10) ** 12
+MAINTENANCE_FLAG = "maintenance"
+
+_ACCOUNT_COLUMNS = "id, name, premium, balance, held, external_id"
+_RESERVATION_COLUMNS = "id, account_id, request_id, amount, charged, state, expires_at_ms"
+
+
+@dataclass(frozen=True)
+class AccountRecord:
+    id: str
+    name: str
+    premium: bool
+    balance: int
+    held: int
+    external_id: str | None
+
+
+@dataclass(frozen=True)
+class ReservationRecord:
+    id: str
+    account_id: str
+    request_id: str
+    amount: int
+    charged: int
+    state: ReservationState
+    expires_at_ms: int
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    id: int
+    account_id: str
+    kind: str
+    amount: int
+    reservation_id: str | None
+    created_at_ms: int
+    note: str
+
+
+@dataclass(frozen=True)
+class PurchaseRecord:
+    id: str
+    account_id: str
+    credits_units: int
+    discount_percent: int
+    paid_units: int
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    id: str
+    account_id: str
+    name: str
+    prefix: str
+    created_at_ms: int
+    revoked_at_ms: int | None
+
+
+def _account(row: Row) -> AccountRecord:
+    return AccountRecord(
+        id=row[0],
+        name=row[1],
+        premium=bool(row[2]),
+        balance=int(row[3]),
+        held=int(row[4]),
+        external_id=row[5],
+    )
+
+
+def _reservation(row: Row) -> ReservationRecord:
+    return ReservationRecord(
+        id=row[0],
+        account_id=row[1],
+        request_id=row[2],
+        amount=int(row[3]),
+        charged=int(row[4]),
+        state=row[5],
+        expires_at_ms=int(row[6]),
+    )
+
+
+def hash_api_key(key: str) -> str:
+    """The stored form of an API key: hex SHA-256."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _new_id(prefix: str, nbytes: int = 12) -> str:
+    return f"{prefix}_{secrets.token_hex(nbytes)}"
+
+
+def _account_not_found(account_id: str) -> NotFound:
+    return NotFound(f"Account '{account_id}' not found.")
+
+
+def _reservation_not_found(reservation_id: str) -> NotFound:
+    return NotFound(f"Reservation '{reservation_id}' not found.")
+
+
+def _credits_to_units(credits: Decimal | int | str) -> int:
+    try:
+        value = Decimal(str(credits))
+    except InvalidOperation:
+        raise InvalidRequest(f"Invalid credit amount {credits!r}.") from None
+    if not value.is_finite() or value <= 0:
+        raise InvalidRequest(f"The credit amount must be positive, got {credits}.")
+    if value > MAX_CREDITS_PER_ADD:
+        raise InvalidRequest(f"The credit amount {credits} is too large.")
+    units = value * UNITS_PER_CREDIT
+    if units != units.to_integral_value():
+        raise InvalidRequest(f"Credit amounts have at most two decimals (0.01 credit), got {credits}.")
+    return int(units)
+
+
+class Ledger:
+    """The billing rules over a :class:`~services.billing.store.Database`.
+
+    ``clock`` returns Unix seconds (``time.time``); tests inject their own to
+    move time. ``maintenance_cache_seconds`` bounds how stale
+    :meth:`maintenance` may be (it is read on every request).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        clock: Callable[[], float] = time.time,
+        maintenance_cache_seconds: float = 1.0,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.maintenance_cache_seconds = maintenance_cache_seconds
+        self._maintenance: tuple[bool, float] | None = None
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # --- accounts ---
+
+    async def create_account(
+        self, name: str, *, premium: bool = False, external_id: str | None = None
+    ) -> AccountRecord:
+        name = name.strip()
+        if not name:
+            raise InvalidRequest("An account needs a name.")
+        if external_id is not None and not external_id.strip():
+            raise InvalidRequest("An external id (JWT subject) must not be empty.")
+        account_id = _new_id("acct")
+        now = self.now_ms()
+
+        def tx_fn(tx: Tx) -> Row | None:
+            return tx.one(
+                "INSERT INTO accounts (id, name, premium, balance, held, external_id, created_at_ms)"
+                " VALUES (?, ?, ?, 0, 0, ?, ?) ON CONFLICT DO NOTHING RETURNING " + _ACCOUNT_COLUMNS,
+                (account_id, name, premium, external_id, now),
+            )
+
+        row = await self.db.run(tx_fn)
+        if row is None:
+            raise InvalidRequest(f"The subject '{external_id}' already belongs to another account.")
+        return _account(row)
+
+    async def get_account(self, account_id: str) -> AccountRecord:
+        row = await self.db.run(
+            lambda tx: tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,)),
+            write=False,
+        )
+        if row is None:
+            raise _account_not_found(account_id)
+        return _account(row)
+
+    async def find_account_by_subject(self, sub: str) -> AccountRecord | None:
+        """The account a JWT subject names: by external id first, then by account id."""
+        if not sub:
+            return None
+
+        def tx_fn(tx: Tx) -> Row | None:
+            row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE external_id = ?", (sub,))
+            return row or tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (sub,))
+
+        row = await self.db.run(tx_fn, write=False)
+        return _account(row) if row is not None else None
+
+    async def find_accounts_by_name(self, name: str) -> list[AccountRecord]:
+        """Accounts with this display name, oldest first."""
+        rows = await self.db.run(
+            lambda tx: tx.all(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name = ? ORDER BY created_at_ms, id",
+                (name,),
+            ),
+            write=False,
+        )
+        return [_account(row) for row in rows]
+
+    async def set_premium(self, account_id: str, premium: bool) -> AccountRecord:
+        row = await self.db.run(
+            lambda tx: tx.one(
+                f"UPDATE accounts SET premium = ? WHERE id = ? RETURNING {_ACCOUNT_COLUMNS}",
+                (premium, account_id),
+            )
+        )
+        if row is None:
+            raise _account_not_found(account_id)
+        return _account(row)
+
+    # --- API keys ---
+
+    async def create_api_key(
+        self, account_id: str, *, name: str = "", key: str | None = None
+    ) -> tuple[str, str]:
+        """Creates a key; returns (key id, the key). The key is shown once and stored hashed.
+
+        ``key`` registers a fixed key (the demo key) instead of a random one.
+        """
+        if key is None:
+            key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        elif len(key) < 16 or key != key.strip() or "." in key:
+            raise InvalidRequest("An API key must have at least 16 characters, no spaces and no dots.")
+        key_id = _new_id("key", 8)
+        now = self.now_ms()
+
+        def tx_fn(tx: Tx) -> None:
+            if tx.one("SELECT id FROM accounts WHERE id = ?", (account_id,)) is None:
+                raise _account_not_found(account_id)
+            inserted = tx.one(
+                "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, created_at_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                (key_id, account_id, name, hash_api_key(key), key[:12], now),
+            )
+            if inserted is None:
+                raise InvalidRequest("This API key is already registered.")
+
+        await self.db.run(tx_fn)
+        return key_id, key
+
+    async def revoke_api_key(self, key_id: str) -> ApiKeyRecord:
+        """Revokes a key (at once: it is checked on every request). Revoking twice is a no-op."""
+        now = self.now_ms()
+
+        def tx_fn(tx: Tx) -> Row | None:
+            tx.execute(
+                "UPDATE api_keys SET revoked_at_ms = ? WHERE id = ? AND revoked_at_ms IS NULL", (now, key_id)
+            )
+            return tx.one(
+                "SELECT id, account_id, name, prefix, created_at_ms, revoked_at_ms FROM api_keys WHERE id = ?",
+                (key_id,),
+            )
+
+        row = await self.db.run(tx_fn)
+        if row is None:
+            raise NotFound(f"API key '{key_id}' not found.")
+        return ApiKeyRecord(*row)
+
+    async def list_api_keys(self, account_id: str) -> list[ApiKeyRecord]:
+        rows = await self.db.run(
+            lambda tx: tx.all(
+                "SELECT id, account_id, name, prefix, created_at_ms, revoked_at_ms FROM api_keys"
+                " WHERE account_id = ? ORDER BY created_at_ms, id",
+                (account_id,),
+            ),
+            write=False,
+        )
+        return [ApiKeyRecord(*row) for row in rows]
+
+    async def find_api_key(self, key: str) -> ApiKeyRecord | None:
+        """The record of a key, revoked or not (None when unknown)."""
+        row = await self.db.run(
+            lambda tx: tx.one(
+                "SELECT id, account_id, name, prefix, created_at_ms, revoked_at_ms FROM api_keys"
+                " WHERE key_hash = ?",
+                (hash_api_key(key),),
+            ),
+            write=False,
+        )
+        return ApiKeyRecord(*row) if row is not None else None
+
+    async def account_for_api_key(self, key: str) -> AccountRecord:
+        """The account of a valid key; AuthenticationFailed for an unknown or revoked one."""
+        if not key:
+            raise AuthenticationFailed()
+        digest = hash_api_key(key)
+        row = await self.db.run(
+            lambda tx: tx.one(
+                "SELECT k.key_hash, k.revoked_at_ms, a.id, a.name, a.premium, a.balance, a.held,"
+                " a.external_id FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
+                (digest,),
+            ),
+            write=False,
+        )
+        if row is None or row[1] is not None or not hmac.compare_digest(row[0], digest):
+            raise AuthenticationFailed()
+        return _account(row[2:])
+
+    # --- credits ---
+
+    async def add_credits(
+        self, account_id: str, credits: Decimal | int | str, *, kind: CreditKind = "purchase"
+    ) -> PurchaseRecord:
+        """Adds credits: a purchase (bulk discounts apply, the price paid is recorded) or a free grant."""
+        if kind not in ("purchase", "grant"):
+            raise InvalidRequest(f"Unknown credit kind '{kind}'.")
+        units = _credits_to_units(credits)
+        discount, paid = purchase_paid_units(units) if kind == "purchase" else (0, 0)
+        purchase_id = _new_id("pur")
+        now = self.now_ms()
+        note = f"{format_credits(units)} credits"
+        if kind == "purchase":
+            note += f", {discount}% off, paid ${Decimal(paid) / (UNITS_PER_CREDIT * 100):.4f}"
+
+        def tx_fn(tx: Tx) -> None:
+            if tx.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?", (units, account_id)) != 1:
+                raise _account_not_found(account_id)
+            tx.execute(
+                "INSERT INTO purchases (id, account_id, kind, credits_units, discount_percent, paid_units,"
+                " created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (purchase_id, account_id, kind, units, discount, paid, now),
+            )
+            _ledger_row(tx, account_id, kind, units, None, now, note)
+
+        await self.db.run(tx_fn)
+        return PurchaseRecord(purchase_id, account_id, units, discount, paid)
+
+    # --- reservations ---
+
+    async def reserve(
+        self, account_id: str, amount: int, request_id: str, ttl_seconds: float
+    ) -> ReservationRecord:
+        """Holds ``amount`` units; the same (account, request id) returns the first hold."""
+        reservation, _ = await self.reserve_with_account(account_id, amount, request_id, ttl_seconds)
+        return reservation
+
+    async def reserve_with_account(
+        self, account_id: str, amount: int, request_id: str, ttl_seconds: float
+    ) -> tuple[ReservationRecord, AccountRecord]:
+        """:meth:`reserve`, also returning the account as it is after the hold (one transaction)."""
+        if not request_id:
+            raise InvalidRequest("'request_id' is required.")
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequest(f"'request_id' is longer than {MAX_REQUEST_ID_CHARS} characters.")
+        if amount < 0:
+            raise InvalidRequest(f"The amount to hold must not be negative, got {amount}.")
+        if ttl_seconds <= 0:
+            raise InvalidRequest(f"The time to live of a hold must be positive, got {ttl_seconds}.")
+        reservation_id = _new_id("res", 16)
+        now = self.now_ms()
+        expires = now + int(ttl_seconds * 1000)
+
+        def tx_fn(tx: Tx) -> tuple[ReservationRecord, AccountRecord]:
+            # Insert first: a concurrent call with the same request id waits on the
+            # unique index here and then takes the first reservation.
+            inserted = tx.one(
+                "INSERT INTO reservations (id, account_id, request_id, amount, charged, state,"
+                " created_at_ms, expires_at_ms) SELECT ?, id, ?, ?, 0, 'held', ?, ? FROM accounts"
+                " WHERE id = ? ON CONFLICT (account_id, request_id) DO NOTHING RETURNING "
+                + _RESERVATION_COLUMNS,
+                (reservation_id, request_id, amount, now, expires, account_id),
+            )
+            if inserted is None:
+                existing = tx.one(
+                    f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE account_id = ? AND request_id = ?",
+                    (account_id, request_id),
+                )
+                if existing is None:
+                    raise _account_not_found(account_id)
+                row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
+                assert row is not None
+                return _reservation(existing), _account(row)
+            if amount == 0:
+                row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
+                assert row is not None
+                return _reservation(inserted), _account(row)
+            row = tx.one(
+                "UPDATE accounts SET balance = balance - ?, held = held + ? WHERE id = ? AND balance >= ?"
+                f" RETURNING {_ACCOUNT_COLUMNS}",
+                (amount, amount, account_id, amount),
+            )
+            if row is None:
+                balance = tx.one("SELECT balance FROM accounts WHERE id = ?", (account_id,))
+                available = int(balance[0]) if balance else 0
+                raise InsufficientCredits(
+                    "You do not have enough credits. "
+                    f"Required: {format_credits(amount)}, Available: {format_credits(available)}"
+                )
+            _ledger_row(tx, account_id, "hold", -amount, reservation_id, now, "")
+            return _reservation(inserted), _account(row)
+
+        return await self.db.run(tx_fn)
+
+    async def commit(self, reservation_id: str, amount: int) -> ReservationRecord:
+        """Charges ``amount`` (at most the hold) and returns the rest to the balance.
+
+        Committing again with the same amount returns the committed
+        reservation; any other second settlement, and a commit after the hold
+        expired, fail with InvalidRequest.
+        """
+        if amount < 0:
+            raise InvalidRequest(f"The amount to charge must not be negative, got {amount}.")
+        now = self.now_ms()
+
+        def tx_fn(tx: Tx) -> tuple[ReservationRecord, KilnError | None]:
+            row = tx.one(
+                "UPDATE reservations SET state = 'committed', charged = ?, settled_at_ms = ?"
+                " WHERE id = ? AND state = 'held' AND amount >= ? AND expires_at_ms > ?"
+                f" RETURNING {_RESERVATION_COLUMNS}",
+                (amount, now, reservation_id, amount, now),
+            )
+            if row is not None:
+                res = _reservation(row)
+                if res.amount:
+                    tx.execute(
+                        "UPDATE accounts SET held = held - ?, balance = balance + ? WHERE id = ?",
+                        (res.amount, res.amount - amount, res.account_id),
+                    )
+                    _ledger_row(tx, res.account_id, "release", res.amount, res.id, now, "settled by commit")
+                if amount:
+                    _ledger_row(tx, res.account_id, "charge", -amount, res.id, now, "")
+                return res, None
+            res = _read_reservation(tx, reservation_id)
+            if res.state == "committed":
+                if res.charged == amount:
+                    return res, None
+                return res, InvalidRequest(
+                    f"Reservation '{res.id}' was already committed at {format_credits(res.charged)} credits."
+                )
+            if res.state == "released":
+                return res, InvalidRequest(f"Reservation '{res.id}' was released; it cannot be committed.")
+            if res.state == "expired":
+                return res, _expired_error(res)
+            if amount > res.amount:
+                return res, InvalidRequest(
+                    f"Cannot commit {format_credits(amount)} credits: reservation '{res.id}' holds only "
+                    f"{format_credits(res.amount)}."
+                )
+            # Held but past its time to live, not yet swept: expire it now.
+            expired = _expire(tx, [res], now)
+            return (expired[0] if expired else _read_reservation(tx, res.id)), _expired_error(res)
+
+        res, error = await self.db.run(tx_fn)
+        if error is not None:
+            raise error
+        return res
+
+    async def release(self, reservation_id: str) -> ReservationRecord:
+        """Returns a hold to the balance. Releasing again, or after expiry, returns it unchanged."""
+        now = self.now_ms()
+
+        def tx_fn(tx: Tx) -> ReservationRecord:
+            row = tx.one(
+                "UPDATE reservations SET state = 'released', settled_at_ms = ? WHERE id = ? AND state = 'held'"
+                f" RETURNING {_RESERVATION_COLUMNS}",
+                (now, reservation_id),
+            )
+            if row is not None:
+                res = _reservation(row)
+                if res.amount:
+                    tx.execute(
+                        "UPDATE accounts SET held = held - ?, balance = balance + ? WHERE id = ?",
+                        (res.amount, res.amount, res.account_id),
+                    )
+                    _ledger_row(tx, res.account_id, "release", res.amount, res.id, now, "")
+                return res
+            res = _read_reservation(tx, reservation_id)
+            if res.state == "committed":
+                raise InvalidRequest(f"Reservation '{res.id}' was already committed; it cannot be released.")
+            return res
+
+        return await self.db.run(tx_fn)
+
+    async def get_reservation(self, reservation_id: str) -> ReservationRecord:
+        return await self.db.run(lambda tx: _read_reservation(tx, reservation_id), write=False)
+
+    async def expire_holds(self) -> int:
+        """Releases every hold whose time to live ran out (state "expired"); returns how many."""
+        now = self.now_ms()
+
+        def tx_fn(tx: Tx) -> int:
+            rows = tx.all(
+                f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE state = 'held' AND expires_at_ms <= ?"
+                " ORDER BY id",
+                (now,),
+            )
+            return len(_expire(tx, [_reservation(row) for row in rows], now))
+
+        return await self.db.run(tx_fn)
+
+    async def ledger_entries(self, account_id: str, limit: int = 100) -> list[LedgerEntry]:
+        """The newest ``limit`` ledger rows of an account, newest first."""
+        rows = await self.db.run(
+            lambda tx: tx.all(
+                "SELECT id, account_id, kind, amount, reservation_id, created_at_ms, note FROM ledger_entries"
+                " WHERE account_id = ? ORDER BY id DESC LIMIT ?",
+                (account_id, max(0, limit)),
+            ),
+            write=False,
+        )
+        return [LedgerEntry(int(r[0]), r[1], r[2], int(r[3]), r[4], int(r[5]), r[6]) for r in rows]
+
+    async def ledger_sum(self, account_id: str) -> int:
+        """The sum of an account's ledger rows (equals its balance)."""
+        row = await self.db.run(
+            lambda tx: tx.one(
+                "SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE account_id = ?", (account_id,)
+            ),
+            write=False,
+        )
+        return int(row[0]) if row else 0
+
+    # --- maintenance ---
+
+    async def set_maintenance(self, on: bool) -> None:
+        """Flips maintenance mode for every billing process sharing this database."""
+        now = self.now_ms()
+        await self.db.run(
+            lambda tx: tx.execute(
+                "INSERT INTO service_flags (name, value, updated_at_ms) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
+                (MAINTENANCE_FLAG, "on" if on else "off", now),
+            )
+        )
+        self._maintenance = (on, self.clock())
+
+    async def maintenance(self) -> bool:
+        """Whether maintenance mode is on (cached for ``maintenance_cache_seconds``)."""
+        now = self.clock()
+        cached = self._maintenance
+        if cached is not None and 0 <= now - cached[1] < self.maintenance_cache_seconds:
+            return cached[0]
+        row = await self.db.run(
+            lambda tx: tx.one("SELECT value FROM service_flags WHERE name = ?", (MAINTENANCE_FLAG,)),
+            write=False,
+        )
+        on = row is not None and row[0] == "on"
+        self._maintenance = (on, now)
+        return on
+
+
+def _ledger_row(
+    tx: Tx, account_id: str, kind: str, amount: int, reservation_id: str | None, now: int, note: str
+) -> None:
+    tx.execute(
+        "INSERT INTO ledger_entries (account_id, kind, amount, reservation_id, created_at_ms, note)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (account_id, kind, amount, reservation_id, now, note),
+    )
+
+
+def _read_reservation(tx: Tx, reservation_id: str) -> ReservationRecord:
+    row = tx.one(f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE id = ?", (reservation_id,))
+    if row is None:
+        raise _reservation_not_found(reservation_id)
+    return _reservation(row)
+
+
+def _expired_error(res: ReservationRecord) -> InvalidRequest:
+    return InvalidRequest(
+        f"Reservation '{res.id}' expired before it was committed; its credits were returned to the account."
+    )
+
+
+def _expire(tx: Tx, holds: list[ReservationRecord], now: int) -> list[ReservationRecord]:
+    """Marks held reservations expired and returns their credits (rows already known to be held)."""
+    expired: list[ReservationRecord] = []
+    per_account: dict[str, int] = defaultdict(int)
+    for res in holds:
+        row = tx.one(
+            "UPDATE reservations SET state = 'expired', settled_at_ms = ? WHERE id = ? AND state = 'held'"
+            f" RETURNING {_RESERVATION_COLUMNS}",
+            (now, res.id),
+        )
+        if row is None:  # settled meanwhile by another node
+            continue
+        done = _reservation(row)
+        expired.append(done)
+        if done.amount:
+            per_account[done.account_id] += done.amount
+            _ledger_row(tx, done.account_id, "expire", done.amount, done.id, now, "hold expired")
+    for account_id in sorted(per_account):
+        total = per_account[account_id]
+        tx.execute(
+            "UPDATE accounts SET held = held - ?, balance = balance + ? WHERE id = ?",
+            (total, total, account_id),
+        )
+    return expired

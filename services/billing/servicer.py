@@ -1,0 +1,185 @@
+"""The gRPC face of billing (``kiln.billing.v1.BillingService``).
+
+It checks requests and converts protobuf to ledger types and back; the rules
+live in :mod:`services.billing.ledger`, :mod:`services.billing.pricing` and
+:mod:`services.billing.auth`. Errors are raised as ``KilnError`` and become
+rich statuses in the server's interceptor.
+
+Authorize is the hot path (once per billed request): maintenance flag
+(cached), one key lookup (or a JWT check plus one lookup), pricing in memory,
+and one transaction for the hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from kiln.billing.v1 import billing_service_pb2 as pb
+from kiln.billing.v1 import billing_service_pb2_grpc as pb_grpc
+from services.billing.auth import Authenticator
+from services.billing.ledger import AccountRecord, Ledger, ReservationRecord
+from services.billing.pricing import ImageGenerationItem, quote
+from services.common.errors import AuthenticationFailed, InvalidRequest, MaintenanceMode
+from services.common.registry import Registry
+
+#: Longest time to live a caller may ask for a hold.
+MAX_TTL_SECONDS = 24 * 3600
+
+_STATES = {
+    "held": pb.RESERVATION_STATE_HELD,
+    "committed": pb.RESERVATION_STATE_COMMITTED,
+    "released": pb.RESERVATION_STATE_RELEASED,
+    "expired": pb.RESERVATION_STATE_EXPIRED,
+}
+
+
+def account_pb(account: AccountRecord) -> pb.Account:
+    return pb.Account(
+        id=account.id,
+        name=account.name,
+        premium=account.premium,
+        balance_hundredths=account.balance,
+        held_hundredths=account.held,
+    )
+
+
+def reservation_pb(res: ReservationRecord) -> pb.Reservation:
+    return pb.Reservation(
+        id=res.id,
+        account_id=res.account_id,
+        request_id=res.request_id,
+        amount_hundredths=res.amount,
+        charged_hundredths=res.charged,
+        state=_STATES[res.state],
+        expires_at_ms=res.expires_at_ms,
+    )
+
+
+def usage_items(usages: Sequence[pb.Usage]) -> list[ImageGenerationItem]:
+    """The ledger-side form of the request's usage items."""
+    if not usages:
+        raise InvalidRequest("'usage' must list at least one item to price.")
+    items: list[ImageGenerationItem] = []
+    for index, usage in enumerate(usages):
+        kind = usage.WhichOneof("kind")
+        if kind != "image_generation":
+            raise InvalidRequest(f"usage[{index}] names no kind of work.")
+        gen = usage.image_generation
+        items.append(
+            ImageGenerationItem(
+                model=gen.model, width=gen.width, height=gen.height, steps=gen.steps, count=gen.count
+            )
+        )
+    return items
+
+
+def _require(value: str, name: str) -> str:
+    if not value:
+        raise InvalidRequest(f"'{name}' is required.")
+    return value
+
+
+class BillingServicer(pb_grpc.BillingServiceServicer):
+    """Implements every RPC of ``kiln.billing.v1.BillingService``."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        registry: Registry,
+        authenticator: Authenticator,
+        *,
+        default_ttl_seconds: int,
+    ) -> None:
+        self.ledger = ledger
+        self.registry = registry
+        self.authenticator = authenticator
+        self.default_ttl_seconds = default_ttl_seconds
+
+    def _ttl(self, ttl_seconds: int) -> int:
+        if ttl_seconds < 0 or ttl_seconds > MAX_TTL_SECONDS:
+            raise InvalidRequest(f"'ttl_seconds' must be between 0 and {MAX_TTL_SECONDS}.")
+        return ttl_seconds or self.default_ttl_seconds
+
+    async def _authenticate(self, credential: pb.Credential) -> AccountRecord:
+        kind = credential.WhichOneof("kind")
+        if kind == "api_key":
+            return await self.authenticator.authenticate(api_key=credential.api_key)
+        if kind == "bearer_token":
+            return await self.authenticator.authenticate(bearer_token=credential.bearer_token)
+        raise AuthenticationFailed()
+
+    async def _check_maintenance(self) -> None:
+        if await self.ledger.maintenance():
+            raise MaintenanceMode()
+
+    async def Authorize(
+        self, request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AuthorizeResponse:
+        _require(request.request_id, "request_id")
+        items = usage_items(request.usage)
+        ttl = self._ttl(request.ttl_seconds)
+        await self._check_maintenance()
+        account = await self._authenticate(request.credential)
+        amounts = quote(items, self.registry, premium=account.premium)
+        reservation, after = await self.ledger.reserve_with_account(
+            account.id, sum(amounts), request.request_id, ttl
+        )
+        return pb.AuthorizeResponse(
+            account=account_pb(after),
+            reservation=reservation_pb(reservation),
+            item_amounts_hundredths=amounts,
+        )
+
+    async def Authenticate(
+        self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AuthenticateResponse:
+        await self._check_maintenance()
+        account = await self._authenticate(request.credential)
+        return pb.AuthenticateResponse(account=account_pb(account))
+
+    async def Quote(self, request: pb.QuoteRequest, context: grpc.aio.ServicerContext) -> pb.QuoteResponse:
+        items = usage_items(request.usage)
+        premium = False
+        if request.account_id:
+            premium = (await self.ledger.get_account(request.account_id)).premium
+        amounts = quote(items, self.registry, premium=premium)
+        return pb.QuoteResponse(amount_hundredths=sum(amounts), item_amounts_hundredths=amounts)
+
+    async def Reserve(
+        self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReserveResponse:
+        _require(request.account_id, "account_id")
+        _require(request.request_id, "request_id")
+        if request.amount_hundredths < 0:
+            raise InvalidRequest("'amount_hundredths' must not be negative.")
+        reservation = await self.ledger.reserve(
+            request.account_id, request.amount_hundredths, request.request_id, self._ttl(request.ttl_seconds)
+        )
+        return pb.ReserveResponse(reservation=reservation_pb(reservation))
+
+    async def Commit(self, request: pb.CommitRequest, context: grpc.aio.ServicerContext) -> pb.CommitResponse:
+        _require(request.reservation_id, "reservation_id")
+        if request.amount_hundredths < 0:
+            raise InvalidRequest("'amount_hundredths' must not be negative.")
+        reservation = await self.ledger.commit(request.reservation_id, request.amount_hundredths)
+        return pb.CommitResponse(reservation=reservation_pb(reservation))
+
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
+        _require(request.reservation_id, "reservation_id")
+        reservation = await self.ledger.release(request.reservation_id)
+        return pb.ReleaseResponse(reservation=reservation_pb(reservation))
+
+    async def GetAccount(
+        self, request: pb.GetAccountRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetAccountResponse:
+        _require(request.account_id, "account_id")
+        account = await self.ledger.get_account(request.account_id)
+        return pb.GetAccountResponse(account=account_pb(account))
+
+
+#: The name the brief gives the servicer.
+BillingServiceServicer = BillingServicer

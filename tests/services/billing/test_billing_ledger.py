@@ -1,0 +1,392 @@
+"""The ledger's rules, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+from billing_fakes import FakeClock
+
+from services.billing.ledger import AccountRecord, Ledger, hash_api_key
+from services.billing.store import Database, load_migrations
+from services.common.errors import (
+    AuthenticationFailed,
+    InsufficientCredits,
+    InvalidRequest,
+    NotFound,
+)
+
+
+async def funded(ledger: Ledger, credits: str = "10", **kwargs: object) -> AccountRecord:
+    account = await ledger.create_account("test", **kwargs)  # type: ignore[arg-type]
+    await ledger.add_credits(account.id, Decimal(credits), kind="grant")
+    return await ledger.get_account(account.id)
+
+
+async def assert_books_balance(ledger: Ledger, account_id: str) -> None:
+    """balance == sum of the ledger rows; held == sum of the open holds."""
+    account = await ledger.get_account(account_id)
+    assert account.balance == await ledger.ledger_sum(account_id)
+    held = await ledger.db.run(
+        lambda tx: tx.one(
+            "SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE account_id = ? AND state = 'held'",
+            (account_id,),
+        ),
+        write=False,
+    )
+    assert held is not None
+    assert account.held == int(held[0])
+    assert account.balance >= 0
+
+
+# --- accounts and credits ---
+
+
+async def test_new_account_starts_empty_and_can_be_read_back(ledger: Ledger) -> None:
+    account = await ledger.create_account("alice", external_id="auth0|alice")
+    assert account.balance == 0 and account.held == 0 and not account.premium
+    assert await ledger.get_account(account.id) == account
+    assert await ledger.find_account_by_subject("auth0|alice") == account
+    assert await ledger.find_account_by_subject(account.id) == account
+    assert await ledger.find_account_by_subject("someone-else") is None
+
+
+async def test_unknown_account_is_not_found(ledger: Ledger) -> None:
+    with pytest.raises(NotFound):
+        await ledger.get_account("acct_missing")
+    with pytest.raises(NotFound):
+        await ledger.add_credits("acct_missing", Decimal(5))
+    with pytest.raises(NotFound):
+        await ledger.reserve("acct_missing", 1, "r1", 60)
+
+
+async def test_a_subject_belongs_to_one_account(ledger: Ledger) -> None:
+    await ledger.create_account("a", external_id="sub-1")
+    with pytest.raises(InvalidRequest):
+        await ledger.create_account("b", external_id="sub-1")
+
+
+async def test_set_premium_flips_the_flag(ledger: Ledger) -> None:
+    account = await ledger.create_account("p")
+    assert (await ledger.set_premium(account.id, True)).premium
+    assert not (await ledger.set_premium(account.id, False)).premium
+
+
+async def test_purchase_applies_bulk_discount_and_records_what_was_paid(ledger: Ledger) -> None:
+    account = await ledger.create_account("buyer")
+    small = await ledger.add_credits(account.id, Decimal("999"))
+    bulk = await ledger.add_credits(account.id, Decimal("1000"))
+    huge = await ledger.add_credits(account.id, Decimal("10000"))
+    assert (small.credits_units, small.discount_percent, small.paid_units) == (99_900, 0, 99_900)
+    assert (bulk.credits_units, bulk.discount_percent, bulk.paid_units) == (100_000, 10, 90_000)
+    assert (huge.credits_units, huge.discount_percent, huge.paid_units) == (1_000_000, 20, 800_000)
+    assert (await ledger.get_account(account.id)).balance == 1_199_900
+    await assert_books_balance(ledger, account.id)
+
+
+async def test_grant_pays_nothing(ledger: Ledger) -> None:
+    account = await ledger.create_account("lucky")
+    grant = await ledger.add_credits(account.id, Decimal("5000"), kind="grant")
+    assert (grant.discount_percent, grant.paid_units) == (0, 0)
+    entries = await ledger.ledger_entries(account.id)
+    assert [(e.kind, e.amount) for e in entries] == [("grant", 500_000)]
+
+
+@pytest.mark.parametrize("credits", ["0", "-5", "0.001", "NaN"])
+async def test_credit_amounts_must_be_positive_hundredths(ledger: Ledger, credits: str) -> None:
+    account = await ledger.create_account("x")
+    with pytest.raises(InvalidRequest):
+        await ledger.add_credits(account.id, Decimal(credits))
+
+
+# --- reservations ---
+
+
+async def test_reserve_holds_credits_and_commit_charges_the_actual_cost(ledger: Ledger) -> None:
+    account = await funded(ledger, "10")
+    res, after = await ledger.reserve_with_account(account.id, 300, "req-1", 60)
+    assert (res.state, res.amount, res.charged) == ("held", 300, 0)
+    assert (after.balance, after.held) == (700, 300)
+    done = await ledger.commit(res.id, 120)
+    assert (done.state, done.charged) == ("committed", 120)
+    account = await ledger.get_account(account.id)
+    assert (account.balance, account.held) == (880, 0)
+    kinds = [(e.kind, e.amount) for e in reversed(await ledger.ledger_entries(account.id))]
+    assert kinds == [("grant", 1000), ("hold", -300), ("release", 300), ("charge", -120)]
+    await assert_books_balance(ledger, account.id)
+
+
+async def test_release_returns_the_hold(ledger: Ledger) -> None:
+    account = await funded(ledger, "10")
+    res = await ledger.reserve(account.id, 250, "req-1", 60)
+    released = await ledger.release(res.id)
+    assert released.state == "released"
+    account = await ledger.get_account(account.id)
+    assert (account.balance, account.held) == (1000, 0)
+    await assert_books_balance(ledger, account.id)
+
+
+async def test_insufficient_credits_names_required_and_available(ledger: Ledger) -> None:
+    account = await funded(ledger, "0.5")
+    with pytest.raises(InsufficientCredits) as info:
+        await ledger.reserve(account.id, 79, "req-1", 60)
+    assert info.value.message == "You do not have enough credits. Required: 0.79, Available: 0.5"
+    account = await ledger.get_account(account.id)
+    assert (account.balance, account.held) == (50, 0)
+    # the failed request id is free again: it left no reservation behind
+    await ledger.add_credits(account.id, Decimal(1), kind="grant")
+    assert (await ledger.reserve(account.id, 79, "req-1", 60)).state == "held"
+
+
+async def test_same_request_id_returns_the_first_reservation_without_a_second_hold(ledger: Ledger) -> None:
+    account = await funded(ledger, "10")
+    first = await ledger.reserve(account.id, 100, "same", 60)
+    again = await ledger.reserve(account.id, 500, "same", 60)
+    assert again == first
+    assert (await ledger.get_account(account.id)).held == 100
+    other = await funded(ledger, "10")
+    assert (await ledger.reserve(other.id, 100, "same", 60)).id != first.id
+
+
+async def test_concurrent_calls_with_one_request_id_make_one_hold(
+    database: Database, clock: FakeClock
+) -> None:
+    ledger = Ledger(database, clock=clock)
+    account = await funded(ledger, "1")
+    results = await asyncio.gather(*(ledger.reserve(account.id, 100, "retry-storm", 60) for _ in range(20)))
+    assert len({r.id for r in results}) == 1
+    account = await ledger.get_account(account.id)
+    assert (account.balance, account.held) == (0, 100)
+    await assert_books_balance(ledger, account.id)
+
+
+async def test_fifty_concurrent_reservations_never_overdraw(db_url: str, clock: FakeClock) -> None:
+    # Two Database instances on one database: two connections racing, as two replicas would.
+    first, second = await asyncio.gather(Database.open(db_url), Database.open(db_url))
+    try:
+        ledgers = [Ledger(first, clock=clock), Ledger(second, clock=clock)]
+        account = await funded(ledgers[0], "10")  # 1000 units: exactly 10 holds of 100
+        outcomes = await asyncio.gather(
+            *(ledgers[i % 2].reserve(account.id, 100, f"req-{i}", 60) for i in range(50)),
+            return_exceptions=True,
+        )
+        won = [o for o in outcomes if not isinstance(o, BaseException)]
+        lost = [o for o in outcomes if isinstance(o, BaseException)]
+        assert len(won) == 10
+        assert len(lost) == 40 and all(isinstance(o, InsufficientCredits) for o in lost)
+        account = await ledgers[0].get_account(account.id)
+        assert (account.balance, account.held) == (0, 1000)
+        await assert_books_balance(ledgers[1], account.id)
+    finally:
+        await asyncio.gather(first.close(), second.close())
+
+
+async def test_balance_can_not_go_negative_even_by_hand(ledger: Ledger) -> None:
+    account = await funded(ledger, "1")
+    with pytest.raises(Exception, match=r"(?i)check"):
+        await ledger.db.run(
+            lambda tx: tx.execute("UPDATE accounts SET balance = -1 WHERE id = ?", (account.id,))
+        )
+    assert (await ledger.get_account(account.id)).balance == 100
+
+
+async def test_commit_twice_with_the_same_amount_returns_the_first_result(ledger: Ledger) -> None:
+    account = await funded(ledger)
+    res = await ledger.reserve(account.id, 100, "r", 60)
+    first = await ledger.commit(res.id, 60)
+    assert await ledger.commit(res.id, 60) == first
+    assert (await ledger.get_account(account.id)).balance == 940
+    with pytest.raises(InvalidRequest, match="already committed"):
+        await ledger.commit(res.id, 50)
+    with pytest.raises(InvalidRequest, match="cannot be released"):
+        await ledger.release(res.id)
+    await assert_books_balance(ledger, account.id)
+
+
+async def test_release_twice_returns_it_unchanged_and_commit_after_release_fails(ledger: Ledger) -> None:
+    account = await funded(ledger)
+    res = await ledger.reserve(account.id, 100, "r", 60)
+    first = await ledger.release(res.id)
+    assert await ledger.release(res.id) == first
+    with pytest.raises(InvalidRequest, match="released"):
+        await ledger.commit(res.id, 10)
+    assert (await ledger.get_account(account.id)).balance == 1000
+    await assert_books_balance(ledger, account.id)
+
+
+async def test_commit_more_than_held_fails_and_keeps_the_hold(ledger: Ledger) -> None:
+    account = await funded(ledger)
+    res = await ledger.reserve(account.id, 100, "r", 60)
+    with pytest.raises(InvalidRequest, match="holds only 1"):
+        await ledger.commit(res.id, 101)
+    assert (await ledger.get_reservation(res.id)).state == "held"
+    assert (await ledger.commit(res.id, 100)).charged == 100
+
+
+async def test_unknown_reservation_is_not_found(ledger: Ledger) -> None:
+    with pytest.raises(NotFound):
+        await ledger.commit("res_missing", 1)
+    with pytest.raises(NotFound):
+        await ledger.release("res_missing")
+
+
+async def test_bad_reservation_arguments_are_invalid_requests(ledger: Ledger) -> None:
+    account = await funded(ledger)
+    for amount, request_id, ttl in ((-1, "r", 60), (1, "", 60), (1, "r", 0), (1, "x" * 201, 60)):
+        with pytest.raises(InvalidRequest):
+            await ledger.reserve(account.id, amount, request_id, ttl)
+    res = await ledger.reserve(account.id, 1, "r", 60)
+    with pytest.raises(InvalidRequest):
+        await ledger.commit(res.id, -1)
+
+
+async def test_zero_holds_write_no_ledger_rows(ledger: Ledger) -> None:
+    account = await ledger.create_account("vip", premium=True)
+    res = await ledger.reserve(account.id, 0, "free", 60)
+    assert (await ledger.commit(res.id, 0)).state == "committed"
+    assert await ledger.ledger_entries(account.id) == []
+
+
+# --- expiry ---
+
+
+async def test_holds_past_their_ttl_are_expired_by_the_sweep(ledger: Ledger, clock: FakeClock) -> None:
+    account = await funded(ledger)
+    short = await ledger.reserve(account.id, 100, "short", 10)
+    long = await ledger.reserve(account.id, 200, "long", 100)
+    assert await ledger.expire_holds() == 0
+    clock.advance(10)
+    assert await ledger.expire_holds() == 1
+    assert (await ledger.get_reservation(short.id)).state == "expired"
+    assert (await ledger.get_reservation(long.id)).state == "held"
+    account = await ledger.get_account(account.id)
+    assert (account.balance, account.held) == (800, 200)
+    assert await ledger.expire_holds() == 0
+    await assert_books_balance(ledger, account.id)
+
+
+async def test_commit_after_expiry_fails_clearly(ledger: Ledger, clock: FakeClock) -> None:
+    account = await funded(ledger)
+    res = await ledger.reserve(account.id, 100, "r", 10)
+    clock.advance(11)
+    await ledger.expire_holds()
+    with pytest.raises(InvalidRequest, match="expired before it was committed"):
+        await ledger.commit(res.id, 100)
+    # releasing an expired hold is harmless: it is already back
+    assert (await ledger.release(res.id)).state == "expired"
+    assert (await ledger.get_account(account.id)).balance == 1000
+
+
+async def test_commit_of_an_overdue_hold_not_yet_swept_fails_and_expires_it(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    account = await funded(ledger)
+    res = await ledger.reserve(account.id, 100, "r", 10)
+    clock.advance(10)
+    with pytest.raises(InvalidRequest, match="expired"):
+        await ledger.commit(res.id, 100)
+    assert (await ledger.get_reservation(res.id)).state == "expired"
+    account = await ledger.get_account(account.id)
+    assert (account.balance, account.held) == (1000, 0)
+    await assert_books_balance(ledger, account.id)
+
+
+async def test_books_balance_after_a_mixed_workload(ledger: Ledger, clock: FakeClock) -> None:
+    account = await ledger.create_account("busy")
+    await ledger.add_credits(account.id, Decimal("12.34"))
+    await ledger.add_credits(account.id, Decimal("1000"), kind="grant")
+    holds = [await ledger.reserve(account.id, 100 + i, f"r{i}", 5 + i) for i in range(12)]
+    await asyncio.gather(
+        *(ledger.commit(h.id, h.amount // 2) for h in holds[:4]),
+        *(ledger.release(h.id) for h in holds[4:7]),
+        ledger.commit(holds[7].id, holds[7].amount),
+    )
+    clock.advance(14)  # holds 0..7 are settled; 8 and 9 (ttl 13 and 14 s) run out, 10 and 11 do not
+    assert await ledger.expire_holds() == 2
+    await ledger.commit(holds[10].id, 0)
+    with pytest.raises(InsufficientCredits):
+        await ledger.reserve(account.id, 10**9, "too-much", 60)
+    await assert_books_balance(ledger, account.id)
+    final = await ledger.get_account(account.id)
+    spent = sum(h.amount // 2 for h in holds[:4]) + holds[7].amount
+    assert final.balance + final.held == 1234 + 100_000 - spent
+    assert final.held == holds[11].amount
+
+
+# --- API keys ---
+
+
+async def test_api_key_is_stored_only_as_a_hash_and_authenticates(ledger: Ledger) -> None:
+    account = await ledger.create_account("k")
+    key_id, key = await ledger.create_api_key(account.id, name="laptop")
+    assert key.startswith("sk-kiln-") and len(key) > 40
+    assert (await ledger.account_for_api_key(key)).id == account.id
+    stored = await ledger.db.run(lambda tx: tx.all("SELECT key_hash, prefix FROM api_keys"), write=False)
+    assert stored == [(hash_api_key(key), key[:12])]
+    [listed] = await ledger.list_api_keys(account.id)
+    assert (listed.id, listed.name, listed.revoked_at_ms) == (key_id, "laptop", None)
+
+
+async def test_revoked_and_unknown_keys_fail_authentication(ledger: Ledger) -> None:
+    account = await ledger.create_account("k")
+    key_id, key = await ledger.create_api_key(account.id)
+    await ledger.revoke_api_key(key_id)
+    for candidate in (key, "sk-kiln-unknown", ""):
+        with pytest.raises(AuthenticationFailed):
+            await ledger.account_for_api_key(candidate)
+    assert (await ledger.list_api_keys(account.id))[0].revoked_at_ms is not None
+    with pytest.raises(NotFound):
+        await ledger.revoke_api_key("key_missing")
+
+
+async def test_a_fixed_key_can_be_registered_once(ledger: Ledger) -> None:
+    account = await ledger.create_account("demo")
+    _, key = await ledger.create_api_key(account.id, key="sk-kiln-fixed-demo-key")
+    assert key == "sk-kiln-fixed-demo-key"
+    assert (await ledger.account_for_api_key(key)).id == account.id
+    with pytest.raises(InvalidRequest):
+        await ledger.create_api_key(account.id, key="sk-kiln-fixed-demo-key")
+
+
+# --- maintenance ---
+
+
+async def test_maintenance_flag_is_shared_and_cached_for_a_second(ledger: Ledger, clock: FakeClock) -> None:
+    operator = Ledger(ledger.db, clock=clock)
+    assert await ledger.maintenance() is False
+    await operator.set_maintenance(True)
+    assert await operator.maintenance() is True
+    assert await ledger.maintenance() is False  # still cached
+    clock.advance(1.0)
+    assert await ledger.maintenance() is True
+    await operator.set_maintenance(False)
+    clock.advance(1.0)
+    assert await ledger.maintenance() is False
+
+
+# --- migrations ---
+
+
+async def test_migrations_are_versioned_and_recorded(database: Database) -> None:
+    expected = [(m.version, m.name) for m in load_migrations()]
+    assert expected[0] == (1, "initial")
+    assert await database.applied_migrations() == expected
+
+
+async def test_migrating_again_is_a_no_op(database: Database) -> None:
+    assert await database.migrate() == []
+    reopened = await Database.open(database.url)
+    try:
+        assert await reopened.applied_migrations() == await database.applied_migrations()
+    finally:
+        await reopened.close()
+
+
+async def test_two_processes_starting_at_once_migrate_once(db_url: str) -> None:
+    dbs = await asyncio.gather(*(Database.open(db_url) for _ in range(3)))
+    try:
+        rows = await dbs[0].run(lambda tx: tx.all("SELECT version FROM schema_migrations"), write=False)
+        assert sorted(rows) == [(m.version,) for m in load_migrations()]
+    finally:
+        await asyncio.gather(*(db.close() for db in dbs))

@@ -1,0 +1,130 @@
+"""The pricing formula, its rounding, premium pricing and the bulk discounts."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from services.billing.pricing import (
+    ImageGenerationItem,
+    bulk_discount_percent,
+    price_units,
+    purchase_paid_units,
+    quote,
+)
+from services.common.errors import InvalidRequest, PremiumRequired
+from services.common.registry import ModelSpec, Registry, load_registry
+from services.common.settings import DEFAULT_REGISTRY
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    base = load_registry(DEFAULT_REGISTRY)
+    vip = ModelSpec.model_validate(
+        {
+            "id": "vip-model",
+            "capability": "text-to-image",
+            "engine": "zimage",
+            "limits": {"max_width": 1024, "max_height": 1024},
+            "defaults": {"steps": 4},
+            "price": {"base": "1", "per_megapixel": "0", "reference_steps": 4, "premium_only": True},
+        }
+    )
+    return Registry([*base.models, vip], Path("test-registry.toml"))
+
+
+def item(model: str = "z-image-turbo", width: int = 1024, height: int = 1024, steps: int = 8, count: int = 1):
+    return ImageGenerationItem(model=model, width=width, height=height, steps=steps, count=count)
+
+
+def test_price_follows_the_documented_formula(registry: Registry) -> None:
+    # (0.25 + 0.5 * 1.048576) * 8 / 8 = 0.774288 credits -> 0.78 -> 78 units
+    assert price_units(item(), registry) == 78
+
+
+def test_price_of_a_fraction_of_a_unit_is_rounded_up(registry: Registry) -> None:
+    # 64x64: 0.25 + 0.5 * 0.004096 = 0.252048 credits -> 25.2048 units -> 26
+    assert price_units(item(width=64, height=64), registry) == 26
+    # 512x512: 0.25 + 0.5 * 0.262144 = 0.381072 credits -> 39 units
+    assert price_units(item(width=512, height=512), registry) == 39
+
+
+def test_price_scales_with_steps_relative_to_the_reference(registry: Registry) -> None:
+    # 16 steps: 2 * 0.774288 = 1.548576 -> 155 units; 4 steps: 0.387144 -> 39 units
+    assert price_units(item(steps=16), registry) == 155
+    assert price_units(item(steps=4), registry) == 39
+
+
+def test_price_multiplies_the_rounded_image_price_by_the_count(registry: Registry) -> None:
+    assert price_units(item(count=4), registry) == 4 * 78
+    assert price_units(item(count=0), registry) == 78
+
+
+def test_price_is_an_exact_integer(registry: Registry) -> None:
+    assert isinstance(price_units(item(width=1792, height=1024), registry), int)
+    # 1792x1024 = 1.835008 MP: 0.25 + 0.917504 = 1.167504 -> 117 units
+    assert price_units(item(width=1792, height=1024), registry) == 117
+
+
+def test_aliases_are_priced_as_their_model(registry: Registry) -> None:
+    assert price_units(item(model="dall-e-3"), registry) == price_units(item(), registry)
+
+
+def test_unknown_model_is_an_invalid_request_naming_the_supported_models(registry: Registry) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        price_units(item(model="nope"), registry)
+    assert info.value.message.startswith("Invalid model ID 'nope'. Supported models: z-image-turbo")
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "steps", "count"), [(0, 64, 8, 1), (64, -1, 8, 1), (64, 64, 0, 1), (64, 64, 8, -2)]
+)
+def test_nonsense_dimensions_are_invalid_requests(
+    registry: Registry, width: int, height: int, steps: int, count: int
+) -> None:
+    with pytest.raises(InvalidRequest):
+        price_units(item(width=width, height=height, steps=steps, count=count), registry)
+
+
+def test_quote_lists_one_price_per_item(registry: Registry) -> None:
+    assert quote([item(), item(width=512, height=512, count=2)], registry, premium=False) == [78, 78]
+
+
+def test_premium_accounts_pay_nothing(registry: Registry) -> None:
+    assert quote([item(), item(model="vip-model")], registry, premium=True) == [0, 0]
+
+
+def test_premium_only_model_refuses_other_accounts(registry: Registry) -> None:
+    with pytest.raises(PremiumRequired) as info:
+        quote([item(model="vip-model", steps=4)], registry, premium=False)
+    assert info.value.message == "This model requires a premium subscription."
+
+
+def test_quote_of_nothing_is_an_invalid_request(registry: Registry) -> None:
+    with pytest.raises(InvalidRequest):
+        quote([], registry, premium=False)
+
+
+@pytest.mark.parametrize(
+    ("credits", "percent"),
+    [("999", 0), ("999.99", 0), ("1000", 10), ("9999.99", 10), ("10000", 20), ("250000", 20)],
+)
+def test_bulk_discount_thresholds(credits: str, percent: int) -> None:
+    assert bulk_discount_percent(Decimal(credits)) == percent
+
+
+@pytest.mark.parametrize(
+    ("credits_units", "percent", "paid_units"),
+    [
+        (99_900, 0, 99_900),  # 999 credits: $9.99
+        (100_000, 10, 90_000),  # 1,000 credits: $9.00
+        (1_000_000, 20, 800_000),  # 10,000 credits: $80.00
+        (100_025, 10, 90_022),  # 1,000.25 credits: 90,022.5 units rounded down
+    ],
+)
+def test_purchase_price_applies_the_discount_in_units(
+    credits_units: int, percent: int, paid_units: int
+) -> None:
+    assert purchase_paid_units(credits_units) == (percent, paid_units)
