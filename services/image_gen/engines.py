@@ -127,8 +127,9 @@ class DiffusersImageEngine(Engine[ImageRequest, ImageResult]):
         else:
             directory = self.weights_dir
             if not (directory / "model_index.json").is_file():
+                log.error("model %s: no model_index.json in %s", self.spec.id, directory)
                 raise EngineUnavailable(
-                    f"the weights directory {directory} does not hold a diffusers pipeline (no model_index.json)"
+                    f"its weights directory '{self.spec.weights}' does not hold a diffusers pipeline"
                 )
         self.pipe = self.load_pipeline(directory)
         self.pipe.set_progress_bar_config(disable=True)
