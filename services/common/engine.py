@@ -411,17 +411,24 @@ class EnginePool:
 
     async def load(self, *, on_default_ready: Callable[[], Any] | None = None) -> None:
         """Loads every engine; awaits ``on_default_ready()`` once the default model serves."""
+
+        async def announce() -> None:
+            if on_default_ready is not None:
+                result = on_default_ready()
+                if asyncio.iscoroutine(result):
+                    await result
+
         try:
             first = self.engines.get(self.default)
             if first is not None:
                 await first.load()
-                if first.ready and on_default_ready is not None:
-                    result = on_default_ready()
-                    if asyncio.iscoroutine(result):
-                        await result
-                elif not first.ready:
+                if first.ready:
+                    await announce()
+                else:
                     log.error("default model %s cannot serve: %s", self.default, first.unavailable_reason)
             await asyncio.gather(*(e.load() for name, e in self.engines.items() if name != self.default))
+            if first is None and any(e.ready for e in self.engines.values()):
+                await announce()  # no default model configured: serving once the others are loaded
         finally:
             self._loaded_event().set()
 
