@@ -14,4 +14,4 @@ REGISTRY = web.AppKey("registry", Registry)
 MEDIA = web.AppKey("media", LocalMediaStore)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 #: Per-request id (``X-Request-ID`` or a new one), set by the request middleware.
-REQUEST_ID = "kiln.request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
