@@ -222,7 +222,9 @@ class Database:
         """Runs ``fn(tx)`` in one transaction off the event loop and returns its result.
 
         An exception from ``fn`` rolls the transaction back and propagates.
-        ``write=False`` marks read-only work (SQLite then takes no write lock).
+        ``write=False`` marks read-only work, run without an explicit
+        transaction (no write lock, no BEGIN/COMMIT; each statement sees a
+        consistent snapshot).
         """
         if self._executor is None:
             raise RuntimeError("the database is closed")
@@ -235,7 +237,10 @@ class Database:
         conn = self._sqlite
         if conn is None:
             raise RuntimeError("the database is closed")
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        if not write:
+            # Autocommit: each statement of read-only work is its own snapshot.
+            return fn(Tx(conn, "sqlite"))
+        conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(Tx(conn, "sqlite"))
         except BaseException:
@@ -250,8 +255,11 @@ class Database:
             raise RuntimeError("the database is closed")
         for attempt in range(1, _PG_ATTEMPTS + 1):
             try:
-                with pool.connection() as conn, conn.transaction():
-                    return fn(Tx(conn, "postgresql"))
+                with pool.connection() as conn:
+                    if not write:  # autocommit: no BEGIN/COMMIT round trips
+                        return fn(Tx(conn, "postgresql"))
+                    with conn.transaction():
+                        return fn(Tx(conn, "postgresql"))
             except _PG_RETRYABLE as exc:
                 if attempt == _PG_ATTEMPTS:
                     raise

@@ -16,10 +16,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-from billing_fakes import FakeClock
 
 from services.billing.ledger import Ledger
 from services.billing.store import Database
+
+from .billing_fakes import FakeClock
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -6,7 +6,6 @@ import asyncio
 from decimal import Decimal
 
 import pytest
-from billing_fakes import FakeClock
 
 from services.billing.ledger import AccountRecord, Ledger, hash_api_key
 from services.billing.store import Database, load_migrations
@@ -16,6 +15,8 @@ from services.common.errors import (
     InvalidRequest,
     NotFound,
 )
+
+from .billing_fakes import FakeClock
 
 
 async def funded(ledger: Ledger, credits: str = "10", **kwargs: object) -> AccountRecord:
@@ -390,3 +391,11 @@ async def test_two_processes_starting_at_once_migrate_once(db_url: str) -> None:
         assert sorted(rows) == [(m.version,) for m in load_migrations()]
     finally:
         await asyncio.gather(*(db.close() for db in dbs))
+
+
+async def test_an_applied_migration_that_changed_is_refused(database: Database) -> None:
+    await database.run(
+        lambda tx: tx.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
+    )
+    with pytest.raises(RuntimeError, match="changed after it was applied"):
+        await Database.open(database.url)

@@ -14,7 +14,6 @@ from typing import Any
 import grpc
 import jwt
 import pytest
-from billing_fakes import FakeClock
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiln.billing.v1 import billing_service_pb2 as pb
@@ -25,6 +24,8 @@ from services.billing.server import SERVICE_NAME, BillingGrpcService, create_ser
 from services.common.errors import AUTHENTICATION_MESSAGE, MAINTENANCE_MESSAGE, ErrorType
 from services.common.grpc_client import create_channel, error_from_rpc
 from services.common.settings import DEFAULT_REGISTRY, Settings
+
+from .billing_fakes import FakeClock
 
 SECRET = "servicer-test-secret-of-32-bytes-or-more"
 PREMIUM_ONLY_MODEL = """

@@ -1,0 +1,1 @@
+"""Tests of the billing service (services/billing)."""
