@@ -21,9 +21,18 @@ from services.common.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def tracing_enabled() -> bool:
+    """Whether an SDK tracer provider is installed (else spans would be dropped unseen)."""
+    return isinstance(trace.get_tracer_provider(), TracerProvider)
+
+
 def setup_tracing(settings: Settings, service_name: str) -> None:
-    """Installs the process's tracer provider (once; later calls keep the first)."""
-    if isinstance(trace.get_tracer_provider(), TracerProvider):
+    """Installs the process's tracer provider (once; later calls keep the first).
+
+    With ``KILN_OTEL_EXPORTER=none`` nothing is installed, and the gRPC tracing
+    interceptors are left out too: spans nobody exports cost time on every call.
+    """
+    if tracing_enabled() or settings.otel_exporter == "none":
         return
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     if settings.otel_exporter == "console":
@@ -42,12 +51,12 @@ def setup_tracing(settings: Settings, service_name: str) -> None:
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     """The tracing interceptor for a grpc.aio server (continues the caller's trace)."""
-    return [aio_server_interceptor()]
+    return [aio_server_interceptor()] if tracing_enabled() else []
 
 
 def client_interceptors() -> list[Any]:
     """Tracing interceptors for a grpc.aio channel (injects the trace context)."""
-    return list(aio_client_interceptors())
+    return list(aio_client_interceptors()) if tracing_enabled() else []
 
 
 def tracer(name: str) -> trace.Tracer:
