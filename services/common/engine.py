@@ -43,6 +43,13 @@ from services.common.errors import InvalidRequest, MaintenanceMode, ProcessingEr
 
 log = logging.getLogger(__name__)
 
+#: Held while any engine builds or loads a model. Loading patches torch for the
+#: whole process (accelerate's ``init_empty_weights`` swaps
+#: ``nn.Module.register_parameter`` globally), so a model constructed on another
+#: thread at the same time would get meta tensors with no data. Loads are rare;
+#: inference never takes this lock.
+MODEL_LOAD_LOCK = threading.Lock()
+
 T = TypeVar("T")
 RequestT = TypeVar("RequestT")
 ResultT = TypeVar("ResultT")

@@ -23,7 +23,6 @@ def create_channel(address: str, *, max_message_bytes: int = 64 * 1024 * 1024) -
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.keepalive_time_ms", 30_000),
         ],
         interceptors=client_interceptors(),
     )

@@ -28,9 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
+from transformers.utils import logging as transformers_logging
 
 from services.common.engine import (
+    MODEL_LOAD_LOCK,
     Engine,
     EnginePool,
     EngineUnavailable,
@@ -122,16 +125,16 @@ class DiffusersImageEngine(Engine[ImageRequest, ImageResult]):
     def load_blocking(self) -> None:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)  # process-wide, like the setting
-        if self.weights_dir is None:
-            directory = ensure_tiny_model(self.cache_dir, self.spec.id, self.build_tiny)
-        else:
-            directory = self.weights_dir
-            if not (directory / "model_index.json").is_file():
-                log.error("model %s: no model_index.json in %s", self.spec.id, directory)
-                raise EngineUnavailable(
-                    f"its weights directory '{self.spec.weights}' does not hold a diffusers pipeline"
-                )
-        self.pipe = self.load_pipeline(directory)
+        if self.weights_dir is not None and not (self.weights_dir / "model_index.json").is_file():
+            log.error("model %s: no model_index.json in %s", self.spec.id, self.weights_dir)
+            raise EngineUnavailable(
+                f"its weights directory '{self.spec.weights}' does not hold a diffusers pipeline"
+            )
+        diffusers_logging.disable_progress_bar()  # logs, not terminal bars, in a server
+        transformers_logging.disable_progress_bar()
+        with MODEL_LOAD_LOCK:
+            directory = self.weights_dir or ensure_tiny_model(self.cache_dir, self.spec.id, self.build_tiny)
+            self.pipe = self.load_pipeline(directory)
         self.pipe.set_progress_bar_config(disable=True)
         self.pixel_multiple = int(self.pipe.vae_scale_factor) * 2
 
