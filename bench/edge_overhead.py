@@ -85,26 +85,37 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def _measure(label: str, fn, n: int, warmup: int) -> list[float]:  # type: ignore[no-untyped-def]
+async def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    await fn()
+    return (time.perf_counter() - start) * 1000
+
+
+async def _measure_pair(labels: tuple[str, str], ours, base, n: int, warmup: int) -> float:  # type: ignore[no-untyped-def]
+    """Runs the two cases alternately (so drift hits both alike) and prints both and the gap."""
     for _ in range(warmup):
-        await fn()
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await fn()
-        samples.append((time.perf_counter() - start) * 1000)
-    print(
-        f"  {label:<44} p50 {percentile(samples, 50):8.3f} ms   p99 {percentile(samples, 99):8.3f} ms"
-        f"   mean {statistics.fmean(samples):8.3f} ms",
-        flush=True,
-    )
-    return samples
-
-
-def _compare(name: str, ours: list[float], base: list[float]) -> None:
+        await ours()
+        await base()
+    a: list[float] = []
+    b: list[float] = []
+    for i in range(n):
+        if i % 2:
+            a.append(await _timed(ours))
+            b.append(await _timed(base))
+        else:
+            b.append(await _timed(base))
+            a.append(await _timed(ours))
+    for label, samples in zip(labels, (a, b), strict=True):
+        print(
+            f"  {label:<46} p50 {percentile(samples, 50):8.3f} ms   p99 {percentile(samples, 99):8.3f} ms"
+            f"   mean {statistics.fmean(samples):8.3f} ms"
+        )
     for q in (50, 99):
-        a, b = percentile(ours, q), percentile(base, q)
-        print(f"  {name} p{q}: +{a - b:.3f} ms over baseline, ratio {a / b:.3f}")
+        x, y = percentile(a, q), percentile(b, q)
+        print(f"  -> p{q}: +{x - y:.3f} ms over the baseline, ratio {x / y:.3f}")
+    paired = statistics.median(x - y for x, y in zip(a, b, strict=True))
+    print(f"  -> median of paired differences: +{paired:.3f} ms", flush=True)
+    return percentile(a, 50) - percentile(b, 50)
 
 
 async def _client(info: dict[str, object], n: int, warmup: int) -> None:
@@ -152,17 +163,23 @@ async def _client(info: dict[str, object], n: int, warmup: int) -> None:
                 assert response.status == 200
                 await response.read()
 
-        print(f"\nsequential requests, n={n} after {warmup} warm-up, loopback, this machine")
-        print("1) the same 256x256 1-step generation")
-        gen_edge = await _measure("through the edge (HTTP, auth, reserve, store)", via_edge, n, warmup)
-        gen_direct = await _measure("direct gRPC GenerateImages (baseline)", direct, n, warmup)
+        print(f"\nsequential requests, n={n} per case after {warmup} warm-up, cases alternated, loopback")
+        print("1) the same 256x256 1-step generation (b64_json and url in the response)")
+        overhead = await _measure_pair(
+            ("through the edge (HTTP, auth, reserve, store)", "direct gRPC GenerateImages (baseline)"),
+            via_edge,
+            direct,
+            n,
+            warmup,
+        )
         print("2) authenticated no-op vs bare handler")
-        noop = await _measure("GET /v1/account (auth via billing)", account, n, warmup)
-        plain = await _measure("bare aiohttp handler (baseline)", bare, n, warmup)
-        print("\nresults")
-        _compare("edge overhead on generation", gen_edge, gen_direct)
-        _compare("authenticated no-op vs bare", noop, plain)
-        overhead = percentile(gen_edge, 50) - percentile(gen_direct, 50)
+        await _measure_pair(
+            ("GET /v1/account (auth via billing)", "bare aiohttp handler (baseline)"),
+            account,
+            bare,
+            n,
+            warmup,
+        )
         verdict = "meets" if overhead <= 2.0 else "misses"
         print(f"  target: edge adds <= 2 ms p50 over direct gRPC -> {overhead:.3f} ms ({verdict})")
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
+from edge.responses import json_response
 from services.common.errors import ERROR_MAPPINGS, ErrorType, KilnError
 
 
@@ -16,8 +15,6 @@ def envelope(message: str, error_type: ErrorType | str) -> dict[str, dict[str, s
 
 def error_response(err: KilnError, *, status: int | None = None) -> web.Response:
     """The HTTP response for a Kiln error (status from the shared mapping table)."""
-    return web.Response(
-        status=status or ERROR_MAPPINGS[err.error_type].http_status,
-        text=json.dumps(envelope(err.message, err.error_type)),
-        content_type="application/json",
+    return json_response(
+        envelope(err.message, err.error_type), status=status or ERROR_MAPPINGS[err.error_type].http_status
     )

@@ -8,6 +8,7 @@ renamed), which makes them safe to cache.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import secrets
@@ -22,6 +23,8 @@ MIME_EXTENSIONS: dict[str, str] = {
     "image/gif": ".gif",
 }
 _EXTENSION_MIME = {ext: mime for mime, ext in MIME_EXTENSIONS.items()}
+#: Files up to this size are written on the event loop (see put_async).
+INLINE_WRITE_BYTES = 1024 * 1024
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{24}$")
 
 
@@ -53,6 +56,16 @@ class LocalMediaStore:
             fh.write(data)
         os.replace(tmp, path)
         return media_id
+
+    async def put_async(self, data: bytes, mime_type: str) -> str:
+        """:meth:`put` without blocking the event loop on large files.
+
+        Small files (most images) are written inline: a page-cache write of a
+        few hundred kilobytes costs less than handing it to a thread.
+        """
+        if len(data) <= INLINE_WRITE_BYTES:
+            return self.put(data, mime_type)
+        return await asyncio.to_thread(self.put, data, mime_type)
 
     def get(self, media_id: str) -> StoredMedia | None:
         """The stored file for an id, or None for an unknown or malformed id."""

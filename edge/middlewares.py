@@ -13,6 +13,7 @@ from opentelemetry.propagate import extract
 
 from edge.errors import envelope, error_response
 from edge.keys import REQUEST_ID, SETTINGS
+from edge.responses import json_response
 from services.common.errors import ErrorType, InvalidRequest, KilnError, NotFound, ProcessingError
 
 log = logging.getLogger("kiln.edge")
@@ -69,7 +70,7 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return web.json_response(envelope(exc.reason, ErrorType.INVALID_REQUEST), status=exc.status)
+        return json_response(envelope(exc.reason, ErrorType.INVALID_REQUEST), status=exc.status)
     except Exception:
         log.exception("unhandled error in %s %s (%s)", request.method, request.path, request.get(REQUEST_ID))
         return error_response(ProcessingError("Internal error while processing the request."))

@@ -10,6 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from edge.handlers import images, media, system
+from edge.responses import json_response
 from edge.schemas import BatchImageGenerationRequest, ImageGenerationRequest
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -162,6 +163,6 @@ def setup_routes(app: web.Application) -> None:
     document = openapi_document()
 
     async def openapi(request: web.Request) -> web.Response:
-        return web.json_response(document)
+        return json_response(document)
 
     app.router.add_get("/openapi.json", openapi)

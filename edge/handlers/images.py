@@ -13,6 +13,7 @@ from edge.clients import generation_request
 from edge.errors import envelope
 from edge.flow import Billed, run_billed
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
+from edge.responses import json_response
 from edge.schemas import (
     MAX_BATCH_REQUESTS,
     BatchImageGenerationRequest,
@@ -51,7 +52,7 @@ async def _generate_one(
     base = _media_base(request)
     data: list[dict[str, Any]] = []
     for image in result.images:
-        media_id = await asyncio.to_thread(store.put, image.data, image.mime_type)
+        media_id = await store.put_async(image.data, image.mime_type)
         item: dict[str, Any] = {"url": f"{base}/v1/media/{media_id}"}
         if response_format != "url":
             item["b64_json"] = base64.b64encode(image.data).decode("ascii")
@@ -63,7 +64,7 @@ async def _generate_one(
 
 
 def _json(request: web.Request, body: dict[str, Any], charged: int) -> web.Response:
-    response = web.json_response(body)
+    response = json_response(body)
     response.headers["X-Credits-Charged"] = format_credits(charged)
     return response
 

@@ -8,20 +8,21 @@ from aiohttp import web
 
 from edge.flow import credential_from
 from edge.keys import REGISTRY, REQUEST_ID, UPSTREAMS
+from edge.responses import json_response
 from services.common.money import format_credits
 from services.common.registry import ModelSpec
 
 
 async def healthz(request: web.Request) -> web.Response:
     """Alive: the process answers."""
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready: billing and image_gen answer their health checks with SERVING."""
     services = await request.app[UPSTREAMS].health()
     ready = all(services.values())
-    return web.json_response(
+    return json_response(
         {"status": "ready" if ready else "not_ready", "services": services}, status=200 if ready else 503
     )
 
@@ -49,13 +50,13 @@ def model_entry(spec: ModelSpec) -> dict[str, Any]:
 async def list_models(request: web.Request) -> web.Response:
     """Every model with its aliases, capability, limits, defaults and price formula."""
     models = [model_entry(spec) for spec in request.app[REGISTRY].models]
-    return web.json_response({"object": "list", "data": models})
+    return json_response({"object": "list", "data": models})
 
 
 async def get_account(request: web.Request) -> web.Response:
     """The authenticated caller's account and balance (no charge)."""
     account = await request.app[UPSTREAMS].billing.authenticate(credential_from(request), request[REQUEST_ID])
-    return web.json_response(
+    return json_response(
         {
             "id": account.id,
             "name": account.name,
