@@ -1,9 +1,10 @@
 """What the edge costs: the same request through the edge vs. straight to the service.
 
 Not a test. Run with `make bench` (or `.venv/bin/python bench/edge_overhead.py`).
-A child process runs the mesh (billing, image_gen, edge) plus a bare aiohttp
-handler, as `kiln up` would, on loopback; this process is the client and
-measures, one request at a time:
+A child process runs the mesh plus a bare aiohttp handler on loopback, in
+both topologies `kiln` offers: everything in one process (`kiln up`) and one
+process per service (`kiln up --split`, as in production). This process is
+the client and measures, one request at a time:
 
   1. the same small generation (256x256, 1 step, fixed seed) through
      POST /v1/images/generations (auth + reservation + gRPC + media store +
@@ -32,27 +33,56 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-async def _serve_child(data_dir: Path) -> None:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _serve_child(data_dir: Path, split: bool) -> None:
+    import signal
+
     from aiohttp import web
 
     from edge.app import create_app
     from services.billing.admin import ensure_demo_account
     from services.billing.ledger import Ledger
-    from services.billing.server import create_service as create_billing
     from services.billing.store import Database
+    from services.common.grpc_server import GrpcService
     from services.common.settings import load_settings
-    from services.image_gen.server import create_service as create_image_gen
 
     settings = load_settings(data_dir=data_dir)
-    billing = await create_billing(settings, address="127.0.0.1:0")
-    image_gen = await create_image_gen(settings, address="127.0.0.1:0")
-    await billing.start()
-    await image_gen.start()
-    settings = settings.model_copy(
-        update={
-            "billing_address": f"127.0.0.1:{billing.port}",
-            "image_gen_address": f"127.0.0.1:{image_gen.port}",
+    services: list[GrpcService] = []
+    children: list[subprocess.Popen[bytes]] = []
+    if split:  # billing and image_gen as their own processes, as `kiln up --split` runs them
+        addresses = {"billing": f"127.0.0.1:{_free_port()}", "image_gen": f"127.0.0.1:{_free_port()}"}
+        env = {
+            **os.environ,
+            "KILN_DATA_DIR": str(data_dir),
+            "KILN_BILLING_ADDRESS": addresses["billing"],
+            "KILN_IMAGE_GEN_ADDRESS": addresses["image_gen"],
         }
+        for name in addresses:
+            children.append(
+                subprocess.Popen(  # noqa: ASYNC220 - started once, before serving
+                    [sys.executable, "-m", "kiln_cli.main", "serve", name], env=env, cwd=ROOT
+                )
+            )
+    else:
+        from services.billing.server import create_service as create_billing
+        from services.image_gen.server import create_service as create_image_gen
+
+        services = [
+            await create_billing(settings, address="127.0.0.1:0"),
+            await create_image_gen(settings, address="127.0.0.1:0"),
+        ]
+        for service in services:
+            await service.start()
+        addresses = {"billing": f"127.0.0.1:{services[0].port}", "image_gen": f"127.0.0.1:{services[1].port}"}
+    settings = settings.model_copy(
+        update={"billing_address": addresses["billing"], "image_gen_address": addresses["image_gen"]}
     )
     db = await Database.open(settings.resolved_database_url)
     _, key = await ensure_demo_account(Ledger(db), api_key=None, credits=Decimal(10**7), premium=False)
@@ -73,11 +103,18 @@ async def _serve_child(data_dir: Path) -> None:
     info = {
         "edge": edge.addresses[0][1],
         "bare": bare_runner.addresses[0][1],
-        "image_gen": image_gen.port,
+        "image_gen": int(addresses["image_gen"].rsplit(":", 1)[1]),
         "key": key,
     }
     print(json.dumps(info), flush=True)
-    await asyncio.Event().wait()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    for child in children:
+        child.terminate()
+        child.wait(timeout=30)
+    for service in services:
+        await service.stop(0)
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -188,23 +225,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=200, help="measured requests per case")
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--topology", choices=("split", "single", "both"), default="both", help="process layout to measure"
+    )
     parser.add_argument("--serve", metavar="DATA_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--split", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(_serve_child(Path(args.serve)))
+        asyncio.run(_serve_child(Path(args.serve), args.split))
         return
-    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        child = subprocess.Popen(
-            [sys.executable, __file__, "--serve", tmp], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
-        )
-        try:
-            assert child.stdout is not None
-            info = json.loads(child.stdout.readline())
-            asyncio.run(_client(info, args.n, args.warmup))
-        finally:
-            child.terminate()
-            child.wait(timeout=30)
+    topologies = ("single", "split") if args.topology == "both" else (args.topology,)
+    for topology in topologies:
+        title = {"single": "one process (kiln up)", "split": "one process per service (kiln up --split)"}
+        print(f"\n=== {title[topology]} ===")
+        with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "KILN_LOG_LEVEL": "WARNING"}
+            command = [sys.executable, __file__, "--serve", tmp] + (
+                ["--split"] if topology == "split" else []
+            )
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+            try:
+                assert child.stdout is not None
+                info = json.loads(child.stdout.readline())
+                asyncio.run(_client(info, args.n, args.warmup))
+            finally:
+                child.terminate()
+                child.wait(timeout=60)
 
 
 if __name__ == "__main__":
