@@ -1,0 +1,71 @@
+"""The `kiln` command: port checks, the demo account and the admin tools."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kiln_cli.main import PortTaken, build_parser, check_ports
+from services.common.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _kiln(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kiln_cli.main", *args],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_kiln_up_exits_non_zero_with_a_clear_message_when_the_http_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _kiln(["up"], {"KILN_DATA_DIR": str(tmp_path), "KILN_HTTP_PORT": str(port)})
+    assert result.returncode == 2
+    assert f"port {port} on 127.0.0.1 (edge) is already in use" in result.stderr
+    assert "KILN_HTTP_PORT" in result.stderr
+
+
+def test_check_ports_names_the_grpc_service_and_its_variable(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        settings = load_settings(data_dir=tmp_path, billing_address=address)
+        with pytest.raises(PortTaken, match="KILN_BILLING_ADDRESS"):
+            check_ports(settings, ("billing", "image_gen", "edge"))
+
+
+def test_admin_commands_manage_accounts_keys_and_credits(tmp_path: Path) -> None:
+    env = {"KILN_DATA_DIR": str(tmp_path)}
+    created = _kiln(["admin", "account", "create", "--name", "acme"], env)
+    assert created.returncode == 0, created.stderr
+    account_id = created.stdout.split()[-1]
+    key = _kiln(["admin", "key", "create", account_id], env)
+    assert key.returncode == 0, key.stderr
+    assert key.stdout.strip().startswith("sk-kiln-")
+    bought = _kiln(["admin", "credits", "add", account_id, "1000"], env)
+    assert bought.returncode == 0, bought.stderr
+    assert "10%" in bought.stdout and "$9.00" in bought.stdout
+    shown = _kiln(["admin", "account", "show", account_id], env)
+    assert "1000" in shown.stdout
+
+
+def test_the_parser_knows_every_command() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["up", "--split"]).split is True
+    assert parser.parse_args(["serve", "image_gen"]).service == "image_gen"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "nothing"])
