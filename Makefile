@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; GPU hosts set TORCH_SPEC (e.g. torch==2.13.0 from a CUDA index).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.kiln-installed
+TOOLS_STAMP := $(VENV)/.kiln-protoc
 PROTOS := $(shell find protos/kiln -name '*.proto')
 
 .PHONY: run test gen install lint protolint check clean bench
@@ -13,7 +14,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# The protobuf compiler first: the generated package must exist before the
+# editable install, or the `kiln` command cannot import it.
+$(TOOLS_STAMP): | $(BIN)/python
+	$(BIN)/pip install --quiet "grpcio-tools>=1.85,<2" "protobuf>=7.35.1,<8" "googleapis-common-protos>=1.70,<2"
+	touch $(TOOLS_STAMP)
+
+$(STAMP): pyproject.toml | kiln/.generated
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
@@ -21,7 +28,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # Python code generated from the protos into ./kiln (git-ignored; never edited).
-kiln/.generated: $(PROTOS) | $(STAMP)
+kiln/.generated: $(PROTOS) | $(TOOLS_STAMP)
 	rm -rf kiln
 	$(BIN)/python -m grpc_tools.protoc -I protos -I protos/third_party \
 	  --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
@@ -30,7 +37,7 @@ kiln/.generated: $(PROTOS) | $(STAMP)
 
 gen: kiln/.generated
 
-run: gen
+run: gen $(STAMP)
 	$(BIN)/kiln up
 
 protolint: $(STAMP)
@@ -41,7 +48,7 @@ protolint: $(STAMP)
 	  $(BIN)/buf breaking --against '.git#branch=main'; \
 	else echo "buf breaking: no buf.yaml on main yet, nothing to compare"; fi
 
-lint: gen
+lint: gen $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy services edge kiln_cli bench
@@ -49,7 +56,7 @@ lint: gen
 test: gen protolint lint
 	$(BIN)/python -m pytest
 
-bench: gen
+bench: gen $(STAMP)
 	$(BIN)/python bench/edge_overhead.py
 
 clean:
