@@ -26,7 +26,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from services.billing.ledger import AccountRecord, Ledger
+from services.billing.ledger import AccountFinder, AccountRecord, Ledger, api_key_finder, subject_finder
 from services.common.errors import AUTHENTICATION_MESSAGE, AuthenticationFailed
 from services.common.settings import Settings
 
@@ -98,26 +98,33 @@ class Authenticator:
         self, *, api_key: str | None = None, bearer_token: str | None = None
     ) -> AccountRecord:
         """The account of an ``X-API-Key`` value or a ``Bearer`` value."""
+        return await self.ledger.find_account(self.finder(api_key=api_key, bearer_token=bearer_token))
+
+    def finder(self, *, api_key: str | None = None, bearer_token: str | None = None) -> AccountFinder:
+        """Checks what can be checked without the database (a JWT's signature and claims)
+        and returns the in-transaction lookup of the account, so that billing can find,
+        price and hold in one transaction."""
         if api_key is not None:
-            return await self.account_for_api_key(api_key)
+            return self._api_key_finder(api_key)
         if bearer_token is not None:
             token = bearer_token.strip()
             if is_jwt(token):
-                return await self.account_for_jwt(token)
-            return await self.account_for_api_key(token)
+                claims = self.verify_jwt(token)
+                return subject_finder(claims["sub"], lambda: _failed("unknown subject"))
+            return self._api_key_finder(token)
         raise AuthenticationFailed()
 
-    async def account_for_api_key(self, key: str) -> AccountRecord:
+    @staticmethod
+    def _api_key_finder(key: str) -> AccountFinder:
         if not key or len(key) > MAX_CREDENTIAL_CHARS:
             raise AuthenticationFailed()
-        return await self.ledger.account_for_api_key(key)
+        return api_key_finder(key)
+
+    async def account_for_api_key(self, key: str) -> AccountRecord:
+        return await self.ledger.find_account(self._api_key_finder(key))
 
     async def account_for_jwt(self, token: str) -> AccountRecord:
-        claims = self.verify_jwt(token)
-        account = await self.ledger.find_account_by_subject(claims["sub"])
-        if account is None:
-            raise _failed("unknown subject")
-        return account
+        return await self.ledger.find_account(self.finder(bearer_token=token))
 
     def verify_jwt(self, token: str) -> dict[str, Any]:
         """The verified claims of a JWT; AuthenticationFailed with the reason otherwise."""

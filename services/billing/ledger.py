@@ -229,13 +229,7 @@ class Ledger:
         """The account a JWT subject names: by external id first, then by account id."""
         if not sub:
             return None
-
-        def tx_fn(tx: Tx) -> Row | None:
-            row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE external_id = ?", (sub,))
-            return row or tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (sub,))
-
-        row = await self.db.run(tx_fn, write=False)
-        return _account(row) if row is not None else None
+        return await self.db.run(lambda tx: _account_by_subject(tx, sub), write=False)
 
     async def find_accounts_by_name(self, name: str) -> list[AccountRecord]:
         """Accounts with this display name, oldest first."""
@@ -332,20 +326,11 @@ class Ledger:
 
     async def account_for_api_key(self, key: str) -> AccountRecord:
         """The account of a valid key; AuthenticationFailed for an unknown or revoked one."""
-        if not key:
-            raise AuthenticationFailed()
-        digest = hash_api_key(key)
-        row = await self.db.run(
-            lambda tx: tx.one(
-                "SELECT k.key_hash, k.revoked_at_ms, a.id, a.name, a.premium, a.balance, a.held,"
-                " a.external_id FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
-                (digest,),
-            ),
-            write=False,
-        )
-        if row is None or row[1] is not None or not hmac.compare_digest(row[0], digest):
-            raise AuthenticationFailed()
-        return _account(row[2:])
+        return await self.find_account(api_key_finder(key))
+
+    async def find_account(self, find: AccountFinder) -> AccountRecord:
+        """Runs an account finder (see :func:`api_key_finder`) in a read-only transaction."""
+        return await self.db.run(find, write=False)
 
     # --- credits ---
 
@@ -389,19 +374,48 @@ class Ledger:
         self, account_id: str, amount: int, request_id: str, ttl_seconds: float
     ) -> tuple[ReservationRecord, AccountRecord]:
         """:meth:`reserve`, also returning the account as it is after the hold (one transaction)."""
+        if amount < 0:
+            raise InvalidRequest(f"The amount to hold must not be negative, got {amount}.")
+        hold = self._hold_fn(request_id, ttl_seconds)
+        return await self.db.run(lambda tx: hold(tx, account_id, amount))
+
+    async def authorize(
+        self,
+        find_account: AccountFinder,
+        price: Callable[[AccountRecord], list[int]],
+        request_id: str,
+        ttl_seconds: float,
+    ) -> tuple[ReservationRecord, AccountRecord, list[int]]:
+        """Finds the caller's account, prices the work for it and holds the total: one transaction.
+
+        Returns the hold, the account after it and the price of each item.
+        ``price`` may refuse the account (e.g. PremiumRequired); nothing is held then.
+        """
+        hold = self._hold_fn(request_id, ttl_seconds)
+
+        def tx_fn(tx: Tx) -> tuple[ReservationRecord, AccountRecord, list[int]]:
+            account = find_account(tx)
+            amounts = price(account)
+            reservation, after = hold(tx, account.id, sum(amounts))
+            return reservation, after, amounts
+
+        return await self.db.run(tx_fn)
+
+    def _hold_fn(
+        self, request_id: str, ttl_seconds: float
+    ) -> Callable[[Tx, str, int], tuple[ReservationRecord, AccountRecord]]:
+        """Checks a hold's request id and TTL; returns the in-transaction hold for them."""
         if not request_id:
             raise InvalidRequest("'request_id' is required.")
         if len(request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(f"'request_id' is longer than {MAX_REQUEST_ID_CHARS} characters.")
-        if amount < 0:
-            raise InvalidRequest(f"The amount to hold must not be negative, got {amount}.")
         if ttl_seconds <= 0:
             raise InvalidRequest(f"The time to live of a hold must be positive, got {ttl_seconds}.")
         reservation_id = _new_id("res", 16)
         now = self.now_ms()
         expires = now + int(ttl_seconds * 1000)
 
-        def tx_fn(tx: Tx) -> tuple[ReservationRecord, AccountRecord]:
+        def hold(tx: Tx, account_id: str, amount: int) -> tuple[ReservationRecord, AccountRecord]:
             # Insert first: a concurrent call with the same request id waits on the
             # unique index here and then takes the first reservation.
             inserted = tx.one(
@@ -440,7 +454,7 @@ class Ledger:
             _ledger_row(tx, account_id, "hold", -amount, reservation_id, now, "")
             return _reservation(inserted), _account(row)
 
-        return await self.db.run(tx_fn)
+        return hold
 
     async def commit(self, reservation_id: str, amount: int) -> ReservationRecord:
         """Charges ``amount`` (at most the hold) and returns the rest to the balance.
@@ -588,6 +602,47 @@ class Ledger:
         on = row is not None and row[0] == "on"
         self._maintenance = (on, now)
         return on
+
+
+#: Finds the caller's account inside a transaction, or raises AuthenticationFailed.
+AccountFinder = Callable[[Tx], AccountRecord]
+
+
+def api_key_finder(key: str) -> AccountFinder:
+    """The finder of an API key's account (unknown or revoked keys fail)."""
+    digest = hash_api_key(key) if key else ""
+
+    def find(tx: Tx) -> AccountRecord:
+        if not digest:
+            raise AuthenticationFailed()
+        row = tx.one(
+            "SELECT k.key_hash, k.revoked_at_ms, a.id, a.name, a.premium, a.balance, a.held,"
+            " a.external_id FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
+            (digest,),
+        )
+        if row is None or row[1] is not None or not hmac.compare_digest(row[0], digest):
+            raise AuthenticationFailed()
+        return _account(row[2:])
+
+    return find
+
+
+def _account_by_subject(tx: Tx, sub: str) -> AccountRecord | None:
+    row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE external_id = ?", (sub,))
+    row = row or tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (sub,))
+    return _account(row) if row is not None else None
+
+
+def subject_finder(sub: str, unknown: Callable[[], AuthenticationFailed]) -> AccountFinder:
+    """The finder of a (verified) JWT subject's account; ``unknown()`` is raised when there is none."""
+
+    def find(tx: Tx) -> AccountRecord:
+        account = _account_by_subject(tx, sub) if sub else None
+        if account is None:
+            raise unknown()
+        return account
+
+    return find
 
 
 def _ledger_row(

@@ -6,8 +6,8 @@ live in :mod:`services.billing.ledger`, :mod:`services.billing.pricing` and
 rich statuses in the server's interceptor.
 
 Authorize is the hot path (once per billed request): maintenance flag
-(cached), one key lookup (or a JWT check plus one lookup), pricing in memory,
-and one transaction for the hold.
+(cached), a JWT check when the credential is one, then one transaction that
+finds the account, prices the work for it and holds the total.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import grpc
 from kiln.billing.v1 import billing_service_pb2 as pb
 from kiln.billing.v1 import billing_service_pb2_grpc as pb_grpc
 from services.billing.auth import Authenticator
-from services.billing.ledger import AccountRecord, Ledger, ReservationRecord
+from services.billing.ledger import AccountFinder, AccountRecord, Ledger, ReservationRecord
 from services.billing.pricing import ImageGenerationItem, quote
 from services.common.errors import AuthenticationFailed, InvalidRequest, MaintenanceMode
 from services.common.registry import Registry
@@ -102,12 +102,12 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
             raise InvalidRequest(f"'ttl_seconds' must be between 0 and {MAX_TTL_SECONDS}.")
         return ttl_seconds or self.default_ttl_seconds
 
-    async def _authenticate(self, credential: pb.Credential) -> AccountRecord:
+    def _finder(self, credential: pb.Credential) -> AccountFinder:
         kind = credential.WhichOneof("kind")
         if kind == "api_key":
-            return await self.authenticator.authenticate(api_key=credential.api_key)
+            return self.authenticator.finder(api_key=credential.api_key)
         if kind == "bearer_token":
-            return await self.authenticator.authenticate(bearer_token=credential.bearer_token)
+            return self.authenticator.finder(bearer_token=credential.bearer_token)
         raise AuthenticationFailed()
 
     async def _check_maintenance(self) -> None:
@@ -121,10 +121,11 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         items = usage_items(request.usage)
         ttl = self._ttl(request.ttl_seconds)
         await self._check_maintenance()
-        account = await self._authenticate(request.credential)
-        amounts = quote(items, self.registry, premium=account.premium)
-        reservation, after = await self.ledger.reserve_with_account(
-            account.id, sum(amounts), request.request_id, ttl
+        reservation, after, amounts = await self.ledger.authorize(
+            self._finder(request.credential),
+            lambda account: quote(items, self.registry, premium=account.premium),
+            request.request_id,
+            ttl,
         )
         return pb.AuthorizeResponse(
             account=account_pb(after),
@@ -136,7 +137,7 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthenticateResponse:
         await self._check_maintenance()
-        account = await self._authenticate(request.credential)
+        account = await self.ledger.find_account(self._finder(request.credential))
         return pb.AuthenticateResponse(account=account_pb(account))
 
     async def Quote(self, request: pb.QuoteRequest, context: grpc.aio.ServicerContext) -> pb.QuoteResponse:
