@@ -36,6 +36,25 @@ TINY_SEED = 0
 TinyBuilder = Callable[[Path], None]
 
 
+def _tiny_vae() -> Any:
+    """A 4-block KL VAE: scale factor 8 and 16 latent channels, like both real models'."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 8, 8],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+
+
 def build_tiny_zimage(directory: Path) -> None:
     """Saves a tiny Z-Image-Turbo (``ZImagePipeline``) into ``directory``.
 
@@ -46,7 +65,6 @@ def build_tiny_zimage(directory: Path) -> None:
     factor is 8 like the real model's.
     """
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         ZImagePipeline,
         ZImageTransformer2DModel,
@@ -76,19 +94,7 @@ def build_tiny_zimage(directory: Path) -> None:
         with torch.no_grad():  # created with torch.empty: fill them, or the output is garbage
             transformer.x_pad_token.fill_(1.0)
             transformer.cap_pad_token.fill_(1.0)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=[8, 8, 8, 8],
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=8,
-            sample_size=32,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-        )
+        vae = _tiny_vae()
         text_encoder = Qwen3Model(
             Qwen3Config(
                 hidden_size=16,
@@ -123,7 +129,6 @@ def build_tiny_longcat(directory: Path) -> None:
     pipeline's optional prompt rewriting) is left out.
     """
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         LongCatImagePipeline,
         LongCatImageTransformer2DModel,
@@ -189,19 +194,7 @@ def build_tiny_longcat(directory: Path) -> None:
             pooled_projection_dim=32,
             axes_dims_rope=[4, 6, 6],
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=[8, 8, 8, 8],
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=8,
-            sample_size=32,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-        )
+        vae = _tiny_vae()
     pipe: Any = LongCatImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
