@@ -68,21 +68,40 @@ def check_ports(settings: Settings, services: tuple[str, ...]) -> None:
                 raise
 
 
+#: Where `kiln up` keeps the demo key when KILN_DEMO_API_KEY is unset, so that
+#: scripts and the README's example can read it: ``$(cat .kiln/demo-api-key)``.
+DEMO_KEY_FILE = "demo-api-key"
+
+
 async def _demo_key(settings: Settings) -> tuple[str, str]:
+    """The demo account's key (KILN_DEMO_API_KEY, else the saved one, else a new one)."""
     from services.billing.admin import ensure_demo_account
     from services.billing.ledger import Ledger
     from services.billing.store import Database
+    from services.common.errors import KilnError
 
-    if settings.database_url is None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key_file = settings.data_dir / DEMO_KEY_FILE
+    saved = key_file.read_text().strip() if key_file.is_file() else None
     db = await Database.open(settings.resolved_database_url)
     try:
-        account, key = await ensure_demo_account(
-            Ledger(db),
-            api_key=settings.demo_api_key,
-            credits=Decimal(settings.demo_credits),
-            premium=settings.demo_premium,
-        )
+        ledger = Ledger(db)
+        credits, premium = Decimal(settings.demo_credits), settings.demo_premium
+        if settings.demo_api_key:
+            account, key = await ensure_demo_account(
+                ledger, api_key=settings.demo_api_key, credits=credits, premium=premium
+            )
+        else:
+            try:
+                account, key = await ensure_demo_account(
+                    ledger, api_key=saved, credits=credits, premium=premium
+                )
+            except KilnError:  # the saved key was revoked or belongs elsewhere: make a new one
+                account, key = await ensure_demo_account(
+                    ledger, api_key=None, credits=credits, premium=premium
+                )
+            key_file.touch(mode=0o600)
+            key_file.write_text(key + "\n")
     finally:
         await db.close()
     return key, format_credits(account.balance)

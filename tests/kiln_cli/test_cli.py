@@ -69,3 +69,17 @@ def test_the_parser_knows_every_command() -> None:
     assert parser.parse_args(["serve", "image_gen"]).service == "image_gen"
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "nothing"])
+
+
+async def test_the_demo_key_is_kept_between_starts_and_tops_up_credits(tmp_path: Path) -> None:
+    from kiln_cli.main import DEMO_KEY_FILE, _demo_key
+
+    settings = load_settings(data_dir=tmp_path)
+    key, balance = await _demo_key(settings)
+    assert balance == "1000"
+    assert (tmp_path / DEMO_KEY_FILE).read_text().strip() == key
+    assert (tmp_path / DEMO_KEY_FILE).stat().st_mode & 0o777 == 0o600
+    again, _ = await _demo_key(settings)
+    assert again == key
+    fixed, _ = await _demo_key(load_settings(data_dir=tmp_path, demo_api_key="sk-kiln-fixed-demo-key"))
+    assert fixed == "sk-kiln-fixed-demo-key"
