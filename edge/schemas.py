@@ -29,7 +29,9 @@ class _Body(BaseModel):
 class ImageGenerationRequest(_Body):
     """``POST /v1/images/generations``."""
 
-    model: str | None = Field(None, description='Model id or alias; "z-image-turbo" by default.')
+    model: str | None = Field(
+        None, min_length=1, description='Model id or alias; "z-image-turbo" by default.'
+    )
     prompt: str = Field(description="Text description for image generation.")
     negative_prompt: str | None = Field(
         None,
