@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -56,6 +57,53 @@ def encode_image(image: Image.Image, fmt: str = "png") -> bytes:
             image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
         image.save(buf, format="WEBP", quality=LOSSY_QUALITY, method=4, exact=False)
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image file's header says."""
+
+    format: str
+    width: int
+    height: int
+
+
+def probe_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    max_bytes: int | None = None,
+    formats: tuple[str, ...] = DECODABLE_FORMATS,
+) -> ImageInfo:
+    """Reads only an untrusted image's header: its format and size, or InvalidRequest.
+
+    Cheap enough for the edge to check every input before anything is reserved;
+    :func:`decode_image` decodes fully (and checks again).
+    """
+    if not data:
+        raise InvalidRequest("The image is empty.")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InvalidRequest(f"The image file is {len(data)} bytes; the maximum is {max_bytes} bytes.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=list(formats)) as image:
+                width, height = image.size
+                fmt = str(image.format)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidRequest("The image is too large to decode.") from exc
+    except UnidentifiedImageError as exc:
+        allowed = ", ".join(f.lower() for f in formats)
+        raise InvalidRequest(f"The file is not a supported image (accepted: {allowed}).") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidRequest("The image could not be read; it may be truncated or corrupt.") from exc
+    if width <= 0 or height <= 0:
+        raise InvalidRequest("The image has no pixels.")
+    if width * height > max_pixels:
+        raise InvalidRequest(
+            f"The image is too large: {width}x{height} pixels, the maximum is {max_pixels} pixels."
+        )
+    return ImageInfo(fmt.lower(), width, height)
 
 
 def decode_image(

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     # --- limits ---
     max_body_bytes: int = Field(25 * 1024 * 1024, description="Largest accepted request body (413 above).")
     max_prompt_chars: int = Field(4000, description="Longest accepted prompt or negative prompt.")
+    max_input_image_pixels: int = Field(
+        4096 * 4096, description="Most pixels of an input image (checked from its header, before decoding)."
+    )
+    max_input_image_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted input image file.")
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, description="Largest gRPC message either way.")
     service_timeout_seconds: float = Field(
         600.0, description="Deadline of one capability call from the edge."
