@@ -6,7 +6,8 @@ Image generation
 
         per_image = (base + per_megapixel * width * height / 1_000_000) * steps / reference_steps
 
-    rounded **up** to a whole unit (0.01 credit). An item of ``count`` images
+    (``reference_steps = 0``: no step factor, e.g. a flat 0.5 credits per edited
+    image for the FLUX.2-klein models) rounded **up** to a whole unit (0.01 credit). An item of ``count`` images
     (0 means 1) costs ``count * per_image``, so n images always cost n times
     the price of one, as ``GET /v1/models`` describes it. Everything is
     computed in :class:`~decimal.Decimal`; results are integer units
@@ -45,7 +46,7 @@ BULK_DISCOUNTS: tuple[tuple[Decimal, int], ...] = ((Decimal(10_000), 20), (Decim
 
 @dataclass(frozen=True)
 class ImageGenerationItem:
-    """One text-to-image request to price (the servicer converts the proto's usage to this)."""
+    """One image request (text-to-image or edit) to price; the servicer converts the proto's usage."""
 
     model: str
     width: int
@@ -77,9 +78,9 @@ def image_price_units(spec: ModelSpec, *, width: int, height: int, steps: int) -
     """The list price of one image, in units, rounded up to a whole unit."""
     price = spec.price
     megapixels = Decimal(width) * Decimal(height) / _MEGAPIXEL
-    credits = (
-        (price.base + price.per_megapixel * megapixels) * Decimal(steps) / Decimal(price.reference_steps)
-    )
+    credits = price.base + price.per_megapixel * megapixels
+    if price.reference_steps:  # 0: the price does not depend on the steps
+        credits = credits * Decimal(steps) / Decimal(price.reference_steps)
     return int((credits * UNITS_PER_CREDIT).to_integral_value(rounding=ROUND_CEILING))
 
 

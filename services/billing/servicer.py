@@ -64,12 +64,12 @@ def usage_items(usages: Sequence[pb.Usage]) -> list[ImageGenerationItem]:
     items: list[ImageGenerationItem] = []
     for index, usage in enumerate(usages):
         kind = usage.WhichOneof("kind")
-        if kind != "image_generation":
+        if kind not in ("image_generation", "image_edit"):
             raise InvalidRequest(f"usage[{index}] names no kind of work.")
-        gen = usage.image_generation
+        work = getattr(usage, kind)
         items.append(
             ImageGenerationItem(
-                model=gen.model, width=gen.width, height=gen.height, steps=gen.steps, count=gen.count
+                model=work.model, width=work.width, height=work.height, steps=work.steps, count=work.count
             )
         )
     return items

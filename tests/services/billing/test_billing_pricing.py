@@ -128,3 +128,12 @@ def test_purchase_price_applies_the_discount_in_units(
     credits_units: int, percent: int, paid_units: int
 ) -> None:
     assert purchase_paid_units(credits_units) == (percent, paid_units)
+
+
+def test_an_edit_on_flux2_klein_costs_half_a_credit_per_image_whatever_the_steps(registry: Registry) -> None:
+    for model, steps in (
+        ("black-forest-labs/FLUX.2-klein-4B", 4),
+        ("black-forest-labs/FLUX.2-klein-base-4B", 50),
+    ):
+        assert price_units(item(model=model, steps=steps), registry) == 50
+        assert price_units(item(model=model, steps=steps, width=2048, height=2048, count=2), registry) == 100
