@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -12,8 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.billing.v1 import billing_service_pb2_grpc as billing_grpc
+from kiln.common.v1 import media_pb2 as media_pb
 from kiln.image.v1 import image_service_pb2 as image_pb
 from kiln.image.v1 import image_service_pb2_grpc as image_grpc
+from services.common.errors import ProcessingError
 from services.common.grpc_client import create_channel, error_from_rpc
 from services.common.registry import GenerationParams
 
@@ -65,8 +67,15 @@ class BillingClient:
         await _call(self._stub.Release(request, timeout=self._timeout, metadata=_metadata(request_id)))
 
 
+FORMATS = {
+    "png": media_pb.IMAGE_FORMAT_PNG,
+    "jpeg": media_pb.IMAGE_FORMAT_JPEG,
+    "webp": media_pb.IMAGE_FORMAT_WEBP,
+}
+
+
 def generation_request(params: GenerationParams, request_id: str) -> image_pb.GenerateImagesRequest:
-    """The image_gen request for checked parameters (every default already filled)."""
+    """The image_gen request for checked parameters (every default filled, the style applied)."""
     request = image_pb.GenerateImagesRequest(
         model=params.model.id,
         prompt=params.prompt,
@@ -77,6 +86,30 @@ def generation_request(params: GenerationParams, request_id: str) -> image_pb.Ge
         guidance_scale=params.guidance_scale,
         count=params.count,
         request_id=request_id,
+        output_format=FORMATS[params.output_format],
+        embed_metadata=params.embed_metadata,
+    )
+    if params.seed is not None:
+        request.seed = params.seed
+    return request
+
+
+def edit_request(params: GenerationParams, request_id: str) -> image_pb.EditImagesRequest:
+    """The EditImages request for checked edit parameters (output size already decided)."""
+    request = image_pb.EditImagesRequest(
+        model=params.model.id,
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        input_images=list(params.inputs),
+        width=params.width,
+        height=params.height,
+        num_inference_steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        count=params.count,
+        request_id=request_id,
+        output_format=FORMATS[params.output_format],
+        embed_metadata=params.embed_metadata,
+        mask=params.mask,
     )
     if params.seed is not None:
         request.seed = params.seed
@@ -84,38 +117,36 @@ def generation_request(params: GenerationParams, request_id: str) -> image_pb.Ge
 
 
 class ImageGenClient:
-    """Text-to-image over the streaming RPC."""
+    """Text-to-image and edits over the streaming RPCs."""
 
     def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
         self._stub = image_grpc.ImageServiceStub(channel)
         self._timeout = timeout
 
-    async def stream(
-        self, request: image_pb.GenerateImagesRequest
-    ) -> AsyncIterator[image_pb.GenerateImagesResponse]:
-        """Progress events, then the result. Cancelling the iteration cancels the call."""
-        call = self._stub.GenerateImages(
-            request, timeout=self._timeout, metadata=_metadata(request.request_id)
-        )
+    async def run(self, params: GenerationParams, request_id: str) -> image_pb.GeneratedImages:
+        """The final result of a generation or edit (progress events are skipped).
+
+        Cancelling the caller cancels the call, which stops the model at its next step.
+        """
+        metadata = _metadata(request_id)
+        call: grpc.aio.UnaryStreamCall
+        if params.inputs:
+            call = self._stub.EditImages(
+                edit_request(params, request_id), timeout=self._timeout, metadata=metadata
+            )
+        else:
+            call = self._stub.GenerateImages(
+                generation_request(params, request_id), timeout=self._timeout, metadata=metadata
+            )
         try:
             async for event in call:
-                yield event
+                if event.HasField("result"):
+                    return event.result
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err) from None
         finally:
             call.cancel()
-
-    async def generate(self, request: image_pb.GenerateImagesRequest) -> image_pb.GeneratedImages:
-        """The final result of a generation (progress events are skipped)."""
-        async for event in self.stream(request):
-            if event.HasField("result"):
-                return event.result
-        raise grpc.aio.AioRpcError(
-            grpc.StatusCode.INTERNAL,
-            grpc.aio.Metadata(),
-            grpc.aio.Metadata(),
-            "stream ended without a result",
-        )
+        raise ProcessingError("The image service ended the stream without a result.")
 
 
 @dataclass

@@ -44,7 +44,24 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response = await handler(request)
         span.set_attribute("http.response.status_code", response.status)
         response.headers["X-Request-ID"] = request_id
+        _maybe_gzip(request, response)
         return response
+
+
+#: JSON bodies smaller than this are sent as they are.
+GZIP_MIN_BYTES = 1024
+
+
+def _maybe_gzip(request: web.Request, response: web.StreamResponse) -> None:
+    """Compresses JSON responses for clients that send ``Accept-Encoding: gzip``."""
+    if (
+        isinstance(response, web.Response)
+        and response.content_type == "application/json"
+        and isinstance(response.body, bytes)
+        and len(response.body) >= GZIP_MIN_BYTES
+        and "gzip" in request.headers.get("Accept-Encoding", "").lower()
+    ):
+        response.enable_compression(web.ContentCoding.gzip)
 
 
 @web.middleware

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from edge.handlers import images, media, system
 from edge.responses import json_response
-from edge.schemas import BatchImageGenerationRequest, ImageGenerationRequest
+from edge.schemas import BatchImageGenerationRequest, ImageEditForm, ImageEditRequest, ImageGenerationRequest
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -23,6 +23,9 @@ class Route:
     handler: Handler
     summary: str
     body: type[BaseModel] | None = None
+    #: Also accepted as multipart/form-data (text fields; files listed in `files`).
+    form: type[BaseModel] | None = None
+    files: tuple[str, ...] = ()
     authenticated: bool = True
     responses: dict[int, str] = field(default_factory=dict)
 
@@ -54,6 +57,24 @@ ROUTES: tuple[Route, ...] = (
         "Generate up to 5 image requests at once; the cost is the sum, reserved once.",
         body=BatchImageGenerationRequest,
         responses=_PAID,
+    ),
+    Route(
+        "POST",
+        "/v1/images/edits",
+        images.create_edit,
+        "Edit 1-4 images guided by a prompt (FLUX.2-klein); JSON or OpenAI's multipart form.",
+        body=ImageEditRequest,
+        form=ImageEditForm,
+        files=("image", "image[]", "mask"),
+        responses=_PAID,
+    ),
+    Route(
+        "GET",
+        "/v1/images/styles",
+        images.list_styles,
+        "The style presets that `style_preset` accepts.",
+        authenticated=False,
+        responses={200: "Success"},
     ),
     Route(
         "GET",
@@ -123,16 +144,19 @@ def openapi_document() -> dict[str, Any]:
             operation["parameters"] = [
                 {"name": "media_id", "in": "path", "required": True, "schema": {"type": "string"}}
             ]
-        if route.body is not None:
-            schema = route.body.model_json_schema(ref_template="#/components/schemas/{model}")
+        content: dict[str, Any] = {}
+        for media_type, model in (("application/json", route.body), ("multipart/form-data", route.form)):
+            if model is None:
+                continue
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(schema.pop("$defs", {}))
-            schemas[route.body.__name__] = schema
-            operation["requestBody"] = {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": f"#/components/schemas/{route.body.__name__}"}}
-                },
-            }
+            if media_type == "multipart/form-data":
+                for name in route.files:
+                    schema["properties"][name] = {"type": "string", "format": "binary"}
+            schemas[model.__name__] = schema
+            content[media_type] = {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+        if content:
+            operation["requestBody"] = {"required": True, "content": content}
         if route.authenticated:
             operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
         paths.setdefault(route.path, {})[route.method.lower()] = operation

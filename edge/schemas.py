@@ -9,12 +9,26 @@ OpenAI keep working.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.errors import InvalidRequest
-from services.common.registry import DEFAULT_IMAGE_SIZE, GenerationParams, Registry, parse_size
+from services.common.media import probe_image
+from services.common.registry import (
+    ASPECT_RATIOS,
+    DEFAULT_EDIT_MODEL,
+    DEFAULT_IMAGE_MODEL,
+    IMAGE_EDIT,
+    RESOLUTIONS,
+    TEXT_TO_IMAGE,
+    GenerationParams,
+    Registry,
+)
+from services.common.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -26,7 +40,57 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class ImageGenerationRequest(_Body):
+class ImageOptions(_Body):
+    """Output options shared by generations and edits (the best of the peer APIs)."""
+
+    width: int | None = Field(None, description="Output width in pixels (with height).")
+    height: int | None = Field(None, description="Output height in pixels (with width).")
+    aspect_ratio: str | None = Field(
+        None, description=f"One of {', '.join(ASPECT_RATIOS)}; with `resolution` (1K by default)."
+    )
+    resolution: str | None = Field(
+        None, description=f"Resolution tier, the long side: {', '.join(RESOLUTIONS)} ({RESOLUTIONS})."
+    )
+    format: Literal["png", "jpeg", "webp"] | None = Field(
+        None, description="Output file format; png by default."
+    )
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(
+        None, description="OpenAI's name for format."
+    )
+    return_binary: bool = Field(
+        False, description="Answer with the image bytes instead of JSON (one image only)."
+    )
+    embed_exif_metadata: bool = Field(
+        False, description="Write prompt, negative prompt, model, seed and steps into the file's metadata."
+    )
+    variants: int | None = Field(None, description="Number of images (1-4); another name for n.")
+    n: int | None = Field(None, description="OpenAI's name for the number of images.")
+    style_preset: str | None = Field(None, description="A style preset id from GET /v1/images/styles.")
+    response_format: Literal["url", "b64_json"] | None = Field(
+        None, description="Return only `url` or only `b64_json`; both when omitted."
+    )
+    # Accepted for OpenAI compatibility; no effect.
+    user: str | None = None
+    quality: str | None = None
+    style: str | None = None
+
+    def output(self) -> dict[str, Any]:
+        """The registry keyword arguments these options decide."""
+        return {
+            "output_format": _one_of(format=self.format, output_format=self.output_format) or "png",
+            "embed_metadata": self.embed_exif_metadata,
+            "style_preset": self.style_preset,
+        }
+
+    def check_binary(self, count: int) -> None:
+        if self.return_binary and count != 1:
+            raise InvalidRequest(
+                f"'return_binary' returns a single image file; this request makes {count} images. "
+                "Ask for one image, or leave return_binary off to get JSON."
+            )
+
+
+class ImageGenerationRequest(ImageOptions):
     """``POST /v1/images/generations``."""
 
     model: str | None = Field(
@@ -42,17 +106,9 @@ class ImageGenerationRequest(_Body):
     size: str | None = Field(None, description="OpenAI's name for image_size.")
     seed: int | None = Field(None, description="Random seed for reproducible results.")
     batch_size: int | None = Field(None, description="Number of images to generate (1 by default).")
-    n: int | None = Field(None, description="OpenAI's name for batch_size.")
     num_inference_steps: int | None = Field(None, description="Inference steps (8 by default).")
     guidance_scale: float | None = Field(None, description="Guidance scale; the model's default when null.")
     cfg: float | None = Field(None, description="CFG scale (alternative to guidance_scale).")
-    response_format: Literal["url", "b64_json"] | None = Field(
-        None, description="Return only `url` or only `b64_json`; both when omitted."
-    )
-    # Accepted for OpenAI compatibility; no effect.
-    user: str | None = None
-    quality: str | None = None
-    style: str | None = None
     # Refused with a pointer to /v1/images/edits.
     image: Any = None
     mask: Any = None
@@ -66,20 +122,30 @@ class ImageGenerationRequest(_Body):
                     f"The '{name}' parameter is not supported on /v1/images/generations. "
                     "Use POST /v1/images/edits for image editing."
                 )
-        size = _one_of("image_size", self.image_size, "size", self.size) or DEFAULT_IMAGE_SIZE
-        width, height = parse_size(size)
-        return registry.generation_params(
-            model=self.model,
+        spec = registry.resolve(self.model, TEXT_TO_IMAGE, DEFAULT_IMAGE_MODEL)
+        width, height = registry.output_size(
+            spec,
+            width=self.width,
+            height=self.height,
+            aspect_ratio=self.aspect_ratio,
+            resolution=self.resolution,
+            size=_one_of(image_size=self.image_size, size=self.size),
+        )
+        params = registry.generation_params(
+            model=spec.id,
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
             width=width,
             height=height,
             steps=self.num_inference_steps,
-            guidance_scale=_one_of("guidance_scale", self.guidance_scale, "cfg", self.cfg),
+            guidance_scale=_one_of(guidance_scale=self.guidance_scale, cfg=self.cfg),
             seed=self.seed,
-            count=_one_of("batch_size", self.batch_size, "n", self.n),
+            count=_one_of(batch_size=self.batch_size, n=self.n, variants=self.variants),
             max_prompt_chars=max_prompt_chars,
+            **self.output(),
         )
+        self.check_binary(params.count)
+        return params
 
 
 class BatchImageGenerationRequest(_Body):
@@ -90,11 +156,173 @@ class BatchImageGenerationRequest(_Body):
     )
 
 
-def _one_of(name_a: str, a: Any, name_b: str, b: Any) -> Any:
-    """Two names for one parameter: either may be given; both only if they agree."""
-    if a is not None and b is not None and a != b:
-        raise InvalidRequest(f"'{name_a}' and '{name_b}' are the same parameter; give one of them")
-    return a if a is not None else b
+class ImageEditRequest(ImageOptions):
+    """``POST /v1/images/edits`` as JSON (the contract's body)."""
+
+    model: str | None = Field(
+        None,
+        min_length=1,
+        description='"black-forest-labs/FLUX.2-klein-4B" (distilled, the default) or '
+        '"black-forest-labs/FLUX.2-klein-base-4B" (base).',
+    )
+    prompt: str = Field(description="Text description for the edit.")
+    negative_prompt: str | None = Field(
+        None, description='Things to avoid; "blurry, distorted, low quality".'
+    )
+    input_images: list[str] = Field(description="1 to 4 images: base64, or data: URLs.")
+    mask: str | None = Field(None, description="Optional mask (base64): transparent pixels are repainted.")
+    match_image_size: Literal[0, 1] | bool = Field(
+        0, description="0 = use the given size, 1 = match the first input image."
+    )
+    size: str | None = Field(None, description="One of the supported sizes (OpenAI).")
+    num_steps: int | None = Field(None, description="Inference steps: 4 distilled / 50 base by default.")
+    guidance: float | None = Field(None, description="Guidance scale: 1.0 distilled / 4.0 base by default.")
+    seed: int | None = Field(None, description="Random seed for reproducible results.")
+
+    def to_params(self, registry: Registry, settings: Settings) -> GenerationParams:
+        inputs = [decode_base64_image(data, f"input_images[{i}]") for i, data in enumerate(self.input_images)]
+        mask = decode_base64_image(self.mask, "mask") if self.mask is not None else b""
+        return edit_params(
+            registry,
+            settings,
+            options=self,
+            model=self.model,
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            inputs=inputs,
+            mask=mask,
+            size=self.size,
+            match_image_size=bool(self.match_image_size),
+            steps=self.num_steps,
+            guidance=self.guidance,
+            seed=self.seed,
+        )
+
+
+class ImageEditForm(ImageOptions):
+    """``POST /v1/images/edits`` as OpenAI's multipart form (files are passed apart)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    model: str | None = Field(None, min_length=1)
+    prompt: str
+    negative_prompt: str | None = None
+    size: str | None = None
+    seed: int | None = None
+    num_steps: int | None = None
+    guidance: float | None = None
+    match_image_size: bool = False
+    # OpenAI gpt-image fields that change nothing here.
+    background: str | None = None
+    input_fidelity: str | None = None
+    output_compression: int | None = None
+    partial_images: int | None = None
+    stream: bool | None = None
+
+    def to_params(
+        self, registry: Registry, settings: Settings, *, inputs: list[bytes], mask: bytes
+    ) -> GenerationParams:
+        if self.stream:
+            raise InvalidRequest("Streaming image edits are not supported; leave 'stream' off.")
+        return edit_params(
+            registry,
+            settings,
+            options=self,
+            model=self.model,
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            inputs=inputs,
+            mask=mask,
+            size=self.size,
+            match_image_size=self.match_image_size,
+            steps=self.num_steps,
+            guidance=self.guidance,
+            seed=self.seed,
+        )
+
+
+def edit_params(
+    registry: Registry,
+    settings: Settings,
+    *,
+    options: ImageOptions,
+    model: str | None,
+    prompt: str,
+    negative_prompt: str | None,
+    inputs: list[bytes],
+    mask: bytes,
+    size: str | None,
+    match_image_size: bool,
+    steps: int | None,
+    guidance: float | None,
+    seed: int | None,
+) -> GenerationParams:
+    """Checks an edit before anything is reserved: the inputs' headers (format, pixels,
+    bytes; nothing is decoded here), the size rules and every model rule."""
+    spec = registry.resolve(model, IMAGE_EDIT, DEFAULT_EDIT_MODEL)
+    registry.check_input_count(spec, len(inputs))
+    infos = []
+    named = [(f"Input image {index + 1}", data) for index, data in enumerate(inputs)]
+    for name, data in [*named, *([("Mask", mask)] if mask else [])]:
+        try:
+            infos.append(
+                probe_image(
+                    data, max_pixels=settings.max_input_image_pixels, max_bytes=settings.max_input_image_bytes
+                )
+            )
+        except InvalidRequest as err:
+            raise InvalidRequest(f"{name}: {err.message}") from None
+    width, height = registry.output_size(
+        spec,
+        width=options.width,
+        height=options.height,
+        aspect_ratio=options.aspect_ratio,
+        resolution=options.resolution,
+        size=size,
+        first_input=(infos[0].width, infos[0].height),
+        match_image_size=match_image_size,
+    )
+    params = registry.edit_params(
+        model=spec.id,
+        inputs=inputs,
+        mask=mask,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        count=_one_of(n=options.n, variants=options.variants),
+        max_prompt_chars=settings.max_prompt_chars,
+        **options.output(),
+    )
+    options.check_binary(params.count)
+    return params
+
+
+_DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
+
+
+def decode_base64_image(data: str, name: str) -> bytes:
+    """The bytes of a base64 image or ``data:`` URL; InvalidRequest when it is neither."""
+    text = _DATA_URL.sub("", data.strip(), count=1)
+    try:
+        decoded = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"'{name}' is not valid base64 (or a data: URL with base64)") from None
+    if not decoded:
+        raise InvalidRequest(f"'{name}' is empty")
+    return decoded
+
+
+def _one_of(**named: Any) -> Any:
+    """Several names for one parameter: any may be given; more than one only if they agree."""
+    given = {name: value for name, value in named.items() if value is not None}
+    if len(set(map(repr, given.values()))) > 1:
+        names = " and ".join(f"'{name}'" for name in given)
+        raise InvalidRequest(f"{names} are the same parameter; give one of them")
+    return next(iter(given.values()), None)
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

@@ -1,15 +1,22 @@
-"""``POST /v1/images/generations`` and ``POST /v1/images/generations/batch``."""
+"""Image routes: generations, batch generations, edits and the style presets.
+
+Every image response carries a ``timing`` object (queue, inference and encode
+milliseconds measured by image_gen; store and total measured here) and the
+same figures in a ``Server-Timing`` header. ``return_binary`` answers with the
+file itself; the JSON keys then travel as headers.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
-from edge.clients import generation_request
 from edge.errors import envelope
 from edge.flow import Billed, run_billed
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
@@ -17,7 +24,11 @@ from edge.responses import json_response
 from edge.schemas import (
     MAX_BATCH_REQUESTS,
     BatchImageGenerationRequest,
+    ImageEditForm,
+    ImageEditRequest,
     ImageGenerationRequest,
+    ImageOptions,
+    invalid_request_from,
     parse_body,
 )
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
@@ -25,8 +36,24 @@ from services.common.errors import InvalidRequest, KilnError
 from services.common.money import format_credits
 from services.common.registry import GenerationParams
 
+#: Multipart file fields of an OpenAI edit; every other field is text.
+IMAGE_FIELDS = ("image", "image[]")
+MASK_FIELD = "mask"
+
 
 def usage_for(params: GenerationParams) -> billing_pb.Usage:
+    """What billing prices for a checked image request."""
+    if params.inputs:
+        return billing_pb.Usage(
+            image_edit=billing_pb.ImageEditUsage(
+                model=params.model.id,
+                width=params.width,
+                height=params.height,
+                steps=params.steps,
+                count=params.count,
+                input_images=len(params.inputs),
+            )
+        )
     return billing_pb.Usage(
         image_generation=billing_pb.ImageGenerationUsage(
             model=params.model.id,
@@ -43,45 +70,134 @@ def _media_base(request: web.Request) -> str:
     return base.rstrip("/") if base else f"{request.scheme}://{request.host}"
 
 
-async def _generate_one(
-    request: web.Request, params: GenerationParams, response_format: str | None, request_id: str
-) -> dict[str, Any]:
-    """Runs one generation and stores its images; the contract's response object."""
-    result = await request.app[UPSTREAMS].images.generate(generation_request(params, request_id))
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+@dataclass
+class ImageOutcome:
+    """One request's images, stored, with the response entry that describes them."""
+
+    entry: dict[str, Any]
+    files: list[tuple[bytes, str, str]]  # (data, mime type, media id)
+
+
+async def _produce(
+    request: web.Request, params: GenerationParams, options: ImageOptions, request_id: str, started: float
+) -> ImageOutcome:
+    """Runs one generation or edit and stores its images."""
+    result = await request.app[UPSTREAMS].images.run(params, request_id)
     store = request.app[MEDIA]
     base = _media_base(request)
+    store_start = time.perf_counter()
+    files = [
+        (image.data, image.mime_type, await store.put_async(image.data, image.mime_type))
+        for image in result.images
+    ]
+    store_ms = _ms(time.perf_counter() - store_start)
     data: list[dict[str, Any]] = []
-    for image in result.images:
-        media_id = await store.put_async(image.data, image.mime_type)
-        item: dict[str, Any] = {"url": f"{base}/v1/media/{media_id}"}
-        if response_format != "url":
-            item["b64_json"] = base64.b64encode(image.data).decode("ascii")
-        if response_format == "b64_json":
-            del item["url"]
-        item["revised_prompt"] = None
-        data.append(item)
-    return {"created": int(time.time()), "data": data, "seed": result.seed}
+    if not options.return_binary:
+        for image_bytes, _, media_id in files:
+            item: dict[str, Any] = {}
+            if options.response_format != "b64_json":
+                item["url"] = f"{base}/v1/media/{media_id}"
+            if options.response_format != "url":
+                item["b64_json"] = base64.b64encode(image_bytes).decode("ascii")
+            item["revised_prompt"] = None
+            data.append(item)
+    timing = {
+        "queue_ms": round(result.timing.queue_ms, 3),
+        "inference_ms": round(result.timing.inference_ms, 3),
+        "encode_ms": round(result.timing.encode_ms, 3),
+        "store_ms": store_ms,
+        "total_ms": _ms(time.perf_counter() - started),
+    }
+    entry = {"created": int(time.time()), "data": data, "seed": result.seed, "timing": timing}
+    return ImageOutcome(entry, files)
 
 
-def _json(request: web.Request, body: dict[str, Any], charged: int) -> web.Response:
-    response = json_response(body)
-    response.headers["X-Credits-Charged"] = format_credits(charged)
-    return response
+def _server_timing(timing: dict[str, float]) -> str:
+    return ", ".join(f"{name.removesuffix('_ms')};dur={value}" for name, value in timing.items())
 
 
-async def create_generation(request: web.Request) -> web.Response:
-    body = parse_body(ImageGenerationRequest, await request.read())
-    params = body.to_params(request.app[REGISTRY], max_prompt_chars=request.app[SETTINGS].max_prompt_chars)
+async def _respond(
+    request: web.Request, params: GenerationParams, options: ImageOptions, started: float
+) -> web.StreamResponse:
+    """The billed flow for one checked image request, answered as JSON or as the file."""
 
-    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[dict[str, Any]]:
-        result = await _generate_one(request, params, body.response_format, request[REQUEST_ID])
-        return Billed(result, auth.reservation.amount_hundredths)
+    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[ImageOutcome]:
+        outcome = await _produce(request, params, options, request[REQUEST_ID], started)
+        return Billed(outcome, auth.reservation.amount_hundredths)
 
     billed = await run_billed(request, [usage_for(params)], work)
-    return _json(request, billed.result, billed.charged)
+    outcome = billed.result
+    outcome.entry["timing"]["total_ms"] = _ms(time.perf_counter() - started)
+    headers = {
+        "X-Credits-Charged": format_credits(billed.charged),
+        "Server-Timing": _server_timing(outcome.entry["timing"]),
+    }
+    if options.return_binary:
+        image_bytes, mime, media_id = outcome.files[0]
+        headers |= {"X-Seed": str(outcome.entry["seed"]), "Content-Location": f"/v1/media/{media_id}"}
+        return web.Response(body=image_bytes, content_type=mime, headers=headers)
+    return json_response(outcome.entry, headers=headers)
+
+
+async def create_generation(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    body = parse_body(ImageGenerationRequest, await request.read())
+    params = body.to_params(request.app[REGISTRY], max_prompt_chars=request.app[SETTINGS].max_prompt_chars)
+    return await _respond(request, params, body, started)
+
+
+async def create_edit(request: web.Request) -> web.StreamResponse:
+    """The contract's JSON body, or OpenAI's multipart form (``client.images.edit``)."""
+    started = time.perf_counter()
+    registry, settings = request.app[REGISTRY], request.app[SETTINGS]
+    options: ImageOptions
+    if request.content_type == "multipart/form-data":
+        form, inputs, mask = await _read_edit_form(request)
+        params = form.to_params(registry, settings, inputs=inputs, mask=mask)
+        options = form
+    else:
+        body = parse_body(ImageEditRequest, await request.read())
+        params = body.to_params(registry, settings)
+        options = body
+    return await _respond(request, params, options, started)
+
+
+async def _read_edit_form(request: web.Request) -> tuple[ImageEditForm, list[bytes], bytes]:
+    """OpenAI's edit form: ``image`` / ``image[]`` files, an optional ``mask`` file, text fields."""
+    try:
+        form = await request.post()
+    except ValueError as exc:
+        raise InvalidRequest(f"The multipart body could not be read: {exc}") from None
+    inputs: list[bytes] = []
+    mask = b""
+    fields: dict[str, str] = {}
+    for name, value in form.items():
+        if isinstance(value, web.FileField):
+            if name in IMAGE_FIELDS:
+                inputs.append(value.file.read())
+            elif name == MASK_FIELD:
+                mask = value.file.read()
+            else:
+                raise InvalidRequest(f"Unexpected file field '{name}'; images go in 'image' or 'image[]'")
+        elif name in IMAGE_FIELDS or name == MASK_FIELD:
+            raise InvalidRequest(f"'{name}' must be a file upload")
+        elif name in fields:
+            raise InvalidRequest(f"The field '{name}' is given more than once")
+        else:
+            fields[name] = str(value)
+    try:
+        parsed = ImageEditForm.model_validate(fields)
+    except ValidationError as exc:
+        raise invalid_request_from(exc) from None
+    return parsed, inputs, mask
 
 
 async def create_generation_batch(request: web.Request) -> web.Response:
+    started = time.perf_counter()
     body = parse_body(BatchImageGenerationRequest, await request.read())
     if not 1 <= len(body.requests) <= MAX_BATCH_REQUESTS:
         raise InvalidRequest(f"'requests' must hold between 1 and {MAX_BATCH_REQUESTS} requests")
@@ -89,6 +205,8 @@ async def create_generation_batch(request: web.Request) -> web.Response:
     all_params = []
     for index, item in enumerate(body.requests):
         try:
+            if item.return_binary:
+                raise InvalidRequest("'return_binary' is not available in a batch")
             all_params.append(item.to_params(registry, max_prompt_chars=settings.max_prompt_chars))
         except InvalidRequest as err:
             raise InvalidRequest(f"requests[{index}]: {err.message}") from None
@@ -97,7 +215,7 @@ async def create_generation_batch(request: web.Request) -> web.Response:
         request_id = request[REQUEST_ID]
         outcomes = await asyncio.gather(
             *(
-                _generate_one(request, params, item.response_format, f"{request_id}.{index}")
+                _produce(request, params, item, f"{request_id}.{index}", started)
                 for index, (params, item) in enumerate(zip(all_params, body.requests, strict=True))
             ),
             return_exceptions=True,
@@ -113,9 +231,15 @@ async def create_generation_batch(request: web.Request) -> web.Response:
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:
-                entries.append(outcome)
+                entries.append(outcome.entry)
                 charged += amount
         return Billed({"data": entries}, charged)
 
     billed = await run_billed(request, [usage_for(p) for p in all_params], work)
-    return _json(request, billed.result, billed.charged)
+    return json_response(billed.result, headers={"X-Credits-Charged": format_credits(billed.charged)})
+
+
+async def list_styles(request: web.Request) -> web.Response:
+    """The style presets ``style_preset`` accepts."""
+    styles = [style.model_dump() for style in request.app[REGISTRY].styles.values()]
+    return json_response({"object": "list", "data": styles})

@@ -267,14 +267,19 @@ class Registry:
     def edit_params(self, *, model: str | None, inputs: Sequence[bytes], **kw: Any) -> GenerationParams:
         """Checks an edit against its model (1 to max_input_images inputs) and fills the defaults."""
         spec = self.resolve(model, IMAGE_EDIT, DEFAULT_EDIT_MODEL)
-        if not inputs:
+        self.check_input_count(spec, len(inputs))
+        return self._params(spec, inputs=tuple(inputs), **kw)
+
+    @staticmethod
+    def check_input_count(spec: ModelSpec, count: int) -> None:
+        """An edit gives 1 to the model's max_input_images input images."""
+        if count < 1:
             raise InvalidRequest("An edit needs at least one input image ('input_images' or 'image')")
         most = spec.limits.max_input_images
-        if len(inputs) > most:
+        if count > most:
             raise InvalidRequest(
-                f"Too many input images: {len(inputs)}; the {spec.id} model accepts at most {most}"
+                f"Too many input images: {count}; the {spec.id} model accepts at most {most}"
             )
-        return self._params(spec, inputs=tuple(inputs), **kw)
 
     def _params(
         self,
