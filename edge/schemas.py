@@ -171,7 +171,7 @@ class ImageEditRequest(ImageOptions):
     )
     input_images: list[str] = Field(description="1 to 4 images: base64, or data: URLs.")
     mask: str | None = Field(None, description="Optional mask (base64): transparent pixels are repainted.")
-    match_image_size: Literal[0, 1] | bool = Field(
+    match_image_size: Literal[0, 1] = Field(
         0, description="0 = use the given size, 1 = match the first input image."
     )
     size: str | None = Field(None, description="One of the supported sizes (OpenAI).")

@@ -87,6 +87,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
         model_cache_dir=model_cache,
         registry_path=registry,
         max_body_bytes=256 * 1024,
+        max_input_image_pixels=1024 * 1024,
         jwt_hs256_secret=JWT_SECRET,
         expiry_sweep_seconds=0.5,
     )

@@ -39,6 +39,7 @@ from services.common.registry import GenerationParams
 #: Multipart file fields of an OpenAI edit; every other field is text.
 IMAGE_FIELDS = ("image", "image[]")
 MASK_FIELD = "mask"
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 def usage_for(params: GenerationParams) -> billing_pb.Usage:
@@ -155,7 +156,7 @@ async def create_edit(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     registry, settings = request.app[REGISTRY], request.app[SETTINGS]
     options: ImageOptions
-    if request.content_type == "multipart/form-data":
+    if request.content_type in FORM_TYPES:
         form, inputs, mask = await _read_edit_form(request)
         params = form.to_params(registry, settings, inputs=inputs, mask=mask)
         options = form
