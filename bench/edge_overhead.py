@@ -24,102 +24,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from decimal import Decimal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def _serve_child(data_dir: Path, split: bool) -> None:
-    import signal
-
-    from aiohttp import web
-
-    from edge.app import create_app
-    from services.billing.admin import ensure_demo_account
-    from services.billing.ledger import Ledger
-    from services.billing.store import Database
-    from services.common.grpc_server import GrpcService
-    from services.common.settings import load_settings
-
-    settings = load_settings(data_dir=data_dir)
-    services: list[GrpcService] = []
-    children: list[subprocess.Popen[bytes]] = []
-    if split:  # billing and image_gen as their own processes, as `kiln up --split` runs them
-        addresses = {"billing": f"127.0.0.1:{_free_port()}", "image_gen": f"127.0.0.1:{_free_port()}"}
-        env = {
-            **os.environ,
-            "KILN_DATA_DIR": str(data_dir),
-            "KILN_BILLING_ADDRESS": addresses["billing"],
-            "KILN_IMAGE_GEN_ADDRESS": addresses["image_gen"],
-        }
-        for name in addresses:
-            children.append(
-                subprocess.Popen(  # noqa: ASYNC220 - started once, before serving
-                    [sys.executable, "-m", "kiln_cli.main", "serve", name], env=env, cwd=ROOT
-                )
-            )
-    else:
-        from services.billing.server import create_service as create_billing
-        from services.image_gen.server import create_service as create_image_gen
-
-        services = [
-            await create_billing(settings, address="127.0.0.1:0"),
-            await create_image_gen(settings, address="127.0.0.1:0"),
-        ]
-        for service in services:
-            await service.start()
-        addresses = {"billing": f"127.0.0.1:{services[0].port}", "image_gen": f"127.0.0.1:{services[1].port}"}
-    settings = settings.model_copy(
-        update={"billing_address": addresses["billing"], "image_gen_address": addresses["image_gen"]}
-    )
-    db = await Database.open(settings.resolved_database_url)
-    _, key = await ensure_demo_account(Ledger(db), api_key=None, credits=Decimal(10**7), premium=False)
-    await db.close()
-
-    edge = web.AppRunner(create_app(settings), access_log=None)
-    await edge.setup()
-    await web.TCPSite(edge, "127.0.0.1", 0).start()
-
-    async def bare(request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
-
-    bare_app = web.Application()
-    bare_app.router.add_get("/bare", bare)
-    bare_runner = web.AppRunner(bare_app, access_log=None)
-    await bare_runner.setup()
-    await web.TCPSite(bare_runner, "127.0.0.1", 0).start()
-    info = {
-        "edge": edge.addresses[0][1],
-        "bare": bare_runner.addresses[0][1],
-        "image_gen": int(addresses["image_gen"].rsplit(":", 1)[1]),
-        "key": key,
-    }
-    print(json.dumps(info), flush=True)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    for child in children:
-        child.terminate()
-        child.wait(timeout=30)
-    for service in services:
-        await service.stop(0)
+from bench.mesh import running_mesh, wait_ready  # noqa: E402
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -200,16 +114,19 @@ async def _client(
         grpc.aio.insecure_channel(f"127.0.0.1:{info['image_gen']}") as ch,
     ):
         stub = image_grpc.ImageServiceStub(ch)
-        for _ in range(600):  # wait for the models
-            async with http.get(edge + "/readyz") as response:
-                if response.status == 200:
-                    break
-            await asyncio.sleep(0.1)
+        await wait_ready(http, edge)
 
-        async def via_edge() -> None:
-            async with http.post(edge + "/v1/images/generations", json=body, headers=headers) as response:
+        async def via_edge(encoding: str = "identity") -> None:
+            # identity: the gRPC baseline is not compressed either; gzip is measured apart
+            request_headers = {**headers, "Accept-Encoding": encoding}
+            async with http.post(
+                edge + "/v1/images/generations", json=body, headers=request_headers
+            ) as response:
                 assert response.status == 200, await response.text()
                 await response.read()
+
+        async def via_edge_gzip() -> None:
+            await via_edge("gzip")
 
         async def direct() -> None:
             async for event in stub.GenerateImages(direct_request):
@@ -234,6 +151,10 @@ async def _client(
             direct,
             n,
             warmup,
+        )
+        print("1b) the same through the edge with Accept-Encoding: gzip (what SDK clients send)")
+        await _measure_pair(
+            ("edge, gzip response", "edge, identity (baseline)"), via_edge_gzip, via_edge, n // 2, warmup
         )
         print("2) authenticated no-op vs bare handler")
         await _measure_pair(
@@ -260,29 +181,13 @@ def main() -> None:
     parser.add_argument(
         "--topology", choices=("split", "single", "both"), default="both", help="process layout to measure"
     )
-    parser.add_argument("--serve", metavar="DATA_DIR", help=argparse.SUPPRESS)
-    parser.add_argument("--split", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        asyncio.run(_serve_child(Path(args.serve), args.split))
-        return
     topologies = ("single", "split") if args.topology == "both" else (args.topology,)
+    title = {"single": "one process (kiln up)", "split": "one process per service (kiln up --split)"}
     for topology in topologies:
-        title = {"single": "one process (kiln up)", "split": "one process per service (kiln up --split)"}
         print(f"\n=== {title[topology]} ===")
-        with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "KILN_LOG_LEVEL": "WARNING"}
-            command = [sys.executable, __file__, "--serve", tmp] + (
-                ["--split"] if topology == "split" else []
-            )
-            child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-            try:
-                assert child.stdout is not None
-                info = json.loads(child.stdout.readline())
-                asyncio.run(_client(info, args.n, args.warmup, args.concurrency, args.seconds))
-            finally:
-                child.terminate()
-                child.wait(timeout=60)
+        with running_mesh(topology) as info:
+            asyncio.run(_client(info, args.n, args.warmup, args.concurrency, args.seconds))
 
 
 if __name__ == "__main__":

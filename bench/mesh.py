@@ -1,0 +1,150 @@
+"""Runs a whole Kiln mesh in a child process for the benchmarks (not a test).
+
+``python -m bench.mesh --serve DATA_DIR [--split]`` runs billing, image_gen
+(in this process, or as `kiln serve` children with ``--split``), the edge and a
+bare aiohttp handler on loopback, creates a demo account with plenty of
+credits, and prints one JSON line: the ports and the API key.
+:func:`running_mesh` starts such a child and yields that line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def serve_child(data_dir: Path, split: bool) -> None:
+    import signal
+
+    from aiohttp import web
+
+    from edge.app import create_app
+    from services.billing.admin import ensure_demo_account
+    from services.billing.ledger import Ledger
+    from services.billing.store import Database
+    from services.common.grpc_server import GrpcService
+    from services.common.settings import load_settings
+
+    settings = load_settings(data_dir=data_dir)
+    services: list[GrpcService] = []
+    children: list[subprocess.Popen[bytes]] = []
+    if split:  # billing and image_gen as their own processes, as `kiln up --split` runs them
+        addresses = {"billing": f"127.0.0.1:{_free_port()}", "image_gen": f"127.0.0.1:{_free_port()}"}
+        env = {
+            **os.environ,
+            "KILN_DATA_DIR": str(data_dir),
+            "KILN_BILLING_ADDRESS": addresses["billing"],
+            "KILN_IMAGE_GEN_ADDRESS": addresses["image_gen"],
+        }
+        for name in addresses:
+            children.append(
+                subprocess.Popen(  # noqa: ASYNC220 - started once, before serving
+                    [sys.executable, "-m", "kiln_cli.main", "serve", name], env=env, cwd=ROOT
+                )
+            )
+    else:
+        from services.billing.server import create_service as create_billing
+        from services.image_gen.server import create_service as create_image_gen
+
+        services = [
+            await create_billing(settings, address="127.0.0.1:0"),
+            await create_image_gen(settings, address="127.0.0.1:0"),
+        ]
+        for service in services:
+            await service.start()
+        addresses = {"billing": f"127.0.0.1:{services[0].port}", "image_gen": f"127.0.0.1:{services[1].port}"}
+    settings = settings.model_copy(
+        update={"billing_address": addresses["billing"], "image_gen_address": addresses["image_gen"]}
+    )
+    db = await Database.open(settings.resolved_database_url)
+    _, key = await ensure_demo_account(Ledger(db), api_key=None, credits=Decimal(10**7), premium=False)
+    await db.close()
+
+    edge = web.AppRunner(create_app(settings), access_log=None)
+    await edge.setup()
+    await web.TCPSite(edge, "127.0.0.1", 0).start()
+
+    async def bare(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    bare_app = web.Application()
+    bare_app.router.add_get("/bare", bare)
+    bare_runner = web.AppRunner(bare_app, access_log=None)
+    await bare_runner.setup()
+    await web.TCPSite(bare_runner, "127.0.0.1", 0).start()
+    info = {
+        "edge": edge.addresses[0][1],
+        "bare": bare_runner.addresses[0][1],
+        "image_gen": int(addresses["image_gen"].rsplit(":", 1)[1]),
+        "key": key,
+    }
+    print(json.dumps(info), flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    for child in children:
+        child.terminate()
+        child.wait(timeout=30)
+    for service in services:
+        await service.stop(0)
+
+
+@contextlib.contextmanager
+def running_mesh(topology: str = "single", env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """A mesh in a child process ("single": one process, "split": one per service)."""
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        child_env = {**os.environ, "HF_HUB_OFFLINE": "1", "KILN_LOG_LEVEL": "WARNING", **(env or {})}
+        command = [sys.executable, "-m", "bench.mesh", "--serve", tmp] + (
+            ["--split"] if topology == "split" else []
+        )
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=child_env, cwd=ROOT)
+        try:
+            assert child.stdout is not None
+            yield json.loads(child.stdout.readline())
+        finally:
+            child.terminate()
+            child.wait(timeout=60)
+
+
+async def wait_ready(http: Any, edge_url: str) -> None:
+    """Waits until the edge says every service is ready (models built and loaded)."""
+    for _ in range(1200):
+        async with http.get(edge_url + "/readyz") as response:
+            if response.status == 200:
+                return
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the mesh did not become ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve", metavar="DATA_DIR", required=True)
+    parser.add_argument("--split", action="store_true")
+    args = parser.parse_args()
+    asyncio.run(serve_child(Path(args.serve), args.split))
+
+
+if __name__ == "__main__":
+    main()
