@@ -38,7 +38,7 @@ async def create_service(
     """A bound, not yet started image_gen server.
 
     ``registry`` defaults to ``settings.registry_path``; ``pool`` (the engines)
-    to one engine per text-to-image model of the registry, with tiny models
+    to one engine per text-to-image or image-edit model of the registry, with tiny models
     built in ``settings.resolved_model_cache_dir``. The engines load in the
     background once the server starts, and close in its cleanup.
     """
@@ -50,7 +50,13 @@ async def create_service(
             torch_threads=settings.torch_threads,
             default=DEFAULT_IMAGE_MODEL,
         )
-    servicer = ImageServiceServicer(registry=registry, pool=pool, max_prompt_chars=settings.max_prompt_chars)
+    servicer = ImageServiceServicer(
+        registry=registry,
+        pool=pool,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_input_image_pixels=settings.max_input_image_pixels,
+        max_input_image_bytes=settings.max_input_image_bytes,
+    )
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_ImageServiceServicer_to_server(servicer, server)

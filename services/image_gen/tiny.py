@@ -1,12 +1,14 @@
-"""Tiny random-weight models of the real text-to-image architectures.
+"""Tiny random-weight models of the real image generation and editing architectures.
 
 A model whose registry entry says ``weights = "tiny"`` is built here on first
-use: the real classes (``ZImagePipeline`` / ``LongCatImagePipeline`` with their
-transformer, VAE, Qwen text encoder and an offline Qwen-style tokenizer) in a
+use: the real classes (``ZImagePipeline`` / ``LongCatImagePipeline`` /
+``Flux2KleinPipeline`` with their transformer, VAE, Qwen text encoder and an
+offline Qwen-style tokenizer) in a
 configuration small enough for a CPU, with weights drawn from a fixed seed. It
 is saved with ``save_pretrained`` into ``<model cache>/<model id>-tiny-v<N>``
-and from then on loaded exactly like real weights, with the pipeline's
-``from_pretrained``. Building happens in a temporary directory that is renamed
+(model ids such as ``black-forest-labs/FLUX.2-klein-4B`` become safe
+directory names) and from then on loaded exactly like real weights, with the
+pipeline's ``from_pretrained``. Building happens in a temporary directory that is renamed
 into place at the end, so a crash never leaves half a model behind.
 
 Bump :data:`TINY_VERSION` when a configuration changes; old builds are then
@@ -15,6 +17,7 @@ ignored (and may be deleted by hand).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -206,9 +209,92 @@ def build_tiny_longcat(directory: Path) -> None:
     pipe.save_pretrained(directory)
 
 
+def build_tiny_flux2_klein(directory: Path, *, distilled: bool) -> None:
+    """Saves a tiny FLUX.2 [klein] (``Flux2KleinPipeline``) into ``directory``.
+
+    As in MODELS.md: a 4-block ``AutoencoderKLFlux2`` (scale factor 8, 4
+    latent channels, so the transformer takes 2x2-patchified latents:
+    ``in_channels`` = 4 x 4), a one-block ``Flux2Transformer2DModel`` and a
+    two-layer ``Qwen3ForCausalLM`` text encoder. The real checkpoints differ
+    only in the pipeline config: the distilled FLUX.2-klein-4B ships
+    ``is_distilled = true`` (no classifier-free guidance: one transformer pass
+    per step), the base FLUX.2-klein-base-4B ``false`` (guidance > 1 runs a
+    second, unconditional pass). Neither uses guidance embeddings
+    (``guidance_embeds = false``). ``joint_attention_dim`` equals the text
+    encoder's width: the engine stacks one hidden layer (see
+    :func:`services.image_gen.engines.klein_text_layers`).
+    """
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        transformer = Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            timestep_guidance_channels=256,
+            axes_dims_rope=[4, 4, 4, 4],
+            guidance_embeds=False,
+        )
+        text_encoder = Qwen3ForCausalLM(
+            Qwen3Config(
+                hidden_size=16,
+                intermediate_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                head_dim=8,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=1024,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+        vae = AutoencoderKLFlux2(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    pipe: Any = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=distilled,
+    )
+    pipe.save_pretrained(directory)
+
+
 def tiny_model_dir(cache_dir: Path, model_id: str) -> Path:
-    """Where the tiny build of a model lives."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)
+    """Where the tiny build of a model lives.
+
+    Ids made only of letters, digits, ``-``, ``_`` and ``.`` are used as they
+    are; others (``owner/name``) get their unsafe characters replaced and a
+    short hash of the id appended, so two ids never share a directory.
+    """
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id).lstrip(".")
+    if safe != model_id:
+        safe = f"{safe}-{hashlib.sha256(model_id.encode()).hexdigest()[:8]}"
     return cache_dir / f"{safe}-tiny-v{TINY_VERSION}"
 
 

@@ -137,7 +137,8 @@ async def test_longcat_generates_through_its_own_pipeline(image_gen: ImageGen) -
     [
         (
             {"model": "no-such-model", "prompt": "x", "width": 256, "height": 256},
-            "Invalid model ID 'no-such-model'. Supported models: z-image-turbo, longcat-image-edit, z-image-missing",
+            "Invalid model ID 'no-such-model'. Supported models: z-image-turbo, longcat-image-edit, "
+            "black-forest-labs/FLUX.2-klein-4B, black-forest-labs/FLUX.2-klein-base-4B, z-image-missing",
         ),
         ({"prompt": "", "width": 256, "height": 256}, "'prompt' is required and must not be empty"),
         ({"prompt": "   ", "width": 256, "height": 256}, "'prompt' is required and must not be empty"),
@@ -277,14 +278,31 @@ async def test_health_answers_serving_while_a_generation_runs(image_gen: ImageGe
 async def test_list_models_reports_limits_defaults_and_readiness(image_gen: ImageGen) -> None:
     response = await image_gen.stub.ListModels(pb.ListModelsRequest())
     models = {m.id: m for m in response.models}
-    assert list(models) == ["z-image-turbo", "longcat-image-edit", MISSING_MODEL]
+    assert list(models) == [
+        "z-image-turbo",
+        "longcat-image-edit",
+        "black-forest-labs/FLUX.2-klein-4B",
+        "black-forest-labs/FLUX.2-klein-base-4B",
+        MISSING_MODEL,
+    ]
     turbo = models["z-image-turbo"]
+    assert list(turbo.capabilities) == ["text-to-image"]
     assert "dall-e-3" in turbo.aliases
     assert (turbo.max_width, turbo.max_height, turbo.default_steps) == (1792, 1792, 8)
     assert turbo.ready and turbo.unavailable_reason == ""
     longcat = models["longcat-image-edit"]
     assert (longcat.max_width, longcat.max_height, longcat.default_guidance_scale) == (1792, 1024, 4.5)
     assert longcat.ready
+    assert list(longcat.capabilities) == ["text-to-image", "image-edit"]
+    for klein_id, steps, guidance in (
+        ("black-forest-labs/FLUX.2-klein-4B", 4, 1.0),
+        ("black-forest-labs/FLUX.2-klein-base-4B", 50, 4.0),
+    ):
+        klein = models[klein_id]
+        assert klein.ready and klein.unavailable_reason == ""
+        assert list(klein.capabilities) == ["image-edit", "text-to-image"]
+        assert (klein.max_width, klein.max_height) == (2048, 2048)
+        assert (klein.default_steps, klein.default_guidance_scale) == (steps, guidance)
     missing = models[MISSING_MODEL]
     assert not missing.ready
     assert "no-such-weights" in missing.unavailable_reason
