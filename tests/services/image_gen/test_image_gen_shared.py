@@ -14,7 +14,7 @@ from PIL import Image
 
 from services.common.engine import JobOutcome, Progress, StepControl, StepRunner
 from services.common.errors import InvalidRequest
-from services.common.media import decode_image, encode_image, image_mime_type
+from services.common.media import decode_image, encode_image, image_mime_type, read_image_metadata
 from services.common.tiny_tokenizer import build_tiny_tokenizer
 
 # --- StepRunner ---
@@ -129,10 +129,43 @@ def test_decode_refuses_non_images_bombs_and_truncated_files() -> None:
     # A 10000x10000 PNG of one colour is tiny on disk and refused from its header.
     buf = io.BytesIO()
     Image.new("1", (10_000, 10_000)).save(buf, format="PNG")
-    with pytest.raises(InvalidRequest, match="too large"):
+    # Pillow warns (above its own limit) and the header check refuses, before any pixel is decoded.
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(InvalidRequest, match="too large"):
         decode_image(buf.getvalue(), max_pixels=4096 * 4096)
+    with pytest.raises(InvalidRequest, match=r"1001 bytes; the maximum is 1000 bytes"):
+        decode_image(b"\0" * 1001, max_pixels=10_000, max_bytes=1000)
     with pytest.raises(InvalidRequest, match="Unsupported image format"):
         encode_image(_picture(), "tiff")
+
+
+METADATA = {
+    "prompt": "a café, 夜の街",
+    "negative_prompt": "blurry",
+    "model": "black-forest-labs/FLUX.2-klein-4B",
+    "seed": "42",
+    "steps": "4",
+}
+
+
+@pytest.mark.parametrize(("fmt", "pillow_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_metadata_round_trips_deterministically(fmt: str, pillow_format: str) -> None:
+    data = encode_image(_picture(), fmt, METADATA)
+    assert data == encode_image(_picture(), fmt, dict(METADATA))
+    assert read_image_metadata(data) == {**METADATA, "Software": "Kiln"}
+    assert read_image_metadata(encode_image(_picture(), fmt)) == {}
+    picture = Image.open(io.BytesIO(data))
+    assert picture.format == pillow_format
+    if fmt == "png":  # one text chunk per field, as any PNG reader shows them
+        picture.load()
+        assert picture.text["prompt"] == METADATA["prompt"]  # type: ignore[attr-defined]
+    else:  # EXIF: the ASCII tags readers show, and the exact fields as JSON in UserComment
+        exif = picture.getexif()
+        assert exif[0x0131] == "Kiln"
+        assert exif[0x0110] == METADATA["model"]
+        assert exif[0x010E].startswith("a caf")
+        assert exif.get_ifd(0x8769)[0x9286].startswith(b"ASCII\0\0\0{")
+    with pytest.raises(InvalidRequest):
+        read_image_metadata(b"not an image")
 
 
 # --- tiny tokenizer ---

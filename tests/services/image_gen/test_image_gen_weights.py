@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from PIL import Image
+
 from kiln.image.v1 import image_service_pb2 as pb
 from services.common.engine import Progress
+from services.common.media import encode_image
 from services.common.registry import load_registry
 from services.image_gen.engines import ImageRequest, ImageResult, build_engine_pool
 from services.image_gen.tiny import tiny_model_dir
@@ -83,3 +86,70 @@ async def test_the_saved_tiny_model_loads_back_through_a_registry_weights_path(
     ][-1].result
     digest = hashlib.sha256(result.images[0].data).hexdigest()
     assert hashlib.sha256(served.images[0].data).hexdigest() == digest
+
+
+LOCAL_KLEIN = """
+[[models]]
+id = "klein-local"
+capability = "image-edit"
+extra_capabilities = ["text-to-image"]
+engine = "flux2-klein"
+weights = "{weights}"
+
+[models.limits]
+max_width = 1024
+max_height = 1024
+
+[models.defaults]
+steps = 50
+guidance_scale = 4.0
+"""
+
+
+async def test_a_saved_klein_model_loads_back_with_its_own_variant(
+    image_gen: ImageGen, tmp_path: Path
+) -> None:
+    """The distilled tiny build served from a weights directory stays distilled (the checkpoint decides)."""
+    saved = tiny_model_dir(image_gen.settings.resolved_model_cache_dir, "black-forest-labs/FLUX.2-klein-4B")
+    assert saved.name.startswith("black-forest-labs_FLUX.2-klein-4B-")  # a safe directory name
+    assert (saved / "model_index.json").is_file()
+    registry_path = tmp_path / "registry.toml"
+    registry_path.write_text(LOCAL_KLEIN.format(weights=saved))
+    empty_cache = tmp_path / "cache"
+    pool = build_engine_pool(load_registry(registry_path), cache_dir=empty_cache, default="klein-local")
+    await pool.load()
+    engine = pool.get("klein-local")
+    try:
+        assert engine.pipe.config.is_distilled is True  # type: ignore[attr-defined]
+        source = Image.new("RGB", (64, 64), (200, 30, 30))
+        request = ImageRequest(
+            prompt="make it blue",
+            negative_prompt="",
+            width=64,
+            height=64,
+            steps=2,
+            guidance_scale=1.0,
+            count=1,
+            seed=5,
+            inputs=(source,),
+        )
+        events = [event async for event in engine.run(request)]
+    finally:
+        await pool.close()
+    assert not empty_cache.exists()
+    result = events[-1]
+    assert isinstance(result, ImageResult)
+    served = [
+        m
+        async for m in image_gen.stub.EditImages(
+            pb.EditImagesRequest(
+                prompt="make it blue",
+                negative_prompt="",
+                input_images=[encode_image(source)],
+                num_inference_steps=2,
+                guidance_scale=1.0,
+                seed=5,
+            )
+        )
+    ][-1].result
+    assert served.images[0].data == result.images[0].data
