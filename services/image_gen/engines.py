@@ -150,16 +150,21 @@ class ImageResult:
     encode_ms: float
 
 
-def repaint_area(mask: Image.Image) -> Image.Image:
-    """An OpenAI-style mask as a diffusers one: ``L``, 255 where alpha is 0 (repaint), else 0.
-
-    Raises :class:`InvalidRequest` for a mask without transparency or without
-    a single transparent pixel.
-    """
+def check_mask_has_alpha(mask: Image.Image) -> None:
+    """Refuses a mask that cannot mark anything (no alpha channel, no transparent colour); O(1)."""
     if "A" not in mask.getbands() and "transparency" not in mask.info:
         raise InvalidRequest(
             "The mask must have an alpha channel: its fully transparent pixels mark the area to edit."
         )
+
+
+def repaint_area(mask: Image.Image) -> Image.Image:
+    """An OpenAI-style mask as a diffusers one: ``L``, 255 where alpha is 0 (repaint), else 0.
+
+    Raises :class:`InvalidRequest` for a mask without transparency or without
+    a single transparent pixel. Reads every pixel: call it off the event loop.
+    """
+    check_mask_has_alpha(mask)
     alpha = mask.convert("RGBA").getchannel("A")
     area = alpha.point(lambda a: 255 if a == 0 else 0)
     if area.getbbox() is None:
@@ -328,7 +333,7 @@ class DiffusersImageEngine(Engine[ImageRequest, ImageResult]):
                     f"The mask is {request.mask.width}x{request.mask.height} pixels; it must be the size "
                     f"of the first input image ({first.width}x{first.height})"
                 )
-            repaint_area(request.mask)
+            check_mask_has_alpha(request.mask)  # the pixels are read in the job, off the event loop
 
     def generate_blocking(
         self, request: ImageRequest, generator: torch.Generator, control: StepControl
