@@ -182,21 +182,7 @@ class ImageEditRequest(ImageOptions):
     def to_params(self, registry: Registry, settings: Settings) -> GenerationParams:
         inputs = [decode_base64_image(data, f"input_images[{i}]") for i, data in enumerate(self.input_images)]
         mask = decode_base64_image(self.mask, "mask") if self.mask is not None else b""
-        return edit_params(
-            registry,
-            settings,
-            options=self,
-            model=self.model,
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            inputs=inputs,
-            mask=mask,
-            size=self.size,
-            match_image_size=bool(self.match_image_size),
-            steps=self.num_steps,
-            guidance=self.guidance,
-            seed=self.seed,
-        )
+        return edit_params(registry, settings, self, inputs=inputs, mask=mask)
 
 
 class ImageEditForm(ImageOptions):
@@ -224,42 +210,20 @@ class ImageEditForm(ImageOptions):
     ) -> GenerationParams:
         if self.stream:
             raise InvalidRequest("Streaming image edits are not supported; leave 'stream' off.")
-        return edit_params(
-            registry,
-            settings,
-            options=self,
-            model=self.model,
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            inputs=inputs,
-            mask=mask,
-            size=self.size,
-            match_image_size=self.match_image_size,
-            steps=self.num_steps,
-            guidance=self.guidance,
-            seed=self.seed,
-        )
+        return edit_params(registry, settings, self, inputs=inputs, mask=mask)
 
 
 def edit_params(
     registry: Registry,
     settings: Settings,
+    body: ImageEditRequest | ImageEditForm,
     *,
-    options: ImageOptions,
-    model: str | None,
-    prompt: str,
-    negative_prompt: str | None,
     inputs: list[bytes],
     mask: bytes,
-    size: str | None,
-    match_image_size: bool,
-    steps: int | None,
-    guidance: float | None,
-    seed: int | None,
 ) -> GenerationParams:
     """Checks an edit before anything is reserved: the inputs' headers (format, pixels,
     bytes; nothing is decoded here), the size rules and every model rule."""
-    spec = registry.resolve(model, IMAGE_EDIT, DEFAULT_EDIT_MODEL)
+    spec = registry.resolve(body.model, IMAGE_EDIT, DEFAULT_EDIT_MODEL)
     registry.check_input_count(spec, len(inputs))
     infos = []
     named = [(f"Input image {index + 1}", data) for index, data in enumerate(inputs)]
@@ -274,30 +238,30 @@ def edit_params(
             raise InvalidRequest(f"{name}: {err.message}") from None
     width, height = registry.output_size(
         spec,
-        width=options.width,
-        height=options.height,
-        aspect_ratio=options.aspect_ratio,
-        resolution=options.resolution,
-        size=size,
+        width=body.width,
+        height=body.height,
+        aspect_ratio=body.aspect_ratio,
+        resolution=body.resolution,
+        size=body.size,
         first_input=(infos[0].width, infos[0].height),
-        match_image_size=match_image_size,
+        match_image_size=bool(body.match_image_size),
     )
     params = registry.edit_params(
         model=spec.id,
         inputs=inputs,
         mask=mask,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
         width=width,
         height=height,
-        steps=steps,
-        guidance_scale=guidance,
-        seed=seed,
-        count=_one_of(n=options.n, variants=options.variants),
+        steps=body.num_steps,
+        guidance_scale=body.guidance,
+        seed=body.seed,
+        count=_one_of(n=body.n, variants=body.variants),
         max_prompt_chars=settings.max_prompt_chars,
-        **options.output(),
+        **body.output(),
     )
-    options.check_binary(params.count)
+    body.check_binary(params.count)
     return params
 
 

@@ -39,6 +39,24 @@ TINY_SEED = 0
 TinyBuilder = Callable[[Path], None]
 
 
+def _tiny_qwen3_config(tokenizer: Any) -> Any:
+    """The tiny Qwen3 text encoder both Z-Image and FLUX.2-klein use (hidden size 16)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
 def _tiny_vae() -> Any:
     """A 4-block KL VAE: scale factor 8 and 16 latent channels, like both real models'."""
     from diffusers import AutoencoderKL
@@ -72,7 +90,7 @@ def build_tiny_zimage(directory: Path) -> None:
         ZImagePipeline,
         ZImageTransformer2DModel,
     )
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Model
 
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -98,20 +116,7 @@ def build_tiny_zimage(directory: Path) -> None:
             transformer.x_pad_token.fill_(1.0)
             transformer.cap_pad_token.fill_(1.0)
         vae = _tiny_vae()
-        text_encoder = Qwen3Model(
-            Qwen3Config(
-                hidden_size=16,
-                intermediate_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                head_dim=8,
-                vocab_size=len(tokenizer),
-                max_position_embeddings=1024,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        )
+        text_encoder = Qwen3Model(_tiny_qwen3_config(tokenizer))
     pipe: Any = ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae,
@@ -230,7 +235,7 @@ def build_tiny_flux2_klein(directory: Path, *, distilled: bool) -> None:
         Flux2KleinPipeline,
         Flux2Transformer2DModel,
     )
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -247,20 +252,7 @@ def build_tiny_flux2_klein(directory: Path, *, distilled: bool) -> None:
             axes_dims_rope=[4, 4, 4, 4],
             guidance_embeds=False,
         )
-        text_encoder = Qwen3ForCausalLM(
-            Qwen3Config(
-                hidden_size=16,
-                intermediate_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                head_dim=8,
-                vocab_size=len(tokenizer),
-                max_position_embeddings=1024,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        )
+        text_encoder = Qwen3ForCausalLM(_tiny_qwen3_config(tokenizer))
         vae = AutoencoderKLFlux2(
             sample_size=32,
             in_channels=3,
