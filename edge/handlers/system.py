@@ -34,6 +34,7 @@ def model_entry(spec: ModelSpec) -> dict[str, Any]:
         "owned_by": "kiln",
         "description": spec.description,
         "capability": spec.capability,
+        "capabilities": list(spec.capabilities),
         "aliases": list(spec.aliases),
         "limits": spec.limits.model_dump(),
         "defaults": spec.defaults.model_dump(),

@@ -63,6 +63,7 @@ async def test_models_lists_ids_aliases_limits_defaults_and_price(
         "dall-e-2",
     }
     assert turbo["capability"] == "text-to-image"
+    assert models["black-forest-labs/FLUX.2-klein-4B"]["capabilities"] == ["image-edit", "text-to-image"]
     assert turbo["limits"]["max_width"] == 1792 and turbo["limits"]["max_height"] == 1792
     assert turbo["defaults"]["steps"] == 8
     assert "megapixels" in turbo["pricing"]["formula"]
