@@ -24,6 +24,8 @@ DEFAULT_IMAGE_MODEL = "z-image-turbo"
 DEFAULT_EDIT_MODEL = "black-forest-labs/FLUX.2-klein-4B"
 TEXT_TO_IMAGE = "text-to-image"
 IMAGE_EDIT = "image-edit"
+SEGMENTATION = "segmentation"
+DEFAULT_SEGMENTATION_MODEL = "sam3"
 #: Sizes the contract lists for ``image_size`` / ``size``.
 IMAGE_SIZES = ("256x256", "512x512", "1024x1024", "1024x1792", "1792x1024")
 DEFAULT_IMAGE_SIZE = "1024x1024"
@@ -58,10 +60,13 @@ class ModelLimits(_Frozen):
     multiple_of: int = Field(16, gt=0)
     #: Most input images an edit may give.
     max_input_images: int = Field(4, ge=0)
+    #: Videos: most frames and seconds accepted (0: the model takes no video).
+    max_frames: int = Field(0, ge=0)
+    max_duration_seconds: float = Field(0, ge=0)
 
 
 class ModelDefaults(_Frozen):
-    steps: int = Field(gt=0)
+    steps: int = Field(1, gt=0)
     guidance_scale: float = 0.0
     negative_prompt: str = ""
 
@@ -109,7 +114,7 @@ class ModelSpec(_Frozen):
     engine: str
     weights: str = "tiny"
     limits: ModelLimits
-    defaults: ModelDefaults
+    defaults: ModelDefaults = ModelDefaults()
     price: PriceSpec = PriceSpec()
     options: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
