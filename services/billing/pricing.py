@@ -7,7 +7,8 @@ Image generation
         per_image = (base + per_megapixel * width * height / 1_000_000) * steps / reference_steps
 
     (``reference_steps = 0``: no step factor, e.g. a flat 0.5 credits per edited
-    image for the FLUX.2-klein models) rounded **up** to a whole unit (0.01 credit). An item of ``count`` images
+    image for the FLUX.2-klein models, or 0.25 per segmented image or video
+    frame for SAM3) rounded **up** to a whole unit (0.01 credit). An item of ``count`` images
     (0 means 1) costs ``count * per_image``, so n images always cost n times
     the price of one, as ``GET /v1/models`` describes it. Everything is
     computed in :class:`~decimal.Decimal`; results are integer units
@@ -49,9 +50,9 @@ class ImageGenerationItem:
     """One image request (text-to-image or edit) to price; the servicer converts the proto's usage."""
 
     model: str
-    width: int
-    height: int
-    steps: int
+    width: int = 0
+    height: int = 0
+    steps: int = 0
     count: int = 1
 
 
@@ -66,8 +67,14 @@ def _model(registry: Registry, model_id: str) -> ModelSpec:
     return spec
 
 
-def _check(usage: ImageGenerationItem) -> None:
-    for name, value in (("width", usage.width), ("height", usage.height), ("steps", usage.steps)):
+def _check(usage: ImageGenerationItem, spec: ModelSpec) -> None:
+    """The sizes and steps the model's price depends on must be given."""
+    needed = []
+    if spec.price.per_megapixel:
+        needed += [("width", usage.width), ("height", usage.height)]
+    if spec.price.reference_steps:
+        needed.append(("steps", usage.steps))
+    for name, value in needed:
         if value <= 0:
             raise InvalidRequest(f"'{name}' must be a positive integer to price an image, got {value}")
     if usage.count < 0:
@@ -86,8 +93,8 @@ def image_price_units(spec: ModelSpec, *, width: int, height: int, steps: int) -
 
 def price_units(usage: Usage, registry: Registry) -> int:
     """The list price of one usage item, in units (ignores premium; see :func:`quote`)."""
-    _check(usage)
     spec = _model(registry, usage.model)
+    _check(usage, spec)
     count = usage.count or 1
     return count * image_price_units(spec, width=usage.width, height=usage.height, steps=usage.steps)
 

@@ -64,14 +64,19 @@ def usage_items(usages: Sequence[pb.Usage]) -> list[ImageGenerationItem]:
     items: list[ImageGenerationItem] = []
     for index, usage in enumerate(usages):
         kind = usage.WhichOneof("kind")
-        if kind not in ("image_generation", "image_edit"):
-            raise InvalidRequest(f"usage[{index}] names no kind of work.")
-        work = getattr(usage, kind)
-        items.append(
-            ImageGenerationItem(
-                model=work.model, width=work.width, height=work.height, steps=work.steps, count=work.count
+        if kind in ("image_generation", "image_edit"):
+            work = getattr(usage, kind)
+            items.append(
+                ImageGenerationItem(
+                    model=work.model, width=work.width, height=work.height, steps=work.steps, count=work.count
+                )
             )
-        )
+        elif kind == "segmentation":
+            if usage.segmentation.frames < 1:
+                raise InvalidRequest(f"usage[{index}]: 'frames' must be at least 1.")
+            items.append(ImageGenerationItem(model=usage.segmentation.model, count=usage.segmentation.frames))
+        else:
+            raise InvalidRequest(f"usage[{index}] names no kind of work.")
     return items
 
 

@@ -137,3 +137,10 @@ def test_an_edit_on_flux2_klein_costs_half_a_credit_per_image_whatever_the_steps
     ):
         assert price_units(item(model=model, steps=steps), registry) == 50
         assert price_units(item(model=model, steps=steps, width=2048, height=2048, count=2), registry) == 100
+
+
+def test_segmentation_costs_a_quarter_credit_per_image_or_frame(registry: Registry) -> None:
+    assert price_units(item(model="sam3", width=0, height=0, steps=0, count=1), registry) == 25
+    assert price_units(item(model="sam3", width=0, height=0, steps=0, count=240), registry) == 6000
+    with pytest.raises(InvalidRequest, match="'width' must be a positive integer"):
+        price_units(item(width=0), registry)
