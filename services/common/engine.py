@@ -29,7 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -37,6 +41,7 @@ from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
 from services.common.errors import InvalidRequest, MaintenanceMode, ProcessingError
@@ -466,3 +471,44 @@ class EnginePool:
 
     async def close(self) -> None:
         await asyncio.gather(*(engine.close() for engine in self.engines.values()))
+
+
+def tiny_model_directory(cache_dir: Path, model_id: str, *, version: int) -> Path:
+    """Where the tiny random-weight build of a model lives: ``<cache>/<safe id>-tiny-v<version>``.
+
+    Ids made only of letters, digits, ``-``, ``_`` and ``.`` are used as they
+    are; others (``owner/name``) get their unsafe characters replaced and a
+    short hash of the id appended, so two ids never share a directory.
+    """
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id).lstrip(".")
+    if safe != model_id:
+        safe = f"{safe}-{hashlib.sha256(model_id.encode()).hexdigest()[:8]}"
+    return cache_dir / f"{safe}-tiny-v{version}"
+
+
+def ensure_tiny_model_directory(
+    cache_dir: Path, model_id: str, build: Callable[[Path], None], *, version: int
+) -> Path:
+    """The tiny model's directory, built first by ``build(staging_dir)`` when missing (blocking).
+
+    The build happens in a temporary directory renamed into place at the end,
+    so a crash never leaves half a model behind and concurrent builders agree.
+    Call it while holding :data:`MODEL_LOAD_LOCK`.
+    """
+    target = tiny_model_directory(cache_dir, model_id, version=version)
+    if target.is_dir():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+    try:
+        log.info("building tiny random-weight model %s in %s", model_id, target)
+        build(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent builder that won the race
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
