@@ -219,7 +219,7 @@ class Sam3Engine(Engine[SegmentRequest, SegmentResult]):
                 _model_dir(root, TRACKER_DIR), local_files_only=True
             ).eval()
         self.detector_size = int(self.detector.config.vision_config.backbone_config.image_size)
-        self.tracker_size = int(self.tracker.config.image_size)
+        self.tracker_size = int(self.tracker.config.vision_config.backbone_config.image_size)
         self.prompt_frame = int(self.tracker.config.prompt_encoder_config.image_size)
         self.text_length = int(self.detector.config.text_config.max_position_embeddings)
 
@@ -242,7 +242,9 @@ class Sam3Engine(Engine[SegmentRequest, SegmentResult]):
             with torch.inference_mode():
                 return self.segment_blocking(request)
 
-        outcome = await self._one(job, request_id, f"{self.spec.id} {request.image.width}x{request.image.height}")
+        outcome = await self._one(
+            job, request_id, f"{self.spec.id} {request.image.width}x{request.image.height}"
+        )
         masks = outcome.value
         yield SegmentResult(
             masks=masks,
@@ -418,6 +420,9 @@ def build_engine_pool(
             )
             continue
         engines[spec.id] = cls(
-            spec, weights_dir=spec.weights_path(registry.path), cache_dir=cache_dir, torch_threads=torch_threads
+            spec,
+            weights_dir=spec.weights_path(registry.path),
+            cache_dir=cache_dir,
+            torch_threads=torch_threads,
         )
     return EnginePool(engines, default=default, unavailable=unavailable)

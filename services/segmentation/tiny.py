@@ -98,8 +98,6 @@ def tiny_detector(tokenizer: Any) -> Any:
             num_layers=1,
             num_attention_heads=4,
             intermediate_size=64,
-            mask_fuser_hidden_size=32,
-            mask_fuser_num_layers=1,
         ),
         detr_encoder_config=Sam3DETREncoderConfig(
             hidden_size=32, num_layers=1, num_attention_heads=4, intermediate_size=64
@@ -148,13 +146,6 @@ def tiny_tracker() -> Any:
             iou_head_depth=3,
             iou_head_hidden_dim=32,
         ),
-        memory_attention_hidden_size=32,
-        memory_encoder_hidden_size=32,
-        image_size=TINY_IMAGE_SIZE,
-        mask_downsampler_embed_dim=32,
-        memory_fuser_embed_dim=32,
-        memory_attention_num_layers=1,
-        memory_attention_feed_forward_hidden_size=32,
     )
     return Sam3TrackerModel(config).eval()
 

@@ -1,0 +1,96 @@
+"""The segmentation gRPC server: bootstrap, model loading, shutdown.
+
+``create_service`` builds the server (standard interceptors, health,
+reflection) around :class:`SegmentationServicer`; once started, a background
+task loads the SAM3 engines on their worker threads, and health turns SERVING
+as soon as the default model (sam3) can serve. ``serve`` runs the service
+until SIGTERM/SIGINT.
+
+The address is ``address`` when given, else the ``segmentation_address``
+setting when the settings have one, else :data:`DEFAULT_ADDRESS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+
+from kiln.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
+from services.common.engine import EnginePool
+from services.common.grpc_server import GrpcService, create_server
+from services.common.registry import DEFAULT_SEGMENTATION_MODEL, Registry, load_registry
+from services.common.settings import Settings
+from services.segmentation.engines import build_engine_pool
+from services.segmentation.servicer import SERVICE_NAME, SegmentationServicer
+
+log = logging.getLogger(__name__)
+
+#: Where the service listens when neither ``address`` nor a setting says otherwise.
+DEFAULT_ADDRESS = "127.0.0.1:50053"
+
+
+async def create_service(
+    settings: Settings,
+    *,
+    address: str | None = None,
+    registry: Registry | None = None,
+    pool: EnginePool | None = None,
+) -> GrpcService:
+    """A bound, not yet started segmentation server.
+
+    ``registry`` defaults to ``settings.registry_path``; ``pool`` to one engine
+    per segmentation model of the registry, with tiny models built in
+    ``settings.resolved_model_cache_dir``. The engines load in the background
+    once the server starts, and close in its cleanup.
+    """
+    registry = registry or load_registry(settings.registry_path)
+    if pool is None:
+        pool = build_engine_pool(
+            registry,
+            cache_dir=settings.resolved_model_cache_dir,
+            torch_threads=settings.torch_threads,
+            default=DEFAULT_SEGMENTATION_MODEL,
+        )
+    servicer = SegmentationServicer(
+        registry=registry,
+        pool=pool,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_input_image_pixels=settings.max_input_image_pixels,
+        max_input_image_bytes=settings.max_input_image_bytes,
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_SegmentationServiceServicer_to_server(servicer, server)
+
+    service = await create_server(
+        address=address or getattr(settings, "segmentation_address", None) or DEFAULT_ADDRESS,
+        register=register,
+        service_names=[SERVICE_NAME],
+        max_message_bytes=settings.grpc_max_message_bytes,
+    )
+
+    async def load_engines() -> None:
+        await pool.load(on_default_ready=service.set_serving)
+
+    service.background.append(load_engines)
+    service.cleanup.append(pool.close)
+    return service
+
+
+async def serve(settings: Settings) -> None:
+    """Runs the segmentation service until SIGTERM or SIGINT, then shuts down gracefully."""
+    from services.common.telemetry import setup_tracing
+
+    setup_tracing(settings, "segmentation")
+    service = await create_service(settings)
+    await service.start()
+    log.info("segmentation listening on port %d", service.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await service.stop(settings.grace_seconds)

@@ -1,0 +1,344 @@
+"""``kiln.segmentation.v1.SegmentationService``: protobuf in, checks, SAM3 engine, protobuf out.
+
+The servicer does no model work and no PyAV work on the event loop.
+
+``SegmentImage`` decodes the image through
+:func:`services.common.media.decode_image` on a worker thread (the configured
+byte and pixel limits, and the model's ``max_width`` x ``max_height``), then
+checks the request: a prompt or at least one point; ``multimask_output`` only
+with points; every point inside the image (``0 <= x < width``,
+``0 <= y < height``; the error names the point); at most :data:`MAX_POINTS`
+points. The engine answers with boolean masks; each is rendered
+(:mod:`services.segmentation.render`: the object on transparency by default,
+or a grey mask) and encoded as PNG on a worker thread, with its score and
+coverage. A prompt that finds nothing gives ``found`` false and one empty
+mask (a fully transparent cutout, or an all-black mask).
+
+``RemoveImageBackground`` is a text-prompted segmentation whose answer is the
+cutout: an RGBA PNG of the input's size, fully transparent when the object is
+not found.
+
+``RemoveVideoBackground`` follows the protocol in the proto: the first client
+message is the ``job``; chunks and ``upload_complete`` follow (received by a
+task that spools them, :class:`services.segmentation.video.UploadSpool`); the
+service sends the ``probe`` as soon as the container header is readable and
+then waits, doing nothing more, until the client's ``start``; then output
+chunks and progress stream back, and a ``summary`` ends the stream. Protocol
+errors are ``InvalidRequest``: a first message that is not the job, a second
+job, ``start`` before the probe or twice, a chunk after ``upload_complete``,
+a request stream that ends before ``start``. When the call is cancelled
+(client gone, deadline) gRPC cancels this coroutine; closing the video
+generator aborts the spool, which stops the job's thread, and frees the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+import grpc
+from PIL import Image
+
+from kiln.common.v1 import media_pb2
+from kiln.segmentation.v1 import segmentation_service_pb2 as pb
+from kiln.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
+from services.common.engine import EnginePool, Progress
+from services.common.errors import InvalidRequest
+from services.common.media import decode_image, encode_image
+from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec, Registry
+from services.segmentation.engines import Mask, PointPrompt, Sam3Engine, SegmentRequest, SegmentResult
+from services.segmentation.render import CUTOUT, MASK, cutout, render
+from services.segmentation.video import (
+    DEFAULT_MAX_VIDEO_BYTES,
+    UploadAborted,
+    UploadSpool,
+    VideoProbe,
+    VideoSummary,
+    remove_video_background,
+)
+
+T = TypeVar("T")
+
+#: Full name of the service, for health and reflection.
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
+#: Most points one request may give.
+MAX_POINTS = 64
+
+#: ``SegmentationOutput`` -> what the PNG shows.
+OUTPUTS: dict[int, str] = {
+    pb.SEGMENTATION_OUTPUT_UNSPECIFIED: CUTOUT,
+    pb.SEGMENTATION_OUTPUT_CUTOUT: CUTOUT,
+    pb.SEGMENTATION_OUTPUT_MASK: MASK,
+}
+
+
+def _png(image: Image.Image) -> media_pb2.Image:
+    return media_pb2.Image(
+        data=encode_image(image, "png"), mime_type="image/png", width=image.width, height=image.height
+    )
+
+
+def _timing(queue_ms: float, inference_ms: float, encode_ms: float) -> media_pb2.Timing:
+    return media_pb2.Timing(queue_ms=queue_ms, inference_ms=inference_ms, encode_ms=encode_ms)
+
+
+def _probe_to_proto(probe: VideoProbe) -> pb.VideoProbe:
+    return pb.VideoProbe(
+        frames=probe.frames,
+        frame_rate=float(probe.frame_rate),
+        width=probe.width,
+        height=probe.height,
+        duration_seconds=probe.duration_seconds,
+    )
+
+
+def _summary_to_proto(summary: VideoSummary) -> pb.VideoSummary:
+    return pb.VideoSummary(
+        frames_processed=summary.frames_processed,
+        frames_with_object=summary.frames_with_object,
+        model=summary.model,
+        timing=_timing(summary.queue_ms, summary.inference_ms, summary.encode_ms),
+    )
+
+
+class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
+    """Segmentation and background removal (images and videos) over gRPC."""
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        pool: EnginePool,
+        max_prompt_chars: int = 4000,
+        max_input_image_pixels: int = 4096 * 4096,
+        max_input_image_bytes: int = 20 * 1024 * 1024,
+        max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
+    ) -> None:
+        self.registry = registry
+        self.pool = pool
+        self.max_prompt_chars = max_prompt_chars
+        self.max_input_image_pixels = max_input_image_pixels
+        self.max_input_image_bytes = max_input_image_bytes
+        self.max_video_bytes = max_video_bytes
+
+    # --- images ---
+
+    async def SegmentImage(
+        self, request: pb.SegmentImageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SegmentImageResponse:
+        spec = self.registry.resolve(request.model or None, SEGMENTATION, DEFAULT_SEGMENTATION_MODEL)
+        kind = OUTPUTS.get(request.output)
+        if kind is None:
+            raise InvalidRequest(f"Unknown output {request.output}; use CUTOUT or MASK")
+        prompt = self._prompt(request.prompt, required=False)
+        if len(request.points) > MAX_POINTS:
+            raise InvalidRequest(f"Too many points: {len(request.points)}; the maximum is {MAX_POINTS}")
+        if not prompt and not request.points:
+            raise InvalidRequest("Give a 'prompt' or at least one point ('point_coords') to segment")
+        if request.multimask_output and not request.points:
+            raise InvalidRequest("'multimask_output' is only allowed with points ('point_coords')")
+        engine = self._engine(spec)
+        image = await self._decode(request.image, spec)
+        points = self._points(request.points, image)
+        result = await engine.segment(
+            SegmentRequest(image, prompt, points, request.multimask_output), request_id=request.request_id
+        )
+        masks, encode_ms = await self._render(image, result.masks, kind)
+        return pb.SegmentImageResponse(
+            masks=masks,
+            found=result.found,
+            model=result.model,
+            timing=_timing(result.queue_ms, result.inference_ms, encode_ms),
+        )
+
+    async def RemoveImageBackground(
+        self, request: pb.RemoveImageBackgroundRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RemoveImageBackgroundResponse:
+        spec = self.registry.resolve(request.model or None, SEGMENTATION, DEFAULT_SEGMENTATION_MODEL)
+        prompt = self._prompt(request.prompt, required=True)
+        engine = self._engine(spec)
+        image = await self._decode(request.image, spec)
+        result: SegmentResult = await engine.segment(
+            SegmentRequest(image, prompt), request_id=request.request_id
+        )
+        best = result.masks[0]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        png = await asyncio.to_thread(lambda: _png(cutout(image, best.pixels)))
+        return pb.RemoveImageBackgroundResponse(
+            image=png,
+            found=result.found,
+            coverage=best.coverage,
+            model=result.model,
+            timing=_timing(result.queue_ms, result.inference_ms, (loop.time() - started) * 1000),
+        )
+
+    # --- video ---
+
+    async def RemoveVideoBackground(
+        self,
+        request_iterator: AsyncIterator[pb.RemoveVideoBackgroundRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.RemoveVideoBackgroundResponse]:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("message") != "job":
+            raise InvalidRequest("The first message of RemoveVideoBackground must be the job (prompt)")
+        job = first.job
+        prompt = self._prompt(job.prompt, required=True)
+        spec = self.registry.resolve(job.model or None, SEGMENTATION, DEFAULT_SEGMENTATION_MODEL)
+        if not spec.limits.max_frames:
+            raise InvalidRequest(f"Model '{spec.id}' does not process videos")
+        engine = self._engine(spec)
+        spool = UploadSpool(max_bytes=self.max_video_bytes)
+        probed = asyncio.Event()
+        started = asyncio.Event()
+        receiver = asyncio.create_task(self._receive(requests, spool, probed, started))
+        events = remove_video_background(
+            spool, engine=engine, prompt=prompt, limits=spec.limits, request_id=job.request_id
+        )
+        try:
+            async with aclosing(events):
+                probe = await self._unless_receiver_fails(anext(events), receiver, spool)
+                if not isinstance(probe, VideoProbe):
+                    raise InvalidRequest("The video could not be probed")
+                probed.set()
+                yield pb.RemoveVideoBackgroundResponse(probe=_probe_to_proto(probe))
+                await self._unless_receiver_fails(started.wait(), receiver, spool)
+                async for event in events:
+                    if receiver.done() and receiver.exception() is not None:
+                        raise receiver.exception()  # type: ignore[misc]
+                    if isinstance(event, bytes):
+                        yield pb.RemoveVideoBackgroundResponse(chunk=event)
+                    elif isinstance(event, Progress):
+                        yield pb.RemoveVideoBackgroundResponse(
+                            progress=media_pb2.Progress(step=event.step, total_steps=event.total_steps)
+                        )
+                    elif isinstance(event, VideoSummary):
+                        yield pb.RemoveVideoBackgroundResponse(summary=_summary_to_proto(event))
+        finally:
+            receiver.cancel()
+            spool.abort()
+            await asyncio.gather(receiver, return_exceptions=True)
+            await asyncio.to_thread(spool.close)
+
+    async def _receive(
+        self,
+        requests: AsyncIterator[pb.RemoveVideoBackgroundRequest],
+        spool: UploadSpool,
+        probed: asyncio.Event,
+        started: asyncio.Event,
+    ) -> None:
+        """Spools the client's chunks and notes ``upload_complete`` and ``start``; raises on protocol errors."""
+        try:
+            async for message in requests:
+                kind = message.WhichOneof("message")
+                if kind == "chunk":
+                    if message.chunk:
+                        await asyncio.to_thread(spool.write, message.chunk)
+                elif kind == "upload_complete":
+                    if message.upload_complete:
+                        spool.finish()
+                elif kind == "start":
+                    if not probed.is_set():
+                        raise InvalidRequest("'start' must follow the service's probe")
+                    if started.is_set():
+                        raise InvalidRequest("'start' was sent twice")
+                    started.set()
+                elif kind == "job":
+                    raise InvalidRequest("The job may be sent only once, as the first message")
+                else:
+                    raise InvalidRequest("An empty RemoveVideoBackground message")
+        except UploadAborted:
+            return  # the job is over; nothing more to receive
+        spool.finish()  # the request stream ended: no more bytes will come
+        if not started.is_set():
+            raise InvalidRequest("The request stream ended before 'start'")
+
+    @staticmethod
+    async def _unless_receiver_fails(
+        awaitable: Awaitable[T], receiver: asyncio.Task[None], spool: UploadSpool
+    ) -> T:
+        """Awaits ``awaitable``; if the receiver fails first, aborts the spool and raises its error."""
+        task = asyncio.ensure_future(awaitable)
+        try:
+            await asyncio.wait({task, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and receiver.done():
+                error = receiver.exception()
+                if error is None:  # the stream ended normally; only waiting for start can get here
+                    error = InvalidRequest("The request stream ended before 'start'")
+                spool.abort()
+                raise error
+            return await task
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    # --- helpers ---
+
+    def _engine(self, spec: ModelSpec) -> Sam3Engine:
+        engine = self.pool.get(spec.id)
+        if not isinstance(engine, Sam3Engine):
+            raise InvalidRequest(f"Model '{spec.id}' is not a segmentation model")
+        return engine
+
+    def _prompt(self, prompt: str, *, required: bool) -> str:
+        if len(prompt) > self.max_prompt_chars:
+            raise InvalidRequest(f"'prompt' is longer than {self.max_prompt_chars} characters")
+        if required and not prompt.strip():
+            raise InvalidRequest("'prompt' is required and must not be empty")
+        return prompt.strip()
+
+    @staticmethod
+    def _points(points: Any, image: Image.Image) -> tuple[PointPrompt, ...]:
+        width, height = image.size
+        checked = []
+        for number, point in enumerate(points, 1):
+            x, y = float(point.x), float(point.y)
+            if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < width and 0 <= y < height):
+                raise InvalidRequest(
+                    f"Point {number} ({x:g}, {y:g}) is outside the {width}x{height} image; "
+                    f"x must be in [0, {width}) and y in [0, {height})"
+                )
+            foreground = point.foreground if point.HasField("foreground") else True
+            checked.append(PointPrompt(x, y, foreground))
+        return tuple(checked)
+
+    async def _decode(self, data: bytes, spec: ModelSpec) -> Image.Image:
+        """Decodes the untrusted image on a worker thread, within the settings' and the model's limits."""
+        limits = spec.limits
+
+        def decode() -> Image.Image:
+            image = decode_image(
+                data, max_pixels=self.max_input_image_pixels, max_bytes=self.max_input_image_bytes
+            )
+            if image.width > limits.max_width or image.height > limits.max_height:
+                raise InvalidRequest(
+                    f"The image is {image.width}x{image.height} pixels; the {spec.id} model accepts at most "
+                    f"{limits.max_width}x{limits.max_height}"
+                )
+            return image
+
+        return await asyncio.to_thread(decode)
+
+    @staticmethod
+    async def _render(
+        image: Image.Image, masks: tuple[Mask, ...], kind: str
+    ) -> tuple[list[pb.SegmentationMask], float]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        def encode_all() -> list[pb.SegmentationMask]:
+            return [
+                pb.SegmentationMask(
+                    image=_png(render(image, mask.pixels, kind)), score=mask.score, coverage=mask.coverage
+                )
+                for mask in masks
+            ]
+
+        rendered = await asyncio.to_thread(encode_all)
+        return rendered, (loop.time() - started) * 1000
