@@ -300,8 +300,9 @@ class Sam3Engine(Engine[SegmentRequest, SegmentResult]):
             raise ProcessingError("Segmentation ended without a result.")
         return outcome
 
-    # --- model work (worker thread, inside torch.inference_mode) ---
+    # --- model work (worker thread; each method runs in torch.inference_mode) ---
 
+    @torch.inference_mode()
     def segment_blocking(self, request: SegmentRequest) -> tuple[Mask, ...]:
         """Candidate masks for one request, best first (one empty mask when nothing is found)."""
         image = request.image
@@ -315,6 +316,7 @@ class Sam3Engine(Engine[SegmentRequest, SegmentResult]):
             box = detection.box
         return self.points_blocking(image, request.points, box=box, multimask=request.multimask_output)
 
+    @torch.inference_mode()
     def detect_blocking(self, images: Sequence[Image.Image], prompt: str) -> list[Detection]:
         """``Sam3Model`` on a batch of images with one text prompt: the best detection of each."""
         encoded = self.tokenizer(
@@ -347,6 +349,7 @@ class Sam3Engine(Engine[SegmentRequest, SegmentResult]):
             detections.append(Detection(score=score, mask=mask, box=box))
         return detections
 
+    @torch.inference_mode()
     def points_blocking(
         self,
         image: Image.Image,
