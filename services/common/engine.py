@@ -23,6 +23,10 @@ time by default. The job reports each finished step through its
 time, and when the consumer is cancelled sets a flag that makes the job's next
 step report raise :class:`JobCancelled`, so the job unwinds and the slot is
 freed right after that step.
+
+:func:`ensure_tiny_model_directory` builds a tiny random-weight model once
+into the model cache (under a safe directory name, renamed into place when
+complete), for engines that have no registry weights directory.
 """
 
 from __future__ import annotations
