@@ -7,7 +7,9 @@ as soon as the default model (sam3) can serve. ``serve`` runs the service
 until SIGTERM/SIGINT.
 
 The address is ``address`` when given, else the ``segmentation_address``
-setting when the settings have one, else :data:`DEFAULT_ADDRESS`.
+setting when the settings have one, else :data:`DEFAULT_ADDRESS`; the largest
+video upload is the ``max_video_bytes`` setting when there is one, else
+:data:`services.segmentation.video.DEFAULT_MAX_VIDEO_BYTES` (1 GiB).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from services.common.registry import DEFAULT_SEGMENTATION_MODEL, Registry, load_
 from services.common.settings import Settings
 from services.segmentation.engines import build_engine_pool
 from services.segmentation.servicer import SERVICE_NAME, SegmentationServicer
+from services.segmentation.video import DEFAULT_MAX_VIDEO_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ async def create_service(
         max_prompt_chars=settings.max_prompt_chars,
         max_input_image_pixels=settings.max_input_image_pixels,
         max_input_image_bytes=settings.max_input_image_bytes,
+        max_video_bytes=int(getattr(settings, "max_video_bytes", DEFAULT_MAX_VIDEO_BYTES)),
     )
 
     def register(server: grpc.aio.Server) -> None:
