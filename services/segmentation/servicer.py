@@ -18,14 +18,14 @@ mask (a fully transparent cutout, or an all-black mask).
 cutout: an RGBA PNG of the input's size, fully transparent when the object is
 not found.
 
-``RemoveVideoBackground`` follows the protocol in the proto: the first client
-message is the ``job``; chunks and ``upload_complete`` follow (received by a
-task that spools them, :class:`services.segmentation.video.UploadSpool`); the
-service sends the ``probe`` as soon as the container header is readable and
-then waits, doing nothing more, until the client's ``start``; then output
+``RemoveVideoBackground`` follows the protocol in the proto: the client sends
+the ``job``, the file's chunks and ``upload_complete`` (a task receives them
+and spools the chunks, :class:`services.segmentation.video.UploadSpool`; the
+job may come before or after the chunks); once the job is there, the service
+sends the ``probe`` as soon as the container header is readable and then
+waits, doing nothing more, until the client's ``start``; then output
 chunks and progress stream back, and a ``summary`` ends the stream. Protocol
-errors are ``InvalidRequest``: a first message that is not the job, a second
-job, ``start`` before the probe or twice, a chunk after ``upload_complete``,
+errors are ``InvalidRequest``: a stream without a job, a second job, ``start`` before the probe or twice, a chunk after ``upload_complete``,
 a request stream that ends before ``start``. When the call is cancelled
 (client gone, deadline) gRPC cancels this coroutine; closing the video
 generator aborts the spool, which stops the job's thread, and frees the engine.
@@ -183,24 +183,21 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         request_iterator: AsyncIterator[pb.RemoveVideoBackgroundRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.RemoveVideoBackgroundResponse]:
-        requests = aiter(request_iterator)
-        first = await anext(requests, None)
-        if first is None or first.WhichOneof("message") != "job":
-            raise InvalidRequest("The first message of RemoveVideoBackground must be the job (prompt)")
-        job = first.job
-        prompt = self._prompt(job.prompt, required=True)
-        spec = self.registry.resolve(job.model or None, SEGMENTATION, DEFAULT_SEGMENTATION_MODEL)
-        if not spec.limits.max_frames:
-            raise InvalidRequest(f"Model '{spec.id}' does not process videos")
-        engine = self._engine(spec)
         spool = UploadSpool(max_bytes=self.max_video_bytes)
+        jobs: asyncio.Future[pb.VideoJob] = asyncio.get_running_loop().create_future()
         probed = asyncio.Event()
         started = asyncio.Event()
-        receiver = asyncio.create_task(self._receive(requests, spool, probed, started))
-        events = remove_video_background(
-            spool, engine=engine, prompt=prompt, limits=spec.limits, request_id=job.request_id
-        )
+        receiver = asyncio.create_task(self._receive(aiter(request_iterator), spool, jobs, probed, started))
         try:
+            job = await self._unless_receiver_fails(jobs, receiver, spool)
+            prompt = self._prompt(job.prompt, required=True)
+            spec = self.registry.resolve(job.model or None, SEGMENTATION, DEFAULT_SEGMENTATION_MODEL)
+            if not spec.limits.max_frames:
+                raise InvalidRequest(f"Model '{spec.id}' does not process videos")
+            engine = self._engine(spec)
+            events = remove_video_background(
+                spool, engine=engine, prompt=prompt, limits=spec.limits, request_id=job.request_id
+            )
             async with aclosing(events):
                 probe = await self._unless_receiver_fails(anext(events), receiver, spool)
                 if not isinstance(probe, VideoProbe):
@@ -229,10 +226,16 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         self,
         requests: AsyncIterator[pb.RemoveVideoBackgroundRequest],
         spool: UploadSpool,
+        jobs: asyncio.Future[pb.VideoJob],
         probed: asyncio.Event,
         started: asyncio.Event,
     ) -> None:
-        """Spools the client's chunks and notes ``upload_complete`` and ``start``; raises on protocol errors."""
+        """Spools the client's chunks, hands over the job, notes ``upload_complete`` and ``start``.
+
+        The job may come before, between or after the chunks (a multipart form
+        may carry the file before the prompt); the probe waits for it, since
+        the model's limits depend on it. Raises on protocol errors.
+        """
         try:
             async for message in requests:
                 kind = message.WhichOneof("message")
@@ -242,19 +245,23 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 elif kind == "upload_complete":
                     if message.upload_complete:
                         spool.finish()
+                elif kind == "job":
+                    if jobs.done():
+                        raise InvalidRequest("The job may be sent only once")
+                    jobs.set_result(message.job)
                 elif kind == "start":
                     if not probed.is_set():
                         raise InvalidRequest("'start' must follow the service's probe")
                     if started.is_set():
                         raise InvalidRequest("'start' was sent twice")
                     started.set()
-                elif kind == "job":
-                    raise InvalidRequest("The job may be sent only once, as the first message")
                 else:
                     raise InvalidRequest("An empty RemoveVideoBackground message")
         except UploadAborted:
             return  # the job is over; nothing more to receive
         spool.finish()  # the request stream ended: no more bytes will come
+        if not jobs.done():
+            raise InvalidRequest("The request stream ended without the job (prompt)")
         if not started.is_set():
             raise InvalidRequest("The request stream ended before 'start'")
 

@@ -22,6 +22,14 @@ from .media_util import decode_alpha_webm, decode_rgb_frames, make_audio_only, m
 CHUNK = 4096
 
 
+async def read_all(call: grpc.aio.StreamStreamCall) -> list[pb.RemoveVideoBackgroundResponse]:
+    """Every remaining message of a call (read API: the read/write and iterator styles do not mix)."""
+    messages = []
+    while (message := await call.read()) is not grpc.aio.EOF:
+        messages.append(message)
+    return messages
+
+
 def job(prompt: str = "the ball", model: str = "", request_id: str = "") -> pb.RemoveVideoBackgroundRequest:
     return pb.RemoveVideoBackgroundRequest(job=pb.VideoJob(prompt=prompt, model=model, request_id=request_id))
 
@@ -42,10 +50,20 @@ class VideoRun:
     summary: pb.VideoSummary | None = None
 
 
-async def run_video(stub: pb_grpc.SegmentationServiceStub, data: bytes, **job_fields: str) -> VideoRun:
-    """The whole protocol: job, chunks, upload_complete; read the probe; start; read to the summary."""
+async def run_video(
+    stub: pb_grpc.SegmentationServiceStub, data: bytes, *, job_last: bool = False, **job_fields: str
+) -> VideoRun:
+    """The whole protocol: job, chunks, upload_complete; read the probe; start; read to the summary.
+
+    ``job_last``: the job after the chunks (as a multipart form with the file before the prompt).
+    """
     call = stub.RemoveVideoBackground()
-    for message in [job(**job_fields), *chunks(data), COMPLETE]:
+    upload = (
+        [*chunks(data), job(**job_fields), COMPLETE]
+        if job_last
+        else [job(**job_fields), *chunks(data), COMPLETE]
+    )
+    for message in upload:
         await call.write(message)
     first = await call.read()
     assert first.WhichOneof("event") == "probe"
@@ -149,7 +167,7 @@ async def test_webm_input_is_probed_before_the_upload_completes(seg: Seg, tmp_pa
     for message in [*pieces[half:], COMPLETE, START]:
         await call.write(message)
     await call.done_writing()
-    events = [m async for m in call]
+    events = await read_all(call)
     assert events[-1].summary.frames_processed == 20
     output, rate, _ = decode_alpha_webm(b"".join(m.chunk for m in events if m.WhichOneof("event") == "chunk"))
     assert len(output) == 20 and rate == Fraction(20)
@@ -169,7 +187,7 @@ async def test_nothing_is_processed_before_start(seg: Seg, tmp_path: Path) -> No
     assert engine.runner.running == 0
     await call.write(START)
     await call.done_writing()
-    events = [m async for m in call]
+    events = await read_all(call)
     assert events[-1].summary.frames_processed == 6
     assert [r for r in engine.runner.reports if r.key == "wait-for-start"]
 
@@ -181,23 +199,31 @@ async def test_protocol_errors_are_invalid_argument(seg: Seg, tmp_path: Path) ->
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call.write(job())
         await call.write(START)
-        async for _ in call:
-            pass
+        await read_all(call)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "probe" in (caught.value.details() or "")
-    # no job first
+    # no job at all
     call = seg.stub.RemoveVideoBackground()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call.write(chunks(data)[0])
-        async for _ in call:
-            pass
+        for message in [*chunks(data), COMPLETE]:
+            await call.write(message)
+        await call.done_writing()
+        await read_all(call)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "job" in (caught.value.details() or "")
+    # two jobs
+    call = seg.stub.RemoveVideoBackground()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.write(job())
+        await call.write(job())
+        await read_all(call)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "once" in (caught.value.details() or "")
     # an empty prompt
     call = seg.stub.RemoveVideoBackground()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call.write(job(prompt=" "))
-        async for _ in call:
-            pass
+        await read_all(call)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # the stream ends without start
     call = seg.stub.RemoveVideoBackground()
@@ -205,8 +231,7 @@ async def test_protocol_errors_are_invalid_argument(seg: Seg, tmp_path: Path) ->
         for message in [job(), *chunks(data), COMPLETE]:
             await call.write(message)
         await call.done_writing()
-        async for _ in call:
-            pass
+        await read_all(call)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "start" in (caught.value.details() or "")
 
@@ -235,7 +260,7 @@ async def test_video_bounds_are_invalid_argument(seg: Seg, tmp_path: Path) -> No
 
 async def test_mp4_with_audio_keeps_the_video_and_drops_the_audio(seg: Seg, tmp_path: Path) -> None:
     data = make_video(tmp_path / "av.mp4", frames=8, audio=True)
-    run = await run_video(seg.stub, data)
+    run = await run_video(seg.stub, data, job_last=True)  # the job may also follow the file
     assert run.summary is not None and run.summary.frames_processed == 8
     with av.open(io.BytesIO(run.output)) as container:
         assert len(container.streams.video) == 1 and not container.streams.audio
