@@ -59,6 +59,7 @@ test: gen protolint lint
 bench: gen $(STAMP)
 	$(BIN)/python bench/edge_overhead.py
 	$(BIN)/python bench/image_edit.py
+	$(BIN)/python bench/segmentation.py
 
 clean:
 	rm -rf kiln descriptors.binpb .pytest_cache .mypy_cache .ruff_cache

@@ -49,35 +49,33 @@ async def serve_child(data_dir: Path, split: bool) -> None:
 
     settings = load_settings(data_dir=data_dir)
     services: list[GrpcService] = []
-    children: list[subprocess.Popen[bytes]] = []
-    if split:  # billing and image_gen as their own processes, as `kiln up --split` runs them
-        addresses = {"billing": f"127.0.0.1:{_free_port()}", "image_gen": f"127.0.0.1:{_free_port()}"}
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    names = ("billing", "image_gen", "segmentation")
+    if split:  # each service its own process, as `kiln up --split` runs them
+        addresses = {name: f"127.0.0.1:{_free_port()}" for name in names}
         env = {
             **os.environ,
             "KILN_DATA_DIR": str(data_dir),
-            "KILN_BILLING_ADDRESS": addresses["billing"],
-            "KILN_IMAGE_GEN_ADDRESS": addresses["image_gen"],
+            **{f"KILN_{name.upper()}_ADDRESS": address for name, address in addresses.items()},
         }
-        for name in addresses:
-            children.append(
-                subprocess.Popen(  # noqa: ASYNC220 - started once, before serving
-                    [sys.executable, "-m", "kiln_cli.main", "serve", name], env=env, cwd=ROOT
-                )
+        for name in names:
+            children[name] = subprocess.Popen(  # noqa: ASYNC220 - started once, before serving
+                [sys.executable, "-m", "kiln_cli.main", "serve", name], env=env, cwd=ROOT
             )
     else:
         from services.billing.server import create_service as create_billing
         from services.image_gen.server import create_service as create_image_gen
+        from services.segmentation.server import create_service as create_segmentation
 
         services = [
             await create_billing(settings, address="127.0.0.1:0"),
             await create_image_gen(settings, address="127.0.0.1:0"),
+            await create_segmentation(settings, address="127.0.0.1:0"),
         ]
         for service in services:
             await service.start()
-        addresses = {"billing": f"127.0.0.1:{services[0].port}", "image_gen": f"127.0.0.1:{services[1].port}"}
-    settings = settings.model_copy(
-        update={"billing_address": addresses["billing"], "image_gen_address": addresses["image_gen"]}
-    )
+        addresses = {name: f"127.0.0.1:{service.port}" for name, service in zip(names, services, strict=True)}
+    settings = settings.model_copy(update={f"{name}_address": address for name, address in addresses.items()})
     db = await Database.open(settings.resolved_database_url)
     _, key = await ensure_demo_account(Ledger(db), api_key=None, credits=Decimal(10**7), premium=False)
     await db.close()
@@ -99,12 +97,16 @@ async def serve_child(data_dir: Path, split: bool) -> None:
         "bare": bare_runner.addresses[0][1],
         "image_gen": int(addresses["image_gen"].rsplit(":", 1)[1]),
         "key": key,
+        # which process runs what (for memory readings): the edge is always this one
+        "pids": {"edge": os.getpid(), **{name: child.pid for name, child in children.items()}}
+        if split
+        else {name: os.getpid() for name in ("edge", *names)},
     }
     print(json.dumps(info), flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
-    for child in children:
+    for child in children.values():
         child.terminate()
         child.wait(timeout=30)
     for service in services:

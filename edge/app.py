@@ -16,13 +16,7 @@ from services.common.settings import Settings
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    app[UPSTREAMS] = Upstreams.connect(
-        billing_address=settings.billing_address,
-        image_address=settings.image_gen_address,
-        max_message_bytes=settings.grpc_max_message_bytes,
-        timeout=settings.service_timeout_seconds,
-    )
+    app[UPSTREAMS] = Upstreams.connect(app[SETTINGS])
     yield
     await app[UPSTREAMS].close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,9 +15,12 @@ from kiln.billing.v1 import billing_service_pb2_grpc as billing_grpc
 from kiln.common.v1 import media_pb2 as media_pb
 from kiln.image.v1 import image_service_pb2 as image_pb
 from kiln.image.v1 import image_service_pb2_grpc as image_grpc
+from kiln.segmentation.v1 import segmentation_service_pb2 as seg_pb
+from kiln.segmentation.v1 import segmentation_service_pb2_grpc as seg_grpc
 from services.common.errors import ProcessingError
 from services.common.grpc_client import create_channel, error_from_rpc
 from services.common.registry import GenerationParams
+from services.common.settings import Settings
 
 T = TypeVar("T")
 
@@ -149,26 +152,105 @@ class ImageGenClient:
         raise ProcessingError("The image service ended the stream without a result.")
 
 
+class SegmentationClient:
+    """Segmentation and background removal; video through the bidirectional stream."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
+        self._stub = seg_grpc.SegmentationServiceStub(channel)
+        self._timeout = timeout
+
+    async def segment(self, request: seg_pb.SegmentImageRequest) -> seg_pb.SegmentImageResponse:
+        return await _call(
+            self._stub.SegmentImage(request, timeout=self._timeout, metadata=_metadata(request.request_id))
+        )
+
+    async def remove_background(
+        self, request: seg_pb.RemoveImageBackgroundRequest
+    ) -> seg_pb.RemoveImageBackgroundResponse:
+        return await _call(
+            self._stub.RemoveImageBackground(
+                request, timeout=self._timeout, metadata=_metadata(request.request_id)
+            )
+        )
+
+    def video(self, request_id: str) -> VideoSession:
+        call = self._stub.RemoveVideoBackground(timeout=self._timeout, metadata=_metadata(request_id))
+        return VideoSession(call)
+
+
+class VideoSession:
+    """The client side of RemoveVideoBackground: upload, probe, start, then events."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self._call = call
+
+    async def _write(self, message: seg_pb.RemoveVideoBackgroundRequest) -> None:
+        try:
+            await self._call.write(message)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err) from None
+        except asyncio.InvalidStateError:  # the service already ended the call (with an error)
+            await self._raise_status()
+
+    async def _raise_status(self) -> None:
+        try:
+            await self._call
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err) from None
+        raise ProcessingError("The segmentation service ended the video call early.")
+
+    async def send_job(self, job: seg_pb.VideoJob) -> None:
+        await self._write(seg_pb.RemoveVideoBackgroundRequest(job=job))
+
+    async def send_chunk(self, chunk: bytes) -> None:
+        await self._write(seg_pb.RemoveVideoBackgroundRequest(chunk=chunk))
+
+    async def finish_upload(self) -> None:
+        await self._write(seg_pb.RemoveVideoBackgroundRequest(upload_complete=True))
+
+    async def start(self) -> None:
+        await self._write(seg_pb.RemoveVideoBackgroundRequest(start=seg_pb.StartProcessing()))
+        await self._call.done_writing()
+
+    async def next_event(self) -> seg_pb.RemoveVideoBackgroundResponse:
+        try:
+            message = await self._call.read()
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err) from None
+        if message is grpc.aio.EOF:
+            await self._raise_status()
+        return cast(seg_pb.RemoveVideoBackgroundResponse, message)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 @dataclass
 class Upstreams:
     """The edge's channels and clients, opened and closed with the app."""
 
-    billing_channel: grpc.aio.Channel
-    image_channel: grpc.aio.Channel
+    channels: dict[str, grpc.aio.Channel]
     billing: BillingClient
     images: ImageGenClient
+    segmentation: SegmentationClient
 
     @classmethod
-    def connect(
-        cls, *, billing_address: str, image_address: str, max_message_bytes: int, timeout: float
-    ) -> Upstreams:
-        billing_channel = create_channel(billing_address, max_message_bytes=max_message_bytes)
-        image_channel = create_channel(image_address, max_message_bytes=max_message_bytes)
+    def connect(cls, settings: Settings) -> Upstreams:
+        addresses = {
+            "billing": settings.billing_address,
+            "image_gen": settings.image_gen_address,
+            "segmentation": settings.segmentation_address,
+        }
+        channels = {
+            name: create_channel(address, max_message_bytes=settings.grpc_max_message_bytes)
+            for name, address in addresses.items()
+        }
+        timeout = settings.service_timeout_seconds
         return cls(
-            billing_channel=billing_channel,
-            image_channel=image_channel,
-            billing=BillingClient(billing_channel),
-            images=ImageGenClient(image_channel, timeout=timeout),
+            channels=channels,
+            billing=BillingClient(channels["billing"]),
+            images=ImageGenClient(channels["image_gen"], timeout=timeout),
+            segmentation=SegmentationClient(channels["segmentation"], timeout=timeout),
         )
 
     async def health(self, deadline_seconds: float = 2.0) -> dict[str, bool]:
@@ -183,9 +265,9 @@ class Upstreams:
                 return False
             return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
-        billing_ok, image_ok = await asyncio.gather(check(self.billing_channel), check(self.image_channel))
-        return {"billing": billing_ok, "image_gen": image_ok}
+        results = await asyncio.gather(*(check(channel) for channel in self.channels.values()))
+        return dict(zip(self.channels, results, strict=True))
 
     async def close(self) -> None:
-        await self.billing_channel.close()
-        await self.image_channel.close()
+        for channel in self.channels.values():
+            await channel.close()

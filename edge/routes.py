@@ -9,9 +9,16 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from edge.handlers import images, media, system
+from edge.handlers import images, media, segmentation, system
 from edge.responses import json_response
-from edge.schemas import BatchImageGenerationRequest, ImageEditForm, ImageEditRequest, ImageGenerationRequest
+from edge.schemas import (
+    BackgroundRemovalForm,
+    BatchImageGenerationRequest,
+    ImageEditForm,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    SegmentationForm,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,6 +74,37 @@ ROUTES: tuple[Route, ...] = (
         form=ImageEditForm,
         files=("image", "image[]", "mask"),
         responses=_PAID,
+    ),
+    Route(
+        "POST",
+        "/v1/images/segmentations",
+        segmentation.segment_image,
+        "Segment an image by a text prompt and/or points (SAM3). Answers segmented_image.png: the "
+        "object on transparency (output=mask: a grey mask), the best candidate; every candidate is "
+        "stored and listed in X-Mask-Candidates, or returned as JSON with Accept: application/json.",
+        form=SegmentationForm,
+        files=("file",),
+        responses=_PAID,
+    ),
+    Route(
+        "POST",
+        "/v1/images/remove-background",
+        segmentation.remove_image_background,
+        "Keep the object a prompt names; answers background_removed.png, RGBA, the input's size.",
+        form=BackgroundRemovalForm,
+        files=("file",),
+        responses=_PAID,
+    ),
+    Route(
+        "POST",
+        "/v1/videos/remove-background",
+        segmentation.remove_video_background,
+        "Remove a video's background frame by frame; answers background_removed_video.webm (VP9 with "
+        "alpha), same size and rate, no audio. 0.25 credits per frame where the object was found "
+        "(X-Frames-Processed, X-Frames-Charged).",
+        form=BackgroundRemovalForm,
+        files=("file",),
+        responses={**_PAID, 413: "Video larger than KILN_MAX_VIDEO_BYTES"},
     ),
     Route(
         "GET",

@@ -322,3 +322,37 @@ def parse_body(model: type[M], raw: bytes) -> M:
         return model.model_validate_json(raw)
     except ValidationError as err:
         raise invalid_request_from(err) from None
+
+
+class _Form(BaseModel):
+    """Text fields of a multipart form (values arrive as strings, so types are lax)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class SegmentationForm(_Form):
+    """``POST /v1/images/segmentations`` (multipart, with a ``file`` upload)."""
+
+    prompt: str = Field("", description="What to segment; optional when point_coords are given.")
+    point_coords: str | None = Field(None, description="JSON [[x, y], ...] in the image's pixels.")
+    point_labels: str | None = Field(None, description="JSON [1, 0, ...]: 1 foreground, 0 background.")
+    multimask_output: bool = Field(False, description="Up to 3 candidate masks (with points only).")
+    output: Literal["cutout", "mask"] = Field(
+        "cutout", description="cutout: the object on transparency; mask: a grey mask (255 inside)."
+    )
+    model: str | None = Field(None, min_length=1, description='"sam3" by default.')
+
+
+class BackgroundRemovalForm(_Form):
+    """``POST /v1/images/remove-background`` and ``/v1/videos/remove-background`` (multipart)."""
+
+    prompt: str = Field(description="The object to keep; everything else becomes transparent.")
+    model: str | None = Field(None, min_length=1, description='"sam3" by default.')
+
+
+def parse_form(model: type[M], fields: dict[str, str]) -> M:
+    """Checks a form's text fields, or raises InvalidRequest."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as err:
+        raise invalid_request_from(err) from None

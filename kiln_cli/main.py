@@ -32,7 +32,7 @@ from services.common.telemetry import setup_tracing
 
 log = logging.getLogger("kiln")
 
-SERVICES = ("billing", "image_gen", "edge")
+SERVICES = ("billing", "image_gen", "segmentation", "edge")
 
 
 class PortTaken(Exception):
@@ -49,6 +49,7 @@ def check_ports(settings: Settings, services: tuple[str, ...]) -> None:
     wanted = {
         "billing": (_split_address(settings.billing_address), "KILN_BILLING_ADDRESS"),
         "image_gen": (_split_address(settings.image_gen_address), "KILN_IMAGE_GEN_ADDRESS"),
+        "segmentation": (_split_address(settings.segmentation_address), "KILN_SEGMENTATION_ADDRESS"),
         "edge": ((settings.http_host, settings.http_port), "KILN_HTTP_PORT"),
     }
     for name in services:
@@ -112,6 +113,10 @@ async def _create_grpc_service(name: str, settings: Settings) -> GrpcService:
         from services.billing.server import create_service as create_billing
 
         return await create_billing(settings)
+    if name == "segmentation":
+        from services.segmentation.server import create_service as create_segmentation
+
+        return await create_segmentation(settings, address=settings.segmentation_address)
     from services.image_gen.server import create_service as create_image_gen
 
     return await create_image_gen(settings)
@@ -169,12 +174,7 @@ def _banner(settings: Settings, key: str, balance: str) -> str:
 async def _wait_ready(settings: Settings) -> None:
     from edge.clients import Upstreams
 
-    upstreams = Upstreams.connect(
-        billing_address=settings.billing_address,
-        image_address=settings.image_gen_address,
-        max_message_bytes=settings.grpc_max_message_bytes,
-        timeout=settings.service_timeout_seconds,
-    )
+    upstreams = Upstreams.connect(settings)
     try:
         while True:
             if all((await upstreams.health()).values()):

@@ -63,6 +63,7 @@ class Mesh:
     ledger: object  # services.billing.ledger.Ledger on the same database
     billing_port: int
     image_port: int
+    segmentation_port: int
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +79,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
     from services.billing.server import create_service as create_billing
     from services.billing.store import Database
     from services.image_gen.server import create_service as create_image_gen
+    from services.segmentation.server import create_service as create_segmentation
 
     data_dir = tmp_path_factory.mktemp("kiln")
     registry = data_dir / "registry.toml"
@@ -93,12 +95,15 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
     )
     billing = await create_billing(settings, address="127.0.0.1:0")
     image_gen = await create_image_gen(settings, address="127.0.0.1:0")
+    segmentation = await create_segmentation(settings, address="127.0.0.1:0")
     await billing.start()
     await image_gen.start()
+    await segmentation.start()
     settings = settings.model_copy(
         update={
             "billing_address": f"127.0.0.1:{billing.port}",
             "image_gen_address": f"127.0.0.1:{image_gen.port}",
+            "segmentation_address": f"127.0.0.1:{segmentation.port}",
         }
     )
     runner = web.AppRunner(create_app(settings))
@@ -117,11 +122,12 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
             raise RuntimeError("the mesh did not become ready")
     db = await Database.open(settings.resolved_database_url)
     try:
-        yield Mesh(settings, url, Ledger(db), billing.port, image_gen.port)
+        yield Mesh(settings, url, Ledger(db), billing.port, image_gen.port, segmentation.port)
     finally:
         await db.close()
         await runner.cleanup()
         await image_gen.stop(1)
+        await segmentation.stop(1)
         await billing.stop(1)
 
 

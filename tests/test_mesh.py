@@ -48,6 +48,7 @@ async def test_reflection_lists_every_service_to_grpcurl(mesh: Mesh) -> None:
     for port, service in (
         (mesh.billing_port, "kiln.billing.v1.BillingService"),
         (mesh.image_port, "kiln.image.v1.ImageService"),
+        (mesh.segmentation_port, "kiln.segmentation.v1.SegmentationService"),
     ):
         result = await asyncio.to_thread(
             subprocess.run,

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
 
 from edge.errors import envelope
 from edge.flow import Billed, run_billed
@@ -28,8 +27,8 @@ from edge.schemas import (
     ImageEditRequest,
     ImageGenerationRequest,
     ImageOptions,
-    invalid_request_from,
     parse_body,
+    parse_form,
 )
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from services.common.errors import InvalidRequest, KilnError
@@ -190,11 +189,7 @@ async def _read_edit_form(request: web.Request) -> tuple[ImageEditForm, list[byt
             raise InvalidRequest(f"The field '{name}' is given more than once")
         else:
             fields[name] = str(value)
-    try:
-        parsed = ImageEditForm.model_validate(fields)
-    except ValidationError as exc:
-        raise invalid_request_from(exc) from None
-    return parsed, inputs, mask
+    return parse_form(ImageEditForm, fields), inputs, mask
 
 
 async def create_generation_batch(request: web.Request) -> web.Response:

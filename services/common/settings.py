@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # --- addresses ---
     billing_address: str = Field("127.0.0.1:50051", description="host:port of the billing gRPC service.")
     image_gen_address: str = Field("127.0.0.1:50052", description="host:port of the image_gen gRPC service.")
+    segmentation_address: str = Field(
+        "127.0.0.1:50053", description="host:port of the segmentation gRPC service."
+    )
     http_host: str = Field("127.0.0.1", description="Interface the HTTP edge binds.")
     http_port: int = Field(8000, description="Port of the HTTP edge.")
     public_base_url: str | None = Field(
@@ -57,6 +60,9 @@ class Settings(BaseSettings):
         4096 * 4096, description="Most pixels of an input image (checked from its header, before decoding)."
     )
     max_input_image_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted input image file.")
+    max_video_bytes: int = Field(
+        500 * 1024 * 1024, description="Largest accepted video upload (streamed, never held in memory)."
+    )
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, description="Largest gRPC message either way.")
     service_timeout_seconds: float = Field(
         600.0, description="Deadline of one capability call from the edge."

@@ -55,8 +55,16 @@ def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
 
 
 def client_interceptors() -> list[Any]:
-    """Tracing interceptors for a grpc.aio channel (injects the trace context)."""
-    return list(aio_client_interceptors()) if tracing_enabled() else []
+    """Tracing interceptors for a grpc.aio channel (injects the trace context).
+
+    Bidirectional calls are left out: the instrumentation's stream-stream
+    interceptor leaves its request-iterator task pending when such a call is
+    dropped after an error (asyncio then logs "Task was destroyed"). Their
+    server side is still traced, as a trace of its own.
+    """
+    if not tracing_enabled():
+        return []
+    return [i for i in aio_client_interceptors() if not isinstance(i, grpc.aio.StreamStreamClientInterceptor)]
 
 
 def tracer(name: str) -> trace.Tracer:

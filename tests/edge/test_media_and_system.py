@@ -75,7 +75,11 @@ async def test_health_readiness_and_openapi(mesh: Mesh, http: aiohttp.ClientSess
         assert response.status == 200
     async with http.get(mesh.url + "/readyz") as response:
         assert response.status == 200
-        assert (await response.json())["services"] == {"billing": True, "image_gen": True}
+        assert (await response.json())["services"] == {
+            "billing": True,
+            "image_gen": True,
+            "segmentation": True,
+        }
     async with http.get(mesh.url + "/openapi.json") as response:
         document = await response.json()
     for route in ROUTES:

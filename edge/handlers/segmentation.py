@@ -1,0 +1,296 @@
+"""Segmentation and background removal: ``/v1/images/segmentations``,
+``/v1/images/remove-background`` and ``/v1/videos/remove-background`` (multipart).
+
+Images cost 0.25 credits each. A video is reserved for the frame count the
+segmentation service reads from its container (an upper bound), and only the
+frames where the object was found are charged; the upload streams to the
+service in chunks as it arrives, and the result is kept in a spooled temporary
+file (memory stays flat) so that the frame counts can go in the headers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import tempfile
+import time
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from edge.errors import error_response
+from edge.flow import Billed, credential_from, run_billed
+from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
+from edge.responses import json_response
+from edge.schemas import BackgroundRemovalForm, SegmentationForm, parse_form
+from kiln.billing.v1 import billing_service_pb2 as billing_pb
+from kiln.segmentation.v1 import segmentation_service_pb2 as seg_pb
+from services.common.errors import InvalidRequest
+from services.common.media import probe_image
+from services.common.money import format_credits
+from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec
+
+#: Upload chunk forwarded to the service, and output chunk written to the client.
+CHUNK_BYTES = 256 * 1024
+#: Output kept in memory up to this size, then in a temporary file.
+SPOOL_BYTES = 8 * 1024 * 1024
+OUTPUTS = {"cutout": seg_pb.SEGMENTATION_OUTPUT_CUTOUT, "mask": seg_pb.SEGMENTATION_OUTPUT_MASK}
+
+
+def _usage(spec: ModelSpec, frames: int) -> billing_pb.Usage:
+    return billing_pb.Usage(segmentation=billing_pb.SegmentationUsage(model=spec.id, frames=frames))
+
+
+async def _read_image_form(request: web.Request) -> tuple[bytes, dict[str, str]]:
+    """The ``file`` upload and the text fields of an image form, with the usual limits."""
+    if request.content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise InvalidRequest("Send the image as multipart/form-data with a 'file' field.")
+    try:
+        form = await request.post()
+    except ValueError as exc:
+        raise InvalidRequest(f"The multipart body could not be read: {exc}") from None
+    data = b""
+    fields: dict[str, str] = {}
+    for name, value in form.items():
+        if isinstance(value, web.FileField):
+            if name != "file":
+                raise InvalidRequest(f"'{name}' must be a text field")
+            data = value.file.read()
+        elif name == "file":
+            raise InvalidRequest("'file' must be a file upload")
+        elif name in fields:
+            raise InvalidRequest(f"The field '{name}' is given more than once")
+        else:
+            fields[name] = str(value)
+    if not data:
+        raise InvalidRequest("Missing required parameter: 'file' (an image upload)")
+    return data, fields
+
+
+def _model(request: web.Request, name: str | None) -> ModelSpec:
+    return request.app[REGISTRY].resolve(name, SEGMENTATION, DEFAULT_SEGMENTATION_MODEL)
+
+
+def _json_field(text: str, name: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise InvalidRequest(f"'{name}' is not valid JSON") from None
+
+
+def _points(form: SegmentationForm, width: int, height: int) -> list[seg_pb.Point]:
+    """``point_coords`` ([[x, y], ...] in the image's pixels) and ``point_labels`` (1/0)."""
+    if form.point_coords is None:
+        if form.point_labels is not None:
+            raise InvalidRequest("'point_labels' needs 'point_coords'")
+        return []
+    coords = _json_field(form.point_coords, "point_coords")
+    if not isinstance(coords, list) or not coords:
+        raise InvalidRequest("'point_coords' must be a non-empty JSON array of [x, y] pairs")
+    points: list[seg_pb.Point] = []
+    for index, pair in enumerate(coords):
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in pair)
+        ):
+            raise InvalidRequest(f"point_coords[{index}] must be an [x, y] pair of numbers")
+        x, y = float(pair[0]), float(pair[1])
+        if not (0 <= x < width and 0 <= y < height):
+            raise InvalidRequest(
+                f"point_coords[{index}] ({pair[0]}, {pair[1]}) is outside the {width}x{height} image"
+            )
+        points.append(seg_pb.Point(x=x, y=y))
+    if form.point_labels is not None:
+        labels = _json_field(form.point_labels, "point_labels")
+        if not isinstance(labels, list) or len(labels) != len(points):
+            raise InvalidRequest(
+                f"'point_labels' must be a JSON array with one label per point ({len(points)} points)"
+            )
+        for index, (label, point) in enumerate(zip(labels, points, strict=True)):
+            if label not in (0, 1) or isinstance(label, bool):
+                raise InvalidRequest(f"point_labels[{index}] must be 1 (foreground) or 0 (background)")
+            point.foreground = label == 1
+    return points
+
+
+def _png(body: bytes, filename: str, headers: dict[str, str]) -> web.Response:
+    headers = {**headers, "Content-Disposition": f'inline; filename="{filename}"'}
+    return web.Response(body=body, content_type="image/png", headers=headers)
+
+
+async def segment_image(request: web.Request) -> web.StreamResponse:
+    """The best mask as ``segmented_image.png`` (the object on transparency, or ``output=mask``
+    for a grey mask); with ``Accept: application/json``, every candidate with its score."""
+    started = time.perf_counter()
+    credential_from(request)
+    settings = request.app[SETTINGS]
+    data, fields = await _read_image_form(request)
+    form = parse_form(SegmentationForm, fields)
+    spec = _model(request, form.model)
+    info = probe_image(
+        data, max_pixels=settings.max_input_image_pixels, max_bytes=settings.max_input_image_bytes
+    )
+    prompt = form.prompt.strip()
+    points = _points(form, info.width, info.height)
+    if not prompt and not points:
+        raise InvalidRequest("Give 'prompt' (what to segment) or 'point_coords', or both.")
+    multimask = form.multimask_output
+    if multimask and not points:
+        raise InvalidRequest("'multimask_output' works with 'point_coords' only.")
+    if len(prompt) > settings.max_prompt_chars:
+        raise InvalidRequest(f"'prompt' is longer than {settings.max_prompt_chars} characters")
+    call = seg_pb.SegmentImageRequest(
+        image=data,
+        prompt=prompt,
+        points=points,
+        multimask_output=multimask,
+        output=OUTPUTS[form.output],
+        request_id=request[REQUEST_ID],
+        model=spec.id,
+    )
+
+    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[seg_pb.SegmentImageResponse]:
+        result = await request.app[UPSTREAMS].segmentation.segment(call)
+        return Billed(result, auth.reservation.amount_hundredths)
+
+    billed = await run_billed(request, [_usage(spec, 1)], work)
+    result = billed.result
+    store = request.app[MEDIA]
+    candidates = []
+    for mask in result.masks:
+        media_id = await store.put_async(mask.image.data, mask.image.mime_type)
+        candidates.append((mask, f"/v1/media/{media_id}"))
+    headers = {
+        "X-Credits-Charged": format_credits(billed.charged),
+        "X-Segmentation-Found": str(result.found).lower(),
+        "X-Mask-Candidates": ", ".join(
+            f"<{url}>; score={mask.score:.4f}; coverage={mask.coverage:.4f}" for mask, url in candidates
+        ),
+        "Server-Timing": f"inference;dur={result.timing.inference_ms:.3f}, total;dur={(time.perf_counter() - started) * 1000:.3f}",
+    }
+    if "application/json" in request.headers.get("Accept", ""):
+        data_items = [
+            {
+                "url": url,
+                "b64_json": base64.b64encode(mask.image.data).decode("ascii"),
+                "score": round(mask.score, 4),
+                "coverage": round(mask.coverage, 4),
+            }
+            for mask, url in candidates
+        ]
+        return json_response(
+            {"created": int(time.time()), "found": result.found, "data": data_items}, headers=headers
+        )
+    return _png(result.masks[0].image.data, "segmented_image.png", headers)
+
+
+async def remove_image_background(request: web.Request) -> web.StreamResponse:
+    """An RGBA PNG the size of the input, ``background_removed.png``."""
+    credential_from(request)
+    settings = request.app[SETTINGS]
+    data, fields = await _read_image_form(request)
+    form = parse_form(BackgroundRemovalForm, fields)
+    spec = _model(request, form.model)
+    probe_image(data, max_pixels=settings.max_input_image_pixels, max_bytes=settings.max_input_image_bytes)
+    prompt = form.prompt.strip()
+    if not prompt:
+        raise InvalidRequest("Missing required parameter: 'prompt' (the object to keep)")
+    if len(prompt) > settings.max_prompt_chars:
+        raise InvalidRequest(f"'prompt' is longer than {settings.max_prompt_chars} characters")
+    call = seg_pb.RemoveImageBackgroundRequest(
+        image=data, prompt=prompt, request_id=request[REQUEST_ID], model=spec.id
+    )
+
+    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[seg_pb.RemoveImageBackgroundResponse]:
+        result = await request.app[UPSTREAMS].segmentation.remove_background(call)
+        return Billed(result, auth.reservation.amount_hundredths)
+
+    billed = await run_billed(request, [_usage(spec, 1)], work)
+    headers = {
+        "X-Credits-Charged": format_credits(billed.charged),
+        "X-Segmentation-Found": str(billed.result.found).lower(),
+    }
+    return _png(billed.result.image.data, "background_removed.png", headers)
+
+
+async def remove_video_background(request: web.Request) -> web.StreamResponse:
+    """A WebM (VP9 with alpha) ``background_removed_video.webm``; see the module docstring."""
+    credential_from(request)
+    settings = request.app[SETTINGS]
+    if request.content_type != "multipart/form-data":
+        raise InvalidRequest("Send the video as multipart/form-data with a 'file' field.")
+    reader = await request.multipart()
+    session = request.app[UPSTREAMS].segmentation.video(request[REQUEST_ID])
+    try:
+        fields: dict[str, str] = {}
+        uploaded = 0
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or not part.name:
+                raise InvalidRequest("Every part of the form needs a name")
+            if part.name == "file":
+                if part.filename is None:
+                    raise InvalidRequest("'file' must be a file upload")
+                while chunk := await part.read_chunk(CHUNK_BYTES):
+                    uploaded += len(chunk)
+                    if uploaded > settings.max_video_bytes:
+                        limit = settings.max_video_bytes
+                        message = f"The video is larger than the limit of {limit} bytes."
+                        return error_response(InvalidRequest(message), status=413)
+                    await session.send_chunk(chunk)
+            elif part.name in fields:
+                raise InvalidRequest(f"The field '{part.name}' is given more than once")
+            else:
+                fields[part.name] = await part.text()
+        if not uploaded:
+            raise InvalidRequest("Missing required parameter: 'file' (a video upload)")
+        form = parse_form(BackgroundRemovalForm, fields)
+        prompt = form.prompt.strip()
+        if not prompt:
+            raise InvalidRequest("Missing required parameter: 'prompt' (the object to keep)")
+        spec = _model(request, form.model)
+        await session.send_job(seg_pb.VideoJob(prompt=prompt, model=spec.id, request_id=request[REQUEST_ID]))
+        await session.finish_upload()
+        event = await session.next_event()
+        if not event.HasField("probe"):
+            raise InvalidRequest("The video could not be read.")
+        frames = event.probe.frames
+
+        async def work(auth: billing_pb.AuthorizeResponse) -> Billed[tuple[Any, seg_pb.VideoSummary]]:
+            await session.start()
+            output = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+            while True:
+                event = await session.next_event()
+                kind = event.WhichOneof("event")
+                if kind == "chunk":
+                    output.write(event.chunk)
+                elif kind == "summary":
+                    break
+            summary = event.summary
+            charged = auth.reservation.amount_hundredths * summary.frames_with_object // frames
+            return Billed((output, summary), charged)
+
+        billed = await run_billed(request, [_usage(spec, frames)], work)
+    finally:
+        session.cancel()
+    output, summary = billed.result
+    try:
+        size = output.tell()
+        output.seek(0)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "video/webm",
+                "Content-Disposition": 'inline; filename="background_removed_video.webm"',
+                "Content-Length": str(size),
+                "X-Frames-Processed": str(summary.frames_processed),
+                "X-Frames-Charged": str(summary.frames_with_object),
+                "X-Credits-Charged": format_credits(billed.charged),
+            }
+        )
+        await response.prepare(request)
+        while chunk := output.read(CHUNK_BYTES):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        output.close()
