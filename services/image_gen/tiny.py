@@ -17,17 +17,14 @@ ignored (and may be deleted by hand).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from services.common.engine import ensure_tiny_model_directory, tiny_model_directory
 from services.common.tiny_tokenizer import build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -278,34 +275,10 @@ def build_tiny_flux2_klein(directory: Path, *, distilled: bool) -> None:
 
 
 def tiny_model_dir(cache_dir: Path, model_id: str) -> Path:
-    """Where the tiny build of a model lives.
-
-    Ids made only of letters, digits, ``-``, ``_`` and ``.`` are used as they
-    are; others (``owner/name``) get their unsafe characters replaced and a
-    short hash of the id appended, so two ids never share a directory.
-    """
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id).lstrip(".")
-    if safe != model_id:
-        safe = f"{safe}-{hashlib.sha256(model_id.encode()).hexdigest()[:8]}"
-    return cache_dir / f"{safe}-tiny-v{TINY_VERSION}"
+    """Where the tiny build of a model lives (see :func:`tiny_model_directory`)."""
+    return tiny_model_directory(cache_dir, model_id, version=TINY_VERSION)
 
 
 def ensure_tiny_model(cache_dir: Path, model_id: str, build: TinyBuilder) -> Path:
     """The tiny model's directory, building it first if it is not there yet (blocking)."""
-    target = tiny_model_dir(cache_dir, model_id)
-    if target.is_dir():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
-    try:
-        log.info("building tiny random-weight model %s in %s", model_id, target)
-        build(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not target.is_dir():  # not a concurrent builder that won the race
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return ensure_tiny_model_directory(cache_dir, model_id, build, version=TINY_VERSION)
