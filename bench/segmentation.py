@@ -99,16 +99,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--short", type=int, default=10, help="seconds of the short clip")
     parser.add_argument("--long", type=int, default=60, help="seconds of the long clip")
+    parser.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.0,
+        help="sam3 score threshold for the run; 0 counts every frame as found (the full path: "
+        "compose and encode alpha, charge every frame), the tiny random model finds little at 0.5",
+    )
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="kiln-seg-bench-") as tmp:
+        from services.common.settings import DEFAULT_REGISTRY
+
+        registry = Path(tmp) / "registry.toml"
+        registry.write_text(
+            DEFAULT_REGISTRY.read_text().replace(
+                "score_threshold = 0.5", f"score_threshold = {args.score_threshold}"
+            )
+        )
         for seconds in (args.short, args.long):
             clip = Path(tmp) / f"clip_{seconds}s.mp4"
             frames = make_clip(clip, seconds)
             print(
                 f"clip: {seconds} s, {frames} frames, {WIDTH}x{HEIGHT} @ {RATE} fps, {clip.stat().st_size / 2**20:.1f} MiB"
             )
-            with running_mesh("split") as info:
+            with running_mesh("split", {"KILN_REGISTRY_PATH": str(registry)}) as info:
                 results[seconds] = result = asyncio.run(_run(info, clip))
             print(
                 f"  {result['frames']:.0f} frames in {result['seconds']:.1f} s = {result['fps']:.1f} fps "
