@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
 from services.common.errors import InvalidRequest, MaintenanceMode, ProcessingError
+from services.common.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
 
@@ -475,6 +476,52 @@ class EnginePool:
 
     async def close(self) -> None:
         await asyncio.gather(*(engine.close() for engine in self.engines.values()))
+
+
+class RegistryEngine(Engine[RequestT, ResultT]):
+    """An engine for one registry model: its spec, its weights directory (None for a
+    tiny random-weight build in ``cache_dir``) and its torch thread count."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        weights_dir: Path | None,
+        cache_dir: Path,
+        torch_threads: int | None = None,
+    ) -> None:
+        super().__init__(spec.id)
+        self.spec = spec
+        self.weights_dir = weights_dir
+        self.cache_dir = cache_dir
+        self.torch_threads = torch_threads
+
+
+def build_engine_pool(
+    registry: Registry,
+    specs: list[ModelSpec],
+    classes: Mapping[str, type[RegistryEngine[Any, Any]]],
+    *,
+    service: str,
+    cache_dir: Path,
+    torch_threads: int | None,
+    default: str,
+) -> EnginePool:
+    """One engine per model (not loaded yet); a model whose engine ``service`` lacks is unavailable."""
+    engines: dict[str, Engine[Any, Any]] = {}
+    unavailable: dict[str, str] = {}
+    for spec in specs:
+        cls = classes.get(spec.engine)
+        if cls is None:
+            unavailable[spec.id] = f"{service} has no engine '{spec.engine}' (known: {', '.join(classes)})"
+            continue
+        engines[spec.id] = cls(
+            spec,
+            weights_dir=spec.weights_path(registry.path),
+            cache_dir=cache_dir,
+            torch_threads=torch_threads,
+        )
+    return EnginePool(engines, default=default, unavailable=unavailable)
 
 
 def tiny_model_directory(cache_dir: Path, model_id: str, *, version: int) -> Path:

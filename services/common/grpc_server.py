@@ -26,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from services.common.engine import EnginePool
 from services.common.errors import ERROR_DOMAIN, KilnError, ProcessingError
 from services.common.telemetry import server_interceptors
 
@@ -178,4 +179,16 @@ async def create_server(
         raise OSError(f"cannot bind gRPC address {address}")
     service = GrpcService(server=server, port=port, health=health, service_names=names)
     await service.set_serving(False)
+    return service
+
+
+def serve_engine_pool(service: GrpcService, pool: EnginePool) -> GrpcService:
+    """Loads the pool's engines once the server listens (health SERVING when the default
+    model is ready) and closes them when it stops."""
+
+    async def load_engines() -> None:
+        await pool.load(on_default_ready=service.set_serving)
+
+    service.background.append(load_engines)
+    service.cleanup.append(pool.close)
     return service

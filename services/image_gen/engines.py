@@ -53,12 +53,15 @@ from transformers.utils import logging as transformers_logging
 
 from services.common.engine import (
     MODEL_LOAD_LOCK,
-    Engine,
     EnginePool,
     EngineUnavailable,
     JobOutcome,
     Progress,
+    RegistryEngine,
     StepControl,
+)
+from services.common.engine import (
+    build_engine_pool as build_pool,
 )
 from services.common.errors import InvalidRequest, ProcessingError
 from services.common.media import encode_image, image_mime_type
@@ -172,7 +175,7 @@ def repaint_area(mask: Image.Image) -> Image.Image:
     return area
 
 
-class DiffusersImageEngine(Engine[ImageRequest, ImageResult]):
+class DiffusersImageEngine(RegistryEngine[ImageRequest, ImageResult]):
     """An image engine on diffusers pipelines: text-to-image, and edits where the class allows."""
 
     #: Whether the engine edits input images, and how many it takes at most.
@@ -193,11 +196,7 @@ class DiffusersImageEngine(Engine[ImageRequest, ImageResult]):
         cache_dir: Path,
         torch_threads: int | None = None,
     ) -> None:
-        super().__init__(spec.id)
-        self.spec = spec
-        self.weights_dir = weights_dir
-        self.cache_dir = cache_dir
-        self.torch_threads = torch_threads
+        super().__init__(spec, weights_dir=weights_dir, cache_dir=cache_dir, torch_threads=torch_threads)
         self.pipe: Any = None
         #: Width and height must be multiples of this (VAE scale x 2x2 patching).
         self.pixel_multiple = 16
@@ -653,21 +652,15 @@ def build_engine_pool(
     engine_classes: dict[str, type[DiffusersImageEngine]] | None = None,
 ) -> EnginePool:
     """One engine per text-to-image or image-edit model of the registry (not loaded yet)."""
-    classes = ENGINE_CLASSES if engine_classes is None else engine_classes
-    engines: dict[str, Engine[Any, Any]] = {}
-    unavailable: dict[str, str] = {}
-    for spec in served_models(registry):
-        cls = classes.get(spec.engine)
-        if cls is None:
-            unavailable[spec.id] = f"image_gen has no engine '{spec.engine}' (known: {', '.join(classes)})"
-            continue
-        engines[spec.id] = cls(
-            spec,
-            weights_dir=spec.weights_path(registry.path),
-            cache_dir=cache_dir,
-            torch_threads=torch_threads,
-        )
-    return EnginePool(engines, default=default, unavailable=unavailable)
+    return build_pool(
+        registry,
+        served_models(registry),
+        ENGINE_CLASSES if engine_classes is None else engine_classes,
+        service="image_gen",
+        cache_dir=cache_dir,
+        torch_threads=torch_threads,
+        default=default,
+    )
 
 
 def served_models(registry: Registry) -> list[ModelSpec]:

@@ -5,21 +5,18 @@ reflection) around :class:`ImageServiceServicer`; once started, a background
 task loads the engines on their worker threads, and health turns SERVING as
 soon as the default model (z-image-turbo) can serve. Health keeps answering
 while models load and while they generate, because all model work happens off
-the event loop. ``serve`` runs one service until SIGTERM/SIGINT, as
-``kiln serve image_gen`` and a container do.
+the event loop. ``kiln serve image_gen`` runs it alone, as a container does.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 
 import grpc
 
 from kiln.image.v1 import image_service_pb2_grpc as pb_grpc
 from services.common.engine import EnginePool
-from services.common.grpc_server import GrpcService, create_server
+from services.common.grpc_server import GrpcService, create_server, serve_engine_pool
 from services.common.registry import DEFAULT_IMAGE_MODEL, Registry, load_registry
 from services.common.settings import Settings
 from services.image_gen.engines import build_engine_pool
@@ -68,25 +65,4 @@ async def create_service(
         max_message_bytes=settings.grpc_max_message_bytes,
     )
 
-    async def load_engines() -> None:
-        await pool.load(on_default_ready=service.set_serving)
-
-    service.background.append(load_engines)
-    service.cleanup.append(pool.close)
-    return service
-
-
-async def serve(settings: Settings) -> None:
-    """Runs image_gen until SIGTERM or SIGINT, then shuts down gracefully."""
-    from services.common.telemetry import setup_tracing
-
-    setup_tracing(settings, "image_gen")
-    service = await create_service(settings)
-    await service.start()
-    log.info("image_gen listening on port %d", service.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await service.stop(settings.grace_seconds)
+    return serve_engine_pool(service, pool)

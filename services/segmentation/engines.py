@@ -60,13 +60,16 @@ from transformers.utils import logging as transformers_logging
 
 from services.common.engine import (
     MODEL_LOAD_LOCK,
-    Engine,
     EnginePool,
     EngineUnavailable,
     JobOutcome,
     Progress,
+    RegistryEngine,
     StepControl,
     ensure_tiny_model_directory,
+)
+from services.common.engine import (
+    build_engine_pool as build_pool,
 )
 from services.common.errors import InvalidRequest, ProcessingError
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec, Registry
@@ -165,7 +168,7 @@ def _model_dir(root: Path, sub: str) -> Path:
     return root / sub if (root / sub / "config.json").is_file() else root
 
 
-class Sam3Engine(Engine[SegmentRequest, SegmentResult]):
+class Sam3Engine(RegistryEngine[SegmentRequest, SegmentResult]):
     """SAM3: ``Sam3Model`` for text prompts, ``Sam3TrackerModel`` for points (and box refinement)."""
 
     #: Video frames per forward pass.
@@ -179,11 +182,7 @@ class Sam3Engine(Engine[SegmentRequest, SegmentResult]):
         cache_dir: Path,
         torch_threads: int | None = None,
     ) -> None:
-        super().__init__(spec.id)
-        self.spec = spec
-        self.weights_dir = weights_dir
-        self.cache_dir = cache_dir
-        self.torch_threads = torch_threads
+        super().__init__(spec, weights_dir=weights_dir, cache_dir=cache_dir, torch_threads=torch_threads)
         self.score_threshold = DEFAULT_SCORE_THRESHOLD
         self.mask_threshold = DEFAULT_MASK_THRESHOLD
         self.tokenizer: Any = None
@@ -413,19 +412,12 @@ def build_engine_pool(
     default: str = DEFAULT_SEGMENTATION_MODEL,
 ) -> EnginePool:
     """One engine per segmentation model of the registry (not loaded yet)."""
-    engines: dict[str, Engine[Any, Any]] = {}
-    unavailable: dict[str, str] = {}
-    for spec in registry.for_capability(SEGMENTATION):
-        cls = ENGINE_CLASSES.get(spec.engine)
-        if cls is None:
-            unavailable[spec.id] = (
-                f"segmentation has no engine '{spec.engine}' (known: {', '.join(ENGINE_CLASSES)})"
-            )
-            continue
-        engines[spec.id] = cls(
-            spec,
-            weights_dir=spec.weights_path(registry.path),
-            cache_dir=cache_dir,
-            torch_threads=torch_threads,
-        )
-    return EnginePool(engines, default=default, unavailable=unavailable)
+    return build_pool(
+        registry,
+        registry.for_capability(SEGMENTATION),
+        ENGINE_CLASSES,
+        service="segmentation",
+        cache_dir=cache_dir,
+        torch_threads=torch_threads,
+        default=default,
+    )

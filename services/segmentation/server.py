@@ -3,36 +3,29 @@
 ``create_service`` builds the server (standard interceptors, health,
 reflection) around :class:`SegmentationServicer`; once started, a background
 task loads the SAM3 engines on their worker threads, and health turns SERVING
-as soon as the default model (sam3) can serve. ``serve`` runs the service
-until SIGTERM/SIGINT.
+as soon as the default model (sam3) can serve.
 
 The address is ``address`` when given, else the ``segmentation_address``
-setting when the settings have one, else :data:`DEFAULT_ADDRESS`; the largest
-video upload is the ``max_video_bytes`` setting when there is one, else
-:data:`services.segmentation.video.DEFAULT_MAX_VIDEO_BYTES` (1 GiB).
+setting; the largest video upload is the ``max_video_bytes`` setting.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 
 import grpc
 
 from kiln.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from services.common.engine import EnginePool
-from services.common.grpc_server import GrpcService, create_server
+from services.common.grpc_server import GrpcService, create_server, serve_engine_pool
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, Registry, load_registry
 from services.common.settings import Settings
 from services.segmentation.engines import build_engine_pool
 from services.segmentation.servicer import SERVICE_NAME, SegmentationServicer
-from services.segmentation.video import DEFAULT_MAX_VIDEO_BYTES
 
 log = logging.getLogger(__name__)
 
 #: Where the service listens when neither ``address`` nor a setting says otherwise.
-DEFAULT_ADDRESS = "127.0.0.1:50053"
 
 
 async def create_service(
@@ -63,38 +56,17 @@ async def create_service(
         max_prompt_chars=settings.max_prompt_chars,
         max_input_image_pixels=settings.max_input_image_pixels,
         max_input_image_bytes=settings.max_input_image_bytes,
-        max_video_bytes=int(getattr(settings, "max_video_bytes", DEFAULT_MAX_VIDEO_BYTES)),
+        max_video_bytes=settings.max_video_bytes,
     )
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_SegmentationServiceServicer_to_server(servicer, server)
 
     service = await create_server(
-        address=address or getattr(settings, "segmentation_address", None) or DEFAULT_ADDRESS,
+        address=address or settings.segmentation_address,
         register=register,
         service_names=[SERVICE_NAME],
         max_message_bytes=settings.grpc_max_message_bytes,
     )
 
-    async def load_engines() -> None:
-        await pool.load(on_default_ready=service.set_serving)
-
-    service.background.append(load_engines)
-    service.cleanup.append(pool.close)
-    return service
-
-
-async def serve(settings: Settings) -> None:
-    """Runs the segmentation service until SIGTERM or SIGINT, then shuts down gracefully."""
-    from services.common.telemetry import setup_tracing
-
-    setup_tracing(settings, "segmentation")
-    service = await create_service(settings)
-    await service.start()
-    log.info("segmentation listening on port %d", service.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await service.stop(settings.grace_seconds)
+    return serve_engine_pool(service, pool)
