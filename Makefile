@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; GPU hosts set TORCH_SPEC (e.g. torch==2.13.0 from a CUDA index).
 TORCH_SPEC ?= torch==2.13.0
+# Extras: `cpu` = onnxruntime (CPU); GPU hosts use EXTRAS=gpu,test (onnxruntime-gpu).
+EXTRAS ?= cpu,test
 STAMP := $(VENV)/.kiln-installed
 TOOLS_STAMP := $(VENV)/.kiln-protoc
 PROTOS := $(shell find protos/kiln -name '*.proto')
@@ -22,7 +24,7 @@ $(TOOLS_STAMP): | $(BIN)/python
 
 $(STAMP): pyproject.toml | kiln/.generated
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)

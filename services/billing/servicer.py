@@ -71,6 +71,9 @@ def usage_items(usages: Sequence[pb.Usage]) -> list[ImageGenerationItem]:
                     model=work.model, width=work.width, height=work.height, steps=work.steps, count=work.count
                 )
             )
+        elif kind == "upscale":
+            up = usage.upscale
+            items.append(ImageGenerationItem(model=up.model, width=up.output_width, height=up.output_height))
         elif kind == "segmentation":
             if usage.segmentation.frames < 1:
                 raise InvalidRequest(f"usage[{index}]: 'frames' must be at least 1.")

@@ -26,6 +26,8 @@ TEXT_TO_IMAGE = "text-to-image"
 IMAGE_EDIT = "image-edit"
 SEGMENTATION = "segmentation"
 DEFAULT_SEGMENTATION_MODEL = "sam3"
+UPSCALE = "upscale"
+FACE_RESTORATION = "face-restoration"
 #: Sizes the contract lists for ``image_size`` / ``size``.
 IMAGE_SIZES = ("256x256", "512x512", "1024x1024", "1024x1792", "1792x1024")
 DEFAULT_IMAGE_SIZE = "1024x1024"
@@ -44,6 +46,7 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
 RESOLUTIONS: dict[str, int] = {"1K": 1024, "2K": 2048, "4K": 4096}
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 MIN_IMAGE_SIDE = 64
+SPECIAL_WEIGHTS = ("tiny", "package", "none")
 MAX_SEED = 2**63 - 1
 
 
@@ -126,8 +129,10 @@ class ModelSpec(_Frozen):
         return capability in self.capabilities
 
     def weights_path(self, registry_file: Path) -> Path | None:
-        """The weights directory, or None for a tiny random-weight model."""
-        if self.weights == "tiny":
+        """The weights directory; None for the special values ``tiny`` (a tiny random-weight
+        build), ``package`` (weights shipped in a Python package, the engine knows which)
+        and ``none`` (no weights: a classical algorithm)."""
+        if self.weights in SPECIAL_WEIGHTS:
             return None
         path = Path(self.weights).expanduser()
         return path if path.is_absolute() else (registry_file.parent / path).resolve()
@@ -359,6 +364,48 @@ class Registry:
             inputs=inputs,
             mask=mask,
         )
+
+
+@dataclass(frozen=True)
+class UpscaleParams:
+    """An upscale request with its method's rules checked."""
+
+    model: ModelSpec
+    scale: int
+    output_width: int
+    output_height: int
+
+
+def upscale_params(
+    registry: Registry, *, method: str, scale: int | None, width: int, height: int, face_enhance: bool = False
+) -> UpscaleParams:
+    """Checks an upscale: a known method, a scale it supports (``options.scale`` is its own,
+    ``min_scale``..``max_scale`` the range it accepts) and an output within its limits."""
+    if not method:
+        raise InvalidRequest("Missing required parameter: 'method'")
+    spec = registry.get(method)
+    if spec is None or not spec.serves(UPSCALE):
+        methods = ", ".join(m.id for m in registry.for_capability(UPSCALE))
+        raise InvalidRequest(f"Invalid upscaling method '{method}'. Supported methods: {methods}")
+    own = int(spec.options.get("scale", 2))
+    low, high = int(spec.options.get("min_scale", own)), int(spec.options.get("max_scale", own))
+    chosen = own if scale is None else scale
+    if not low <= chosen <= high:
+        allowed = f"{own} only" if low == high else f"{low} to {high}"
+        raise InvalidRequest(f"The method '{spec.id}' upscales by {allowed}; 'scale' {scale} does not fit it")
+    if face_enhance and not registry.for_capability(FACE_RESTORATION):
+        raise InvalidRequest(
+            "'face_enhance' needs a face restoration model (such as GFPGAN or CodeFormer), and none is "
+            "installed on this server; send face_enhance=false"
+        )
+    out_w, out_h = width * chosen, height * chosen
+    limits = spec.limits
+    if out_w > limits.max_width or out_h > limits.max_height:
+        raise InvalidRequest(
+            f"The output {out_w}x{out_h} ({width}x{height} x{chosen}) exceeds the maximum allowed for "
+            f"the {spec.id} method ({limits.max_width}x{limits.max_height})"
+        )
+    return UpscaleParams(spec, chosen, out_w, out_h)
 
 
 def _sides(long_side: int, ratio: tuple[int, int], multiple: int) -> tuple[int, int]:

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     segmentation_address: str = Field(
         "127.0.0.1:50053", description="host:port of the segmentation gRPC service."
     )
+    upscale_address: str = Field("127.0.0.1:50054", description="host:port of the upscale gRPC service.")
     http_host: str = Field("127.0.0.1", description="Interface the HTTP edge binds.")
     http_port: int = Field(8000, description="Port of the HTTP edge.")
     public_base_url: str | None = Field(
@@ -86,6 +87,13 @@ class Settings(BaseSettings):
 
     # --- engines ---
     torch_threads: int | None = Field(None, description="torch intra-op threads; torch's default when unset.")
+    engine_backend: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto",
+        description="Backend of exportable networks: onnxruntime (TensorRT, CUDA, then CPU providers, "
+        "whichever the host has) when installed, else torch; or forced.",
+    )
+    batch_max_size: int = Field(8, description="Most requests one dynamic batch runs together.")
+    batch_window_ms: float = Field(5.0, description="How long a dynamic batch waits for more requests.")
 
     # --- operations ---
     grace_seconds: float = Field(5.0, description="Graceful shutdown period for in-flight calls.")
