@@ -114,8 +114,9 @@ def quote(usages: Sequence[Usage], registry: Registry, *, premium: bool) -> list
         if premium:
             amounts.append(0)
             continue
-        if _model(registry, usage.model).price.premium_only:
-            raise PremiumRequired(PREMIUM_ONLY_MESSAGE)
+        price = _model(registry, usage.model).price
+        if price.premium_only:
+            raise PremiumRequired(price.premium_message or PREMIUM_ONLY_MESSAGE)
         amounts.append(amount)
     return amounts
 

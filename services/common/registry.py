@@ -27,6 +27,8 @@ IMAGE_EDIT = "image-edit"
 SEGMENTATION = "segmentation"
 DEFAULT_SEGMENTATION_MODEL = "sam3"
 UPSCALE = "upscale"
+CHAT = "chat"
+DEFAULT_CHAT_MODEL = "Qwen/Qwen3.5-4B"
 FACE_RESTORATION = "face-restoration"
 #: Sizes the contract lists for ``image_size`` / ``size``.
 IMAGE_SIZES = ("256x256", "512x512", "1024x1024", "1024x1792", "1792x1024")
@@ -84,6 +86,8 @@ class PriceSpec(_Frozen):
     per_megapixel: Decimal = Decimal(0)
     reference_steps: int = Field(1, ge=0)
     premium_only: bool = False
+    #: The premium_required message for this model (a default when empty).
+    premium_message: str = ""
 
     def describe(self) -> str:
         steps = f" x steps / {self.reference_steps}" if self.reference_steps else ""

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
         "127.0.0.1:50053", description="host:port of the segmentation gRPC service."
     )
     upscale_address: str = Field("127.0.0.1:50054", description="host:port of the upscale gRPC service.")
+    llm_address: str = Field("127.0.0.1:50055", description="host:port of the llm gRPC service.")
     http_host: str = Field("127.0.0.1", description="Interface the HTTP edge binds.")
     http_port: int = Field(8000, description="Port of the HTTP edge.")
     public_base_url: str | None = Field(
