@@ -1,0 +1,117 @@
+"""``kiln.upscale.v1.UpscaleService``: protobuf in, checks, upscale engine, protobuf out.
+
+``UpscaleImage`` reads the untrusted image's header on a worker thread
+(:func:`services.common.media.probe_image`, within the configured byte and
+pixel limits), lets :func:`services.common.registry.upscale_params` check the
+method, the scale (0 means the method's own), ``face_enhance`` and the output
+size, then decodes the image fully on a worker thread
+(:func:`services.common.media.decode_image`; checked again with the decoded,
+EXIF-upright size), runs the method's engine and encodes the result (PNG
+unless ``output_format`` says otherwise) on a worker thread. Every bad input
+is an :class:`~services.common.errors.InvalidRequest` (INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+from PIL import Image
+
+from kiln.common.v1 import media_pb2
+from kiln.upscale.v1 import upscale_service_pb2 as pb
+from kiln.upscale.v1 import upscale_service_pb2_grpc as pb_grpc
+from services.common.engine import EnginePool
+from services.common.errors import InvalidRequest
+from services.common.media import decode_image, encode_image, image_mime_type, probe_image
+from services.common.registry import Registry, UpscaleParams, upscale_params
+from services.upscale.engines import UpscaleEngine, UpscaleRequest
+
+#: Full name of the service, for health and reflection.
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UpscaleService"].full_name
+
+#: ``kiln.common.v1.ImageFormat`` -> output format name.
+OUTPUT_FORMATS: dict[int, str] = {
+    media_pb2.IMAGE_FORMAT_UNSPECIFIED: "png",
+    media_pb2.IMAGE_FORMAT_PNG: "png",
+    media_pb2.IMAGE_FORMAT_JPEG: "jpeg",
+    media_pb2.IMAGE_FORMAT_WEBP: "webp",
+}
+
+
+class UpscaleServicer(pb_grpc.UpscaleServiceServicer):
+    """Image super-resolution over gRPC."""
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        pool: EnginePool,
+        max_input_image_pixels: int = 4096 * 4096,
+        max_input_image_bytes: int = 20 * 1024 * 1024,
+    ) -> None:
+        self.registry = registry
+        self.pool = pool
+        self.max_input_image_pixels = max_input_image_pixels
+        self.max_input_image_bytes = max_input_image_bytes
+
+    async def UpscaleImage(
+        self, request: pb.UpscaleImageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpscaleImageResponse:
+        fmt = OUTPUT_FORMATS.get(request.output_format)
+        if fmt is None:
+            raise InvalidRequest(f"Unknown output_format {request.output_format}; use PNG, JPEG or WEBP")
+        if request.scale < 0:
+            raise InvalidRequest(f"'scale' must be positive, not {request.scale}")
+        max_pixels, max_bytes = self.max_input_image_pixels, self.max_input_image_bytes
+        info = await asyncio.to_thread(
+            lambda: probe_image(request.image, max_pixels=max_pixels, max_bytes=max_bytes)
+        )
+        params = self._params(request, info.width, info.height)
+        engine = self.pool.get(params.model.id)
+        if not isinstance(engine, UpscaleEngine):
+            raise InvalidRequest(f"'{params.model.id}' is not an upscaling method")
+        image = await asyncio.to_thread(
+            lambda: decode_image(request.image, max_pixels=max_pixels, max_bytes=max_bytes)
+        )
+        if image.size != (info.width, info.height):  # EXIF rotation swapped the sides
+            params = self._params(request, image.width, image.height)
+        result = await engine.upscale(UpscaleRequest(image, params.scale), request_id=request.request_id)
+        started = time.perf_counter()
+        data = await asyncio.to_thread(encode_image, self._encodable(result.image, fmt), fmt)
+        encode_ms = (time.perf_counter() - started) * 1000
+        return pb.UpscaleImageResponse(
+            image=media_pb2.Image(
+                data=data,
+                mime_type=image_mime_type(fmt),
+                width=result.image.width,
+                height=result.image.height,
+            ),
+            method=params.model.id,
+            scale=result.scale,
+            backend=result.backend,
+            timing=media_pb2.Timing(
+                queue_ms=result.queue_ms, inference_ms=result.inference_ms, encode_ms=encode_ms
+            ),
+            batch_size=result.batch_size,
+        )
+
+    def _params(self, request: pb.UpscaleImageRequest, width: int, height: int) -> UpscaleParams:
+        return upscale_params(
+            self.registry,
+            method=request.method,
+            scale=request.scale or None,
+            width=width,
+            height=height,
+            face_enhance=request.face_enhance,
+        )
+
+    @staticmethod
+    def _encodable(image: Image.Image, fmt: str) -> Image.Image:
+        """JPEG has no alpha: flatten transparency onto white rather than dropping it to black."""
+        if fmt == "jpeg" and "A" in image.getbands():
+            background = Image.new("RGB", image.size, (255, 255, 255))
+            background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+            return background
+        return image
