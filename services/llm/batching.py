@@ -217,7 +217,9 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
         ordered, order = torch.sort(scaled, descending=True)
         probs = torch.softmax(ordered, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs
-        ordered = ordered.masked_fill(before >= sampling.top_p, float("-inf"))
+        outside = before >= sampling.top_p
+        outside[0] = False  # the most likely token always stays (top_p 0 is greedy)
+        ordered = ordered.masked_fill(outside, float("-inf"))
         choice = torch.multinomial(torch.softmax(ordered, dim=-1), 1, generator=generator)
         return int(order[choice].item())
     return int(torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).item())

@@ -275,17 +275,20 @@ class ChatEngine(RegistryEngine[ChatRequest, ChatEvent]):
             )
         return self.decoder
 
-    def check_request(self, request: ChatRequest) -> None:
-        """The rules that need no tokenizer: vision, image count, max_tokens within the context."""
-        images = request.images
-        if images and not self.vision:
+    def check_images(self, count: int) -> None:
+        """Images only for a vision model (the contract's message), at most ``max_images``."""
+        if count and not self.vision:
             raise InvalidRequest(
                 f"Model '{self.spec.id}' does not support vision. Use '{self.vision_model}' for image inputs."
             )
-        if images > self.max_images:
+        if count > self.max_images:
             raise InvalidRequest(
-                f"Too many images: {images}; model '{self.spec.id}' accepts at most {self.max_images}"
+                f"Too many images: {count}; model '{self.spec.id}' accepts at most {self.max_images}"
             )
+
+    def check_request(self, request: ChatRequest) -> None:
+        """The rules that need no tokenizer: vision, image count, max_tokens within the context."""
+        self.check_images(request.images)
         if request.max_tokens is not None and not 1 <= request.max_tokens <= self.context:
             raise InvalidRequest(
                 f"'max_tokens' must be between 1 and {self.context} for model '{self.spec.id}'"
@@ -402,7 +405,7 @@ def convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
     # The weights are plain fp32 now; drop the GGUF marker so save_pretrained writes them.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
 
