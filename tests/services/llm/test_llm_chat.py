@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import grpc
 import pytest
@@ -147,13 +148,9 @@ async def test_vision_request_to_qwen3_5_counts_the_image_tokens(llm: Llm) -> No
         "image_grid_thw"
     ]
     image_tokens = int(grid.prod()) // processor.merge_size**2
+    content: Any = [{"type": "text", "text": "What is in this image?"}, {"type": "image"}]
     text = tokenizer.apply_chat_template(
-        [
-            {
-                "role": "user",
-                "content": [{"type": "text", "text": "What is in this image?"}, {"type": "image"}],
-            }
-        ],
+        [{"role": "user", "content": content}],
         add_generation_prompt=True,
         tokenize=False,
         enable_thinking=False,
