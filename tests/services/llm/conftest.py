@@ -1,6 +1,7 @@
 """Fixtures for the llm service: the real server in-process on 127.0.0.1:0.
 
-The model cache is the session's (``tests/conftest.py``'s ``model_cache``), so
+One torch thread: on a 2-core host more OpenMP threads starve the gRPC threads
+(see bench/chat.py). The model cache is the session's (``tests/conftest.py``'s ``model_cache``), so
 SmolLM2's GGUF file is converted once per test run, and the tiny Qwen3.5 is
 built once. The tiny Qwen3.5 is then served through the registry-weights path
 real weights take (``weights = <its directory>``), plus a copy with a 64-token
@@ -113,11 +114,11 @@ async def llm(
         data_dir=data_dir,
         model_cache_dir=model_cache,
         registry_path=registry_path,
-        torch_threads=2,
+        torch_threads=1,
         batch_max_size=MAX_BATCH,
     )
     registry = load_registry(registry_path)
-    pool = build_engine_pool(registry, cache_dir=model_cache, torch_threads=2, max_batch=MAX_BATCH)
+    pool = build_engine_pool(registry, cache_dir=model_cache, torch_threads=1, max_batch=MAX_BATCH)
     service = await create_service(settings, address="127.0.0.1:0", registry=registry, pool=pool)
     await service.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
