@@ -62,6 +62,7 @@ bench: gen $(STAMP)
 	$(BIN)/python bench/edge_overhead.py
 	$(BIN)/python bench/image_edit.py
 	$(BIN)/python bench/segmentation.py
+	$(BIN)/python bench/upscale.py
 
 clean:
 	rm -rf kiln descriptors.binpb .pytest_cache .mypy_cache .ruff_cache

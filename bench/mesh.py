@@ -50,7 +50,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
     settings = load_settings(data_dir=data_dir)
     services: list[GrpcService] = []
     children: dict[str, subprocess.Popen[bytes]] = {}
-    names = ("billing", "image_gen", "segmentation")
+    names = ("billing", "image_gen", "segmentation", "upscale", "llm")
     if split:  # each service its own process, as `kiln up --split` runs them
         addresses = {name: f"127.0.0.1:{_free_port()}" for name in names}
         env = {
@@ -65,12 +65,16 @@ async def serve_child(data_dir: Path, split: bool) -> None:
     else:
         from services.billing.server import create_service as create_billing
         from services.image_gen.server import create_service as create_image_gen
+        from services.llm.server import create_service as create_llm
         from services.segmentation.server import create_service as create_segmentation
+        from services.upscale.server import create_service as create_upscale
 
         services = [
             await create_billing(settings, address="127.0.0.1:0"),
             await create_image_gen(settings, address="127.0.0.1:0"),
             await create_segmentation(settings, address="127.0.0.1:0"),
+            await create_upscale(settings, address="127.0.0.1:0"),
+            await create_llm(settings, address="127.0.0.1:0"),
         ]
         for service in services:
             await service.start()

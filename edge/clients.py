@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
@@ -15,8 +15,12 @@ from kiln.billing.v1 import billing_service_pb2_grpc as billing_grpc
 from kiln.common.v1 import media_pb2 as media_pb
 from kiln.image.v1 import image_service_pb2 as image_pb
 from kiln.image.v1 import image_service_pb2_grpc as image_grpc
+from kiln.llm.v1 import llm_service_pb2 as llm_pb
+from kiln.llm.v1 import llm_service_pb2_grpc as llm_grpc
 from kiln.segmentation.v1 import segmentation_service_pb2 as seg_pb
 from kiln.segmentation.v1 import segmentation_service_pb2_grpc as seg_grpc
+from kiln.upscale.v1 import upscale_service_pb2 as upscale_pb
+from kiln.upscale.v1 import upscale_service_pb2_grpc as upscale_grpc
 from services.common.errors import ProcessingError
 from services.common.grpc_client import create_channel, error_from_rpc
 from services.common.registry import GenerationParams
@@ -178,6 +182,38 @@ class SegmentationClient:
         return VideoSession(call)
 
 
+class UpscaleClient:
+    """Super-resolution; the service batches concurrent requests itself."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
+        self._stub = upscale_grpc.UpscaleServiceStub(channel)
+        self._timeout = timeout
+
+    async def upscale(self, request: upscale_pb.UpscaleImageRequest) -> upscale_pb.UpscaleImageResponse:
+        return await _call(
+            self._stub.UpscaleImage(request, timeout=self._timeout, metadata=_metadata(request.request_id))
+        )
+
+
+class LlmClient:
+    """Chat over the server-streaming RPC."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
+        self._stub = llm_grpc.LlmServiceStub(channel)
+        self._timeout = timeout
+
+    async def chat(self, request: llm_pb.ChatRequest) -> AsyncIterator[llm_pb.ChatResponse]:
+        """Start, deltas as they are produced, end. Leaving the iteration cancels the call."""
+        call = self._stub.Chat(request, timeout=self._timeout, metadata=_metadata(request.request_id))
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err) from None
+        finally:
+            call.cancel()
+
+
 class VideoSession:
     """The client side of RemoveVideoBackground: upload, probe, start, then events."""
 
@@ -233,6 +269,8 @@ class Upstreams:
     billing: BillingClient
     images: ImageGenClient
     segmentation: SegmentationClient
+    upscale: UpscaleClient
+    llm: LlmClient
 
     @classmethod
     def connect(cls, settings: Settings) -> Upstreams:
@@ -240,6 +278,8 @@ class Upstreams:
             "billing": settings.billing_address,
             "image_gen": settings.image_gen_address,
             "segmentation": settings.segmentation_address,
+            "upscale": settings.upscale_address,
+            "llm": settings.llm_address,
         }
         channels = {
             name: create_channel(address, max_message_bytes=settings.grpc_max_message_bytes)
@@ -251,6 +291,8 @@ class Upstreams:
             billing=BillingClient(channels["billing"]),
             images=ImageGenClient(channels["image_gen"], timeout=timeout),
             segmentation=SegmentationClient(channels["segmentation"], timeout=timeout),
+            upscale=UpscaleClient(channels["upscale"], timeout=timeout),
+            llm=LlmClient(channels["llm"], timeout=timeout),
         )
 
     async def health(self, deadline_seconds: float = 2.0) -> dict[str, bool]:

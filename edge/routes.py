@@ -9,15 +9,17 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from edge.handlers import images, media, segmentation, system
+from edge.handlers import chat, images, media, segmentation, system, upscale
 from edge.responses import json_response
 from edge.schemas import (
     BackgroundRemovalForm,
     BatchImageGenerationRequest,
+    ChatCompletionRequest,
     ImageEditForm,
     ImageEditRequest,
     ImageGenerationRequest,
     SegmentationForm,
+    UpscaleRequest,
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -105,6 +107,23 @@ ROUTES: tuple[Route, ...] = (
         form=BackgroundRemovalForm,
         files=("file",),
         responses={**_PAID, 413: "Video larger than KILN_MAX_VIDEO_BYTES"},
+    ),
+    Route(
+        "POST",
+        "/v1/images/upscale",
+        upscale.upscale_image,
+        "Upscale an image: realesrgan_2x, realesrgan_4x, realesrgan_4x_anime (real Real-ESRGAN weights), "
+        "swin2sr or lanczos; priced by method and output pixels.",
+        body=UpscaleRequest,
+        responses=_PAID,
+    ),
+    Route(
+        "POST",
+        "/v1/chat/completions",
+        chat.create_chat_completion,
+        "Chat with vision (OpenAI's schema; stream: true for server-sent events). Premium only, free.",
+        body=ChatCompletionRequest,
+        responses=_PAID,
     ),
     Route(
         "GET",

@@ -356,3 +356,79 @@ def parse_form(model: type[M], fields: dict[str, str]) -> M:
         return model.model_validate(fields)
     except ValidationError as err:
         raise invalid_request_from(err) from None
+
+
+class UpscaleRequest(_Body):
+    """``POST /v1/images/upscale``."""
+
+    image: str = Field(description="The image: base64, or a data: URL.")
+    method: str = Field(
+        description="realesrgan_2x, realesrgan_4x, realesrgan_4x_anime, swin2sr or lanczos (GET /v1/models)."
+    )
+    scale: int | None = Field(
+        None,
+        description="lanczos 2-8, swin2sr 2-4; the others are fixed by the method (a different one is a 400).",
+    )
+    face_enhance: bool = Field(False, description="Restore faces (needs a face restoration model).")
+    format: Literal["png", "jpeg", "webp"] | None = Field(
+        None, description="Output file format; png by default."
+    )
+    response_format: Literal["url", "b64_json"] | None = Field(
+        None, description="Return only `url` or only `b64_json`; both when omitted."
+    )
+    user: str | None = None
+
+
+class ImageUrl(_Body):
+    url: str = Field(description="A data: URL or an https:// URL of a PNG, JPEG or WebP image.")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="developer is taken as system (OpenAI's newer name)."
+    )
+    content: str | list[TextPart | ImagePart] = Field(description="A string, or text and image_url parts.")
+    name: str | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Body):
+    """``POST /v1/chat/completions`` (OpenAI's chat schema)."""
+
+    model: str | None = Field(
+        None, min_length=1, description='A chat model id or alias; "Qwen/Qwen3.5-4B" by default.'
+    )
+    messages: list[ChatMessage] = Field(description="The conversation.")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 to 2; 0 is greedy.")
+    top_p: float | None = Field(None, ge=0, le=1, description="Nucleus sampling, 0 to 1.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
+    stream: bool = Field(False, description="Stream chat.completion.chunk events (text/event-stream).")
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, description="Random seed for sampling.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 stop sequences.")
+    n: int | None = Field(None, description="Only 1 is supported.")
+    user: str | None = None
+
+    def answer_limit(self) -> int | None:
+        return _one_of(max_tokens=self.max_tokens, max_completion_tokens=self.max_completion_tokens)
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise InvalidRequest("'stop' takes up to 4 non-empty strings")
+        return stops

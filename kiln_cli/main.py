@@ -32,7 +32,7 @@ from services.common.telemetry import setup_tracing
 
 log = logging.getLogger("kiln")
 
-SERVICES = ("billing", "image_gen", "segmentation", "edge")
+SERVICES = ("billing", "image_gen", "segmentation", "upscale", "llm", "edge")
 
 
 class PortTaken(Exception):
@@ -50,6 +50,8 @@ def check_ports(settings: Settings, services: tuple[str, ...]) -> None:
         "billing": (_split_address(settings.billing_address), "KILN_BILLING_ADDRESS"),
         "image_gen": (_split_address(settings.image_gen_address), "KILN_IMAGE_GEN_ADDRESS"),
         "segmentation": (_split_address(settings.segmentation_address), "KILN_SEGMENTATION_ADDRESS"),
+        "upscale": (_split_address(settings.upscale_address), "KILN_UPSCALE_ADDRESS"),
+        "llm": (_split_address(settings.llm_address), "KILN_LLM_ADDRESS"),
         "edge": ((settings.http_host, settings.http_port), "KILN_HTTP_PORT"),
     }
     for name in services:
@@ -116,7 +118,15 @@ async def _create_grpc_service(name: str, settings: Settings) -> GrpcService:
     if name == "segmentation":
         from services.segmentation.server import create_service as create_segmentation
 
-        return await create_segmentation(settings, address=settings.segmentation_address)
+        return await create_segmentation(settings)
+    if name == "upscale":
+        from services.upscale.server import create_service as create_upscale
+
+        return await create_upscale(settings)
+    if name == "llm":
+        from services.llm.server import create_service as create_llm
+
+        return await create_llm(settings)
     from services.image_gen.server import create_service as create_image_gen
 
     return await create_image_gen(settings)

@@ -64,6 +64,8 @@ class Mesh:
     billing_port: int
     image_port: int
     segmentation_port: int
+    upscale_port: int
+    llm_port: int
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +81,9 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
     from services.billing.server import create_service as create_billing
     from services.billing.store import Database
     from services.image_gen.server import create_service as create_image_gen
+    from services.llm.server import create_service as create_llm
     from services.segmentation.server import create_service as create_segmentation
+    from services.upscale.server import create_service as create_upscale
 
     data_dir = tmp_path_factory.mktemp("kiln")
     registry = data_dir / "registry.toml"
@@ -96,14 +100,20 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
     billing = await create_billing(settings, address="127.0.0.1:0")
     image_gen = await create_image_gen(settings, address="127.0.0.1:0")
     segmentation = await create_segmentation(settings, address="127.0.0.1:0")
+    upscale = await create_upscale(settings, address="127.0.0.1:0")
+    llm = await create_llm(settings, address="127.0.0.1:0")
     await billing.start()
     await image_gen.start()
     await segmentation.start()
+    await upscale.start()
+    await llm.start()
     settings = settings.model_copy(
         update={
             "billing_address": f"127.0.0.1:{billing.port}",
             "image_gen_address": f"127.0.0.1:{image_gen.port}",
             "segmentation_address": f"127.0.0.1:{segmentation.port}",
+            "upscale_address": f"127.0.0.1:{upscale.port}",
+            "llm_address": f"127.0.0.1:{llm.port}",
         }
     )
     runner = web.AppRunner(create_app(settings))
@@ -122,12 +132,16 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
             raise RuntimeError("the mesh did not become ready")
     db = await Database.open(settings.resolved_database_url)
     try:
-        yield Mesh(settings, url, Ledger(db), billing.port, image_gen.port, segmentation.port)
+        yield Mesh(
+            settings, url, Ledger(db), billing.port, image_gen.port, segmentation.port, upscale.port, llm.port
+        )
     finally:
         await db.close()
         await runner.cleanup()
         await image_gen.stop(1)
         await segmentation.stop(1)
+        await upscale.stop(1)
+        await llm.stop(1)
         await billing.stop(1)
 
 

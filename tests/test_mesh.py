@@ -49,6 +49,8 @@ async def test_reflection_lists_every_service_to_grpcurl(mesh: Mesh) -> None:
         (mesh.billing_port, "kiln.billing.v1.BillingService"),
         (mesh.image_port, "kiln.image.v1.ImageService"),
         (mesh.segmentation_port, "kiln.segmentation.v1.SegmentationService"),
+        (mesh.upscale_port, "kiln.upscale.v1.UpscaleService"),
+        (mesh.llm_port, "kiln.llm.v1.LlmService"),
     ):
         result = await asyncio.to_thread(
             subprocess.run,

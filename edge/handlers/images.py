@@ -65,7 +65,7 @@ def usage_for(params: GenerationParams) -> billing_pb.Usage:
     )
 
 
-def _media_base(request: web.Request) -> str:
+def media_base(request: web.Request) -> str:
     base = request.app[SETTINGS].public_base_url
     return base.rstrip("/") if base else f"{request.scheme}://{request.host}"
 
@@ -88,7 +88,7 @@ async def _produce(
     """Runs one generation or edit and stores its images."""
     result = await request.app[UPSTREAMS].images.run(params, request_id)
     store = request.app[MEDIA]
-    base = _media_base(request)
+    base = media_base(request)
     store_start = time.perf_counter()
     files = [
         (image.data, image.mime_type, await store.put_async(image.data, image.mime_type))

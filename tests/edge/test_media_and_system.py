@@ -79,6 +79,8 @@ async def test_health_readiness_and_openapi(mesh: Mesh, http: aiohttp.ClientSess
             "billing": True,
             "image_gen": True,
             "segmentation": True,
+            "upscale": True,
+            "llm": True,
         }
     async with http.get(mesh.url + "/openapi.json") as response:
         document = await response.json()

@@ -1,0 +1,188 @@
+"""``POST /v1/chat/completions``: OpenAI's chat API, premium only, streamed as SSE.
+
+Flow: check the body -> Authorize (billing refuses non-premium accounts with
+the contract's premium_required message; premium use is reserved and
+committed at 0 credits, so every use is recorded) -> fetch ``image_url``
+images (data: or public https:// only) -> stream the llm service's deltas.
+With ``stream: true`` each delta is written as a ``chat.completion.chunk`` the
+moment it arrives; an error after the headers went out is sent as an error
+event; a client that goes away cancels the gRPC call, which frees the slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edge.errors import envelope
+from edge.fetch import fetch_image, image_session
+from edge.flow import Billed, credential_from, run_billed
+from edge.keys import REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
+from edge.responses import json_response
+from edge.schemas import ChatCompletionRequest, ImagePart, parse_body
+from kiln.billing.v1 import billing_service_pb2 as billing_pb
+from kiln.llm.v1 import llm_service_pb2 as llm_pb
+from services.common.errors import InvalidRequest, KilnError
+from services.common.registry import CHAT, DEFAULT_CHAT_MODEL
+
+log = logging.getLogger("kiln.edge")
+FINISH = {llm_pb.FINISH_REASON_STOP: "stop", llm_pb.FINISH_REASON_LENGTH: "length"}
+#: Image URLs: most bytes and seconds per fetch.
+IMAGE_FETCH_TIMEOUT_SECONDS = 10.0
+
+
+async def _to_proto(request: web.Request, body: ChatCompletionRequest, model: str) -> llm_pb.ChatRequest:
+    settings = request.app[SETTINGS]
+    messages: list[llm_pb.ChatMessage] = []
+    async with image_session(timeout_seconds=IMAGE_FETCH_TIMEOUT_SECONDS) as session:
+        for m_index, message in enumerate(body.messages):
+            role = "system" if message.role == "developer" else message.role
+            parts: list[llm_pb.ContentPart] = []
+            if isinstance(message.content, str):
+                parts.append(llm_pb.ContentPart(text=message.content))
+            else:
+                for p_index, part in enumerate(message.content):
+                    if isinstance(part, ImagePart):
+                        data = await fetch_image(
+                            session,
+                            part.image_url.url,
+                            max_bytes=settings.max_input_image_bytes,
+                            name=f"messages[{m_index}].content[{p_index}]",
+                        )
+                        parts.append(llm_pb.ContentPart(image=llm_pb.ImageInput(data=data)))
+                    else:
+                        parts.append(llm_pb.ContentPart(text=part.text))
+            messages.append(llm_pb.ChatMessage(role=role, content=parts))
+    proto = llm_pb.ChatRequest(
+        model=model, messages=messages, stop=body.stops(), request_id=request[REQUEST_ID]
+    )
+    for field in ("temperature", "top_p", "seed"):
+        if getattr(body, field) is not None:
+            setattr(proto, field, getattr(body, field))
+    limit = body.answer_limit()
+    if limit is not None:
+        proto.max_tokens = limit
+    return proto
+
+
+def _usage(end: llm_pb.ChatEnd) -> dict[str, int]:
+    return {
+        "prompt_tokens": end.usage.prompt_tokens,
+        "completion_tokens": end.usage.completion_tokens,
+        "total_tokens": end.usage.total_tokens,
+    }
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    credential_from(request)
+    body = parse_body(ChatCompletionRequest, await request.read())
+    if body.n not in (None, 1):
+        raise InvalidRequest("Only n=1 is supported")
+    if not body.messages:
+        raise InvalidRequest("'messages' must hold at least one message")
+    body.stops()
+    spec = request.app[REGISTRY].resolve(body.model, CHAT, DEFAULT_CHAT_MODEL)
+    usage = [billing_pb.Usage(chat=billing_pb.ChatUsage(model=spec.id))]
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[web.StreamResponse]:
+        proto = await _to_proto(request, body, spec.id)
+        events = request.app[UPSTREAMS].llm.chat(proto)
+        if body.stream:
+            return Billed(await _stream(request, body, events, completion_id, created), 0)
+        return Billed(await _collect(events, completion_id, created), 0)
+
+    billed = await run_billed(request, usage, work)
+    return billed.result
+
+
+async def _collect(events: Any, completion_id: str, created: int) -> web.Response:
+    model, text, end = "", [], None
+    async with contextlib.aclosing(events):
+        async for event in events:
+            kind = event.WhichOneof("event")
+            if kind == "start":
+                model = event.start.model
+            elif kind == "delta":
+                text.append(event.delta.text)
+            elif kind == "end":
+                end = event.end
+    if end is None:
+        raise InvalidRequest("The model ended without an answer")
+    return json_response(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(text)},
+                    "finish_reason": FINISH.get(end.finish_reason, "stop"),
+                }
+            ],
+            "usage": _usage(end),
+        }
+    )
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+async def _stream(
+    request: web.Request, body: ChatCompletionRequest, events: Any, completion_id: str, created: int
+) -> web.StreamResponse:
+    """Writes each event as it arrives; a client that left ends the iteration, and closing
+    the iterator cancels the gRPC call (the model stops at its next token)."""
+    async with contextlib.aclosing(events):
+        return await _write_stream(request, body, events, completion_id, created)
+
+
+async def _write_stream(
+    request: web.Request, body: ChatCompletionRequest, events: Any, completion_id: str, created: int
+) -> web.StreamResponse:
+    # The first event (the model, or an error such as a too-long prompt) comes before the headers.
+    first = await anext(events)
+    model = first.start.model if first.HasField("start") else ""
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+
+    await response.write(_sse(chunk({"role": "assistant", "content": ""})))
+    try:
+        async for event in events:
+            kind = event.WhichOneof("event")
+            if kind == "delta" and event.delta.text:
+                await response.write(_sse(chunk({"content": event.delta.text})))
+            elif kind == "end":
+                await response.write(_sse(chunk({}, FINISH.get(event.end.finish_reason, "stop"))))
+                if body.stream_options and body.stream_options.include_usage:
+                    final = chunk({}) | {"choices": [], "usage": _usage(event.end)}
+                    await response.write(_sse(final))
+    except KilnError as err:  # after the headers: an error event, then the end of the stream
+        await response.write(_sse(envelope(err.message, err.error_type)))
+    except ConnectionResetError:
+        log.info("chat client %s went away; generation cancelled", request[REQUEST_ID])
+        return response
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response

@@ -1,0 +1,93 @@
+"""``POST /v1/images/upscale``: Real-ESRGAN, Swin2SR or Lanczos.
+
+The image is checked from its header (format, pixels, bytes) and the method's
+rules (scale, output limit, face_enhance) before anything is reserved; the
+price follows the method and the output pixels. The answer is the contract's
+``{created, data: [{url, b64_json}]}`` plus ``timing`` (and ``X-Upscale-Backend``
+says what ran: onnxruntime and its execution provider, torch, or Pillow).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from aiohttp import web
+
+from edge.clients import FORMATS
+from edge.flow import Billed, credential_from, run_billed
+from edge.handlers.images import media_base
+from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
+from edge.responses import json_response
+from edge.schemas import UpscaleRequest, decode_base64_image, parse_body
+from kiln.billing.v1 import billing_service_pb2 as billing_pb
+from kiln.upscale.v1 import upscale_service_pb2 as upscale_pb
+from services.common.media import probe_image
+from services.common.money import format_credits
+from services.common.registry import upscale_params
+
+
+async def upscale_image(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    credential_from(request)
+    settings = request.app[SETTINGS]
+    body = parse_body(UpscaleRequest, await request.read())
+    data = decode_base64_image(body.image, "image")
+    info = probe_image(
+        data, max_pixels=settings.max_input_image_pixels, max_bytes=settings.max_input_image_bytes
+    )
+    params = upscale_params(
+        request.app[REGISTRY],
+        method=body.method,
+        scale=body.scale,
+        width=info.width,
+        height=info.height,
+        face_enhance=body.face_enhance,
+    )
+    usage = billing_pb.Usage(
+        upscale=billing_pb.UpscaleUsage(
+            model=params.model.id, output_width=params.output_width, output_height=params.output_height
+        )
+    )
+    call = upscale_pb.UpscaleImageRequest(
+        image=data,
+        method=params.model.id,
+        scale=params.scale,
+        request_id=request[REQUEST_ID],
+        output_format=FORMATS[body.format or "png"],
+    )
+
+    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[upscale_pb.UpscaleImageResponse]:
+        result = await request.app[UPSTREAMS].upscale.upscale(call)
+        return Billed(result, auth.reservation.amount_hundredths)
+
+    billed = await run_billed(request, [usage], work)
+    result = billed.result
+    store_start = time.perf_counter()
+    media_id = await request.app[MEDIA].put_async(result.image.data, result.image.mime_type)
+    store_ms = (time.perf_counter() - store_start) * 1000
+    item: dict[str, str] = {}
+    if body.response_format != "b64_json":
+        item["url"] = f"{media_base(request)}/v1/media/{media_id}"
+    if body.response_format != "url":
+        item["b64_json"] = base64.b64encode(result.image.data).decode("ascii")
+    timing = {
+        "queue_ms": round(result.timing.queue_ms, 3),
+        "inference_ms": round(result.timing.inference_ms, 3),
+        "encode_ms": round(result.timing.encode_ms, 3),
+        "store_ms": round(store_ms, 3),
+        "total_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
+    payload = {
+        "created": int(time.time()),
+        "data": [item],
+        "method": result.method,
+        "scale": result.scale,
+        "timing": timing,
+    }
+    headers = {
+        "X-Credits-Charged": format_credits(billed.charged),
+        "X-Upscale-Backend": result.backend,
+        "X-Batch-Size": str(result.batch_size),
+    }
+    return json_response(payload, headers=headers)
