@@ -160,13 +160,14 @@ async def part_edge(runs: int, api_key: str | None) -> dict[str, Any]:
     from bench.mesh import running_mesh, wait_ready
     from kiln.llm.v1 import llm_service_pb2_grpc as pb_grpc
 
-    with running_mesh("single") as info:
+    # one torch thread: with two, OpenMP's spinning threads starve the gRPC ones (see part 1)
+    with running_mesh("single", {"KILN_TORCH_THREADS": "1"}) as info:
         if "llm" not in info:
             return {"skipped": "bench/mesh.py does not start the llm service yet (no 'llm' port)"}
         edge_url = f"http://127.0.0.1:{info['edge']}"
         async with aiohttp.ClientSession() as http:
             await wait_ready(http, edge_url)
-        through_edge = await edge_ttft(edge_url, api_key or info["key"], runs)
+        through_edge = await edge_ttft(edge_url, api_key or info["premium_key"], runs)
         if isinstance(through_edge, str):
             return {"skipped": through_edge}
         async with grpc.aio.insecure_channel(f"127.0.0.1:{info['llm']}") as channel:

@@ -81,7 +81,10 @@ async def serve_child(data_dir: Path, split: bool) -> None:
         addresses = {name: f"127.0.0.1:{service.port}" for name, service in zip(names, services, strict=True)}
     settings = settings.model_copy(update={f"{name}_address": address for name, address in addresses.items()})
     db = await Database.open(settings.resolved_database_url)
-    _, key = await ensure_demo_account(Ledger(db), api_key=None, credits=Decimal(10**7), premium=False)
+    ledger = Ledger(db)
+    _, key = await ensure_demo_account(ledger, api_key=None, credits=Decimal(10**7), premium=False)
+    premium = await ledger.create_account("bench-premium", premium=True)  # chat is premium only
+    _, premium_key = await ledger.create_api_key(premium.id)
     await db.close()
 
     edge = web.AppRunner(create_app(settings), access_log=None)
@@ -100,7 +103,9 @@ async def serve_child(data_dir: Path, split: bool) -> None:
         "edge": edge.addresses[0][1],
         "bare": bare_runner.addresses[0][1],
         "image_gen": int(addresses["image_gen"].rsplit(":", 1)[1]),
+        "llm": int(addresses["llm"].rsplit(":", 1)[1]),
         "key": key,
+        "premium_key": premium_key,
         # which process runs what (for memory readings): the edge is always this one
         "pids": {"edge": os.getpid(), **{name: child.pid for name, child in children.items()}}
         if split
