@@ -135,6 +135,13 @@ async def edge_ttft(edge_url: str, key: str, runs: int) -> float | str:
     }
     times = []
     async with aiohttp.ClientSession(headers={"X-API-Key": key}) as http:
+        for _ in range(1200):  # SmolLM2 loads after the default model: 503 until then
+            async with http.post(
+                f"{edge_url}/v1/chat/completions", json=body | {"stream": False}
+            ) as response:
+                if response.status != 503:
+                    break
+            await asyncio.sleep(0.25)
         for _ in range(runs + 1):  # the first is a warm-up
             started = time.perf_counter()
             async with http.post(f"{edge_url}/v1/chat/completions", json=body) as response:

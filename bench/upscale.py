@@ -129,7 +129,8 @@ async def bench_batching(
     from services.upscale.server import create_service, engine_options
 
     data_dir = Path(tempfile.mkdtemp(prefix="kiln-bench-upscale-"))
-    settings = Settings(data_dir=data_dir, model_cache_dir=cache_dir, torch_threads=threads)
+    # batch_max_size 8 forces batching on (auto turns it off on a CPU); the off case disables it
+    settings = Settings(data_dir=data_dir, model_cache_dir=cache_dir, torch_threads=threads, batch_max_size=8)
     registry = load_registry(settings.registry_path)
     pool = build_engine_pool(
         registry,
@@ -181,7 +182,7 @@ async def bench_batching(
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--size", type=int, default=64, help="input side in pixels")
+    parser.add_argument("--size", type=int, default=128, help="input side in pixels")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default="realesrgan_4x,realesrgan_4x_anime,swin2sr")

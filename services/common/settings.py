@@ -93,7 +93,13 @@ class Settings(BaseSettings):
         description="Backend of exportable networks: onnxruntime (TensorRT, CUDA, then CPU providers, "
         "whichever the host has) when installed, else torch; or forced.",
     )
-    batch_max_size: int = Field(8, description="Most requests one dynamic batch runs together.")
+    batch_max_size: int = Field(
+        0,
+        ge=0,
+        description="Most requests one dynamic batch runs together. 0 = auto: 8 on a GPU execution "
+        "provider, 1 (no batching) on a CPU, where batching measured slower because one request "
+        "already keeps every core busy.",
+    )
     batch_window_ms: float = Field(5.0, description="How long a dynamic batch waits for more requests.")
 
     # --- operations ---

@@ -108,12 +108,19 @@ DEFAULT_TILE_OVERLAP = 16
 MAX_PASSES = 3
 
 
+#: The batch size of auto batching on a GPU, and the backends that count as GPU ones.
+AUTO_GPU_BATCH = 8
+GPU_BACKENDS = ("onnxruntime:CUDA", "onnxruntime:Tensorrt")
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """Process-wide engine settings (from :class:`services.common.settings.Settings`)."""
 
     backend: str = "auto"
     batch_max_size: int = 8
+    #: Settle the batch size at load: AUTO_GPU_BATCH on a GPU provider, no batching on a CPU.
+    auto_batch: bool = False
     batch_window_ms: float = 5.0
     batching: bool = True
 
@@ -334,9 +341,17 @@ class NetworkEngine(UpscaleEngine):
                 self.session = session
                 self.module = None  # the session serves; free the torch copy
                 self.backend = f"onnxruntime:{session.get_providers()[0]}"
+                self._settle_batching()
                 return
             log.warning("%s: the ONNX export disagrees with torch (%s); serving with torch", name, problem)
         self.backend = "torch"
+        self._settle_batching()
+
+    def _settle_batching(self) -> None:
+        """With auto batching, batch only on a GPU provider (measured slower on a CPU)."""
+        if self.options.auto_batch and not self.backend.startswith(GPU_BACKENDS):
+            self.batcher.max_batch_size = 1
+            self.batcher.enabled = False
 
     def _disagreement(self, session: Any, module: SRNetwork) -> str | None:
         """Why the session's output differs from torch's on an odd-shaped input (None if it agrees)."""

@@ -22,7 +22,7 @@ from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_server, serve_engine_pool
 from services.common.registry import Registry, load_registry
 from services.common.settings import Settings
-from services.upscale.engines import DEFAULT_UPSCALE_METHOD, EngineOptions, build_engine_pool
+from services.upscale.engines import AUTO_GPU_BATCH, DEFAULT_UPSCALE_METHOD, EngineOptions, build_engine_pool
 from services.upscale.servicer import SERVICE_NAME, UpscaleServicer
 
 
@@ -30,9 +30,10 @@ def engine_options(settings: Settings, *, batching: bool = True) -> EngineOption
     """The engines' backend and batching settings."""
     return EngineOptions(
         backend=settings.engine_backend,
-        batch_max_size=settings.batch_max_size,
+        batch_max_size=settings.batch_max_size or AUTO_GPU_BATCH,
         batch_window_ms=settings.batch_window_ms,
         batching=batching,
+        auto_batch=settings.batch_max_size == 0,
     )
 
 

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from services.common.engine import onnx_providers, resolve_engine_backend
-from services.upscale.engines import EngineOptions, NetworkEngine, RealEsrganEngine, Swin2SREngine
+from services.common.registry import load_registry
+from services.common.settings import Settings
+from services.upscale.engines import (
+    EngineOptions,
+    NetworkEngine,
+    RealEsrganEngine,
+    Swin2SREngine,
+    build_engine_pool,
+)
 from services.upscale.networks import (
     REALESRGAN_NETWORKS,
     file_sha256,
@@ -121,3 +129,21 @@ def test_providers_in_preference_order_and_backend_choice() -> None:
     assert onnx_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert resolve_engine_backend("auto") == "onnxruntime"
     assert resolve_engine_backend("torch") == "torch"
+
+
+async def test_auto_batching_is_off_on_a_cpu_provider(upscale_cache: Path, upscale_registry: Path) -> None:
+    """batch_max_size 0 (auto): batch only on a GPU execution provider; here there is none."""
+    from services.upscale.server import engine_options
+
+    settings = Settings(model_cache_dir=upscale_cache, registry_path=upscale_registry, batch_max_size=0)
+    options = engine_options(settings)
+    assert options.auto_batch and options.batch_max_size == 8
+    registry = load_registry(upscale_registry)
+    pool = build_engine_pool(registry, cache_dir=upscale_cache, torch_threads=2, options=options)
+    engine = pool.engines["realesrgan_4x_anime"]
+    await engine.load()
+    try:
+        assert engine.backend.startswith(("onnxruntime:CPU", "torch"))  # type: ignore[attr-defined]
+        assert not engine.batcher.enabled and engine.batcher.max_batch_size == 1  # type: ignore[attr-defined]
+    finally:
+        await pool.close()
