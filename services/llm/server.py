@@ -10,7 +10,9 @@ its GGUF file, some 15-25 s, and is cached after that), and a request for a
 model still loading gets ``maintenance_mode`` (UNAVAILABLE) until it is ready.
 
 The address is ``address`` when given, else the ``llm_address`` setting;
-``batch_max_size`` is the most requests one engine generates together.
+``batch_max_size`` is the most requests one engine generates together; 0 (auto)
+means 8: continuous batching pays off even on a CPU (3.3x the tokens/s of one
+stream with 8 on this 2-core host), unlike the upscalers' convolutions.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from services.common.registry import DEFAULT_CHAT_MODEL, Registry, load_registry
 from services.common.settings import Settings
 from services.llm.engines import build_engine_pool
 from services.llm.servicer import SERVICE_NAME, LlmServicer
+
+#: Requests generating together when ``batch_max_size`` is 0 (auto).
+AUTO_CHAT_BATCH = 8
 
 
 async def create_service(
@@ -46,7 +51,7 @@ async def create_service(
             registry,
             cache_dir=settings.resolved_model_cache_dir,
             torch_threads=settings.torch_threads,
-            max_batch=settings.batch_max_size,
+            max_batch=settings.batch_max_size or AUTO_CHAT_BATCH,
             default=DEFAULT_CHAT_MODEL,
         )
     servicer = LlmServicer(
