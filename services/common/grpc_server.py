@@ -182,6 +182,26 @@ async def create_server(
     return service
 
 
+async def create_engine_server(
+    *,
+    address: str,
+    servicer: Any,
+    add_to_server: Callable[[Any, grpc.aio.Server], None],
+    service_name: str,
+    pool: EnginePool,
+    max_message_bytes: int,
+) -> GrpcService:
+    """The standard server for a capability whose servicer runs an engine pool: built by
+    :func:`create_server`, with the engines loading once it listens (see :func:`serve_engine_pool`)."""
+    service = await create_server(
+        address=address,
+        register=lambda server: add_to_server(servicer, server),
+        service_names=[service_name],
+        max_message_bytes=max_message_bytes,
+    )
+    return serve_engine_pool(service, pool)
+
+
 def serve_engine_pool(service: GrpcService, pool: EnginePool) -> GrpcService:
     """Loads the pool's engines once the server listens (health SERVING when the default
     model is ready) and closes them when it stops."""

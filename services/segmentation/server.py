@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import logging
 
-import grpc
-
 from kiln.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from services.common.engine import EnginePool
-from services.common.grpc_server import GrpcService, create_server, serve_engine_pool
+from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, Registry, load_registry
 from services.common.settings import Settings
 from services.segmentation.engines import build_engine_pool
@@ -59,14 +57,11 @@ async def create_service(
         max_video_bytes=settings.max_video_bytes,
     )
 
-    def register(server: grpc.aio.Server) -> None:
-        pb_grpc.add_SegmentationServiceServicer_to_server(servicer, server)
-
-    service = await create_server(
+    return await create_engine_server(
         address=address or settings.segmentation_address,
-        register=register,
-        service_names=[SERVICE_NAME],
+        servicer=servicer,
+        add_to_server=pb_grpc.add_SegmentationServiceServicer_to_server,
+        service_name=SERVICE_NAME,
+        pool=pool,
         max_message_bytes=settings.grpc_max_message_bytes,
     )
-
-    return serve_engine_pool(service, pool)

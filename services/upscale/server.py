@@ -15,11 +15,9 @@ Settings used: ``upscale_address`` (unless ``address`` is given),
 
 from __future__ import annotations
 
-import grpc
-
 from kiln.upscale.v1 import upscale_service_pb2_grpc as pb_grpc
 from services.common.engine import EnginePool
-from services.common.grpc_server import GrpcService, create_server, serve_engine_pool
+from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import Registry, load_registry
 from services.common.settings import Settings
 from services.upscale.engines import AUTO_GPU_BATCH, DEFAULT_UPSCALE_METHOD, EngineOptions, build_engine_pool
@@ -68,13 +66,11 @@ async def create_service(
         max_input_image_bytes=settings.max_input_image_bytes,
     )
 
-    def register(server: grpc.aio.Server) -> None:
-        pb_grpc.add_UpscaleServiceServicer_to_server(servicer, server)
-
-    service = await create_server(
+    return await create_engine_server(
         address=address or settings.upscale_address,
-        register=register,
-        service_names=[SERVICE_NAME],
+        servicer=servicer,
+        add_to_server=pb_grpc.add_UpscaleServiceServicer_to_server,
+        service_name=SERVICE_NAME,
+        pool=pool,
         max_message_bytes=settings.grpc_max_message_bytes,
     )
-    return serve_engine_pool(service, pool)
