@@ -28,6 +28,8 @@ SEGMENTATION = "segmentation"
 DEFAULT_SEGMENTATION_MODEL = "sam3"
 UPSCALE = "upscale"
 CHAT = "chat"
+SPEECH = "speech"
+DEFAULT_SPEECH_MODEL = "piper-joe"
 DEFAULT_CHAT_MODEL = "Qwen/Qwen3.5-4B"
 FACE_RESTORATION = "face-restoration"
 #: Sizes the contract lists for ``image_size`` / ``size``.
