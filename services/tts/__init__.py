@@ -1,0 +1,1 @@
+"""The tts service: speech synthesis (Piper) streamed over gRPC."""

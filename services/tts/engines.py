@@ -1,0 +1,215 @@
+"""Speech engines: text in, 16-bit mono PCM out, sentence by sentence.
+
+:class:`PiperEngine` (engine key ``piper``) speaks with a Piper voice shipped in
+a Python package: the registry's ``options.voice_package`` names the package
+and ``options.voice_file`` the ``.onnx`` voice inside it (its ``.onnx.json``
+config sits next to it). The voice loads on the engine's worker thread.
+:meth:`PiperEngine.synthesize` yields each sentence's PCM as soon as Piper has
+produced it; the speaking rate maps to Piper's ``length_scale`` (``1 / speed``).
+Closing the iterator stops the synthesis before the next sentence.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.common.engine import (
+    EnginePool,
+    EngineUnavailable,
+    JobOutcome,
+    Progress,
+    RegistryEngine,
+    StepControl,
+    build_engine_pool,
+)
+from services.common.errors import InvalidRequest
+from services.common.registry import ModelSpec, Registry
+
+#: The registry capability of speech models.
+SPEECH = "speech"
+#: The voice used when a request names none.
+DEFAULT_SPEECH_MODEL = "piper-joe"
+#: Accepted speaking rates (OpenAI's range).
+MIN_SPEED = 0.25
+MAX_SPEED = 4.0
+#: Default longest text (``settings.max_speech_chars`` overrides it per engine).
+DEFAULT_MAX_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    """What to say and how fast (1.0 is the voice's own rate)."""
+
+    text: str
+    speed: float = 1.0
+
+
+@dataclass(frozen=True)
+class SpeechChunk:
+    """One sentence's audio: 16-bit little-endian mono PCM."""
+
+    pcm: bytes
+
+
+@dataclass(frozen=True)
+class SpeechDone:
+    """The end of a synthesis."""
+
+    samples: int
+    sample_rate: int
+    queue_ms: float
+    synthesis_ms: float
+
+
+@dataclass(frozen=True)
+class VoiceInfo:
+    """A voice's language and sample rate, read from its config."""
+
+    language: str
+    sample_rate: int
+
+
+def package_directory(package: str) -> Path:
+    """The directory of an installed Python package (where a packaged voice lives)."""
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        raise EngineUnavailable(f"the Python package '{package}' that holds the voice is not installed")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def voice_path(spec: ModelSpec) -> Path:
+    """The ``.onnx`` voice of a speech model (``options.voice_package`` / ``options.voice_file``)."""
+    voice_file = str(spec.options.get("voice_file", ""))
+    if not voice_file:
+        raise EngineUnavailable("the piper engine needs options.voice_file")
+    path = package_directory(str(spec.options.get("voice_package", ""))) / voice_file
+    if not path.is_file():
+        raise EngineUnavailable(f"the voice file {path} is missing")
+    return path
+
+
+def voice_info(spec: ModelSpec) -> VoiceInfo:
+    """Language and sample rate of a speech model, from its voice config (blocking, cheap)."""
+    config = json.loads(Path(f"{voice_path(spec)}.json").read_text(encoding="utf-8"))
+    language = str(spec.options.get("language") or config.get("language", {}).get("code", ""))
+    return VoiceInfo(language=language, sample_rate=int(config["audio"]["sample_rate"]))
+
+
+def check_speech(text: str, speed: float, *, max_chars: int) -> None:
+    """Raises :class:`InvalidRequest` for empty or too long text or a speed out of range."""
+    if not text.strip():
+        raise InvalidRequest("'input' must not be empty")
+    if len(text) > max_chars:
+        raise InvalidRequest(f"'input' is {len(text)} characters long; the limit is {max_chars}")
+    if not MIN_SPEED <= speed <= MAX_SPEED:
+        raise InvalidRequest(f"'speed' must be between {MIN_SPEED} and {MAX_SPEED}, not {speed}")
+
+
+class SpeechEngine(RegistryEngine[SpeechRequest, SpeechChunk | SpeechDone]):
+    """A speech engine: :meth:`synthesize` streams PCM; ``sample_rate`` once loaded."""
+
+    max_chars: int = DEFAULT_MAX_CHARS
+    sample_rate: int = 0
+    language: str = ""
+
+    def check(self, text: str, speed: float = 1.0) -> None:
+        check_speech(text, speed, max_chars=self.max_chars)
+
+    async def synthesize(
+        self, text: str, speed: float = 1.0, *, request_id: str = ""
+    ) -> AsyncIterator[bytes]:
+        """The PCM chunks of ``text`` spoken at ``speed``, as they are produced."""
+        async with aclosing(self.run(SpeechRequest(text, speed), request_id=request_id)) as events:
+            async for event in events:
+                if isinstance(event, SpeechChunk):
+                    yield event.pcm
+
+
+class PiperEngine(SpeechEngine):
+    """A Piper voice from an installed package, one sentence at a time."""
+
+    def __init__(self, spec: ModelSpec, **kwargs: Any) -> None:
+        super().__init__(spec, **kwargs)
+        self.voice: Any = None
+
+    def load_blocking(self) -> None:
+        try:
+            from piper import PiperVoice
+        except ImportError as exc:
+            raise EngineUnavailable("piper-tts is not installed") from exc
+        path = voice_path(self.spec)
+        self.voice = PiperVoice.load(path)
+        self.sample_rate = int(self.voice.config.sample_rate)
+        self.language = voice_info(self.spec).language
+
+    def close_blocking(self) -> None:
+        self.voice = None
+
+    async def run(
+        self, request: SpeechRequest, *, request_id: str = ""
+    ) -> AsyncGenerator[Progress | SpeechChunk | SpeechDone, None]:
+        self.check(request.text, request.speed)
+        from piper import SynthesisConfig
+
+        voice = self.voice
+        config = SynthesisConfig(length_scale=voice.config.length_scale / request.speed)
+        # The worker appends each sentence's PCM, then reports a step; the loop takes
+        # the PCM when the step arrives, so chunks come out in order as they are made.
+        produced: collections.deque[bytes] = collections.deque()
+
+        def job(control: StepControl) -> int:
+            samples = 0
+            for index, chunk in enumerate(voice.synthesize(request.text, syn_config=config), start=1):
+                pcm = chunk.audio_int16_bytes
+                samples += len(pcm) // 2
+                produced.append(pcm)
+                control.step(index)
+            return samples
+
+        started = time.perf_counter()
+        async with aclosing(self.runner.stream(job, key=request_id, label="synthesize")) as events:
+            async for event in events:
+                if isinstance(event, Progress):
+                    yield SpeechChunk(produced.popleft())
+                elif isinstance(event, JobOutcome):
+                    yield SpeechDone(
+                        samples=int(event.value),
+                        sample_rate=self.sample_rate,
+                        queue_ms=event.queue_ms,
+                        synthesis_ms=(time.perf_counter() - started) * 1000 - event.queue_ms,
+                    )
+
+
+#: Engine key (registry ``engine``) -> class.
+ENGINE_CLASSES: dict[str, type[RegistryEngine[Any, Any]]] = {"piper": PiperEngine}
+
+
+def build_speech_pool(
+    registry: Registry,
+    *,
+    cache_dir: Path,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    default: str = DEFAULT_SPEECH_MODEL,
+) -> EnginePool:
+    """One engine per speech model of the registry (not loaded yet)."""
+    pool = build_engine_pool(
+        registry,
+        registry.for_capability(SPEECH),
+        ENGINE_CLASSES,
+        service="tts",
+        cache_dir=cache_dir,
+        torch_threads=None,
+        default=default,
+    )
+    for engine in pool.engines.values():
+        if isinstance(engine, SpeechEngine):
+            engine.max_chars = max_chars
+    return pool
