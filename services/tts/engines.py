@@ -15,7 +15,7 @@ import collections
 import importlib.util
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +125,7 @@ class SpeechEngine(RegistryEngine[SpeechRequest, SpeechChunk | SpeechDone]):
 
     async def synthesize(
         self, text: str, speed: float = 1.0, *, request_id: str = ""
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The PCM chunks of ``text`` spoken at ``speed``, as they are produced."""
         async with aclosing(self.run(SpeechRequest(text, speed), request_id=request_id)) as events:
             async for event in events:
