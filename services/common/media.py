@@ -21,6 +21,7 @@ import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
@@ -228,3 +229,112 @@ def decode_image(
 
 def _bomb_message(exc: Exception) -> str:
     return f"The image is too large to decode (a decompression bomb): {exc}"
+
+
+# --- audio: 16-bit mono PCM to the speech API's response formats ---
+
+#: Speech output formats (OpenAI's ``response_format``) and their MIME types.
+AUDIO_MIME_TYPES: dict[str, str] = {
+    "mp3": "audio/mpeg",
+    "opus": "audio/opus",
+    "aac": "audio/aac",
+    "flac": "audio/flac",
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
+}
+#: PyAV (FFmpeg) container and codec of each compressed format.
+_AV_AUDIO: dict[str, tuple[str, str]] = {
+    "mp3": ("mp3", "libmp3lame"),
+    "opus": ("ogg", "libopus"),
+    "aac": ("adts", "aac"),
+    "flac": ("flac", "flac"),
+}
+#: Opus only takes a few rates; other PCM is resampled to this one.
+OPUS_SAMPLE_RATE = 48000
+_OPUS_RATES = (48000, 24000, 16000, 12000, 8000)
+#: Bit rates of the lossy encoders.
+_AUDIO_BIT_RATES: dict[str, int] = {"mp3": 64000, "opus": 32000, "aac": 64000}
+
+
+def wav_header(sample_rate: int, channels: int = 1, bits: int = 16, data_bytes: int = 0xFFFFFFFF) -> bytes:
+    """A 44-byte RIFF/WAVE header for PCM; the default (unknown) length suits streaming,
+    where the audio's size is not known when the header is sent."""
+    block_align = channels * bits // 8
+    riff_size = min(36 + data_bytes, 0xFFFFFFFF)
+    return (
+        b"RIFF"
+        + riff_size.to_bytes(4, "little")
+        + b"WAVEfmt "
+        + (16).to_bytes(4, "little")
+        + (1).to_bytes(2, "little")  # PCM
+        + channels.to_bytes(2, "little")
+        + sample_rate.to_bytes(4, "little")
+        + (sample_rate * block_align).to_bytes(4, "little")
+        + block_align.to_bytes(2, "little")
+        + bits.to_bytes(2, "little")
+        + b"data"
+        + min(data_bytes, 0xFFFFFFFF).to_bytes(4, "little")
+    )
+
+
+def audio_mime_type(fmt: str) -> str:
+    """The MIME type of a speech output format; :class:`InvalidRequest` for an unknown one."""
+    mime = AUDIO_MIME_TYPES.get(fmt.lower())
+    if mime is None:
+        raise InvalidRequest(f"Unknown audio format '{fmt}'; use one of {', '.join(AUDIO_MIME_TYPES)}")
+    return mime
+
+
+def encode_audio(pcm: bytes, sample_rate: int, fmt: str) -> tuple[bytes, str]:
+    """Encodes 16-bit little-endian mono PCM as ``fmt`` (mp3, opus, aac, flac, wav or pcm).
+
+    Returns the file's bytes and its MIME type. ``wav`` is written with the
+    :mod:`wave` module, ``pcm`` is the input as it is, the others go through
+    PyAV (FFmpeg): mp3 (LAME), opus (in Ogg, resampled to 48 kHz unless the
+    rate is one Opus takes), aac (ADTS) and flac. Blocking: run it on a worker
+    thread.
+    """
+    fmt = fmt.lower()
+    mime = audio_mime_type(fmt)
+    if len(pcm) % 2:
+        raise ValueError("16-bit PCM must have an even number of bytes")
+    if fmt == "pcm":
+        return bytes(pcm), mime
+    if fmt == "wav":
+        import wave
+
+        buf = io.BytesIO()
+        with wave.open(buf, "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(sample_rate)
+            out.writeframes(pcm)
+        return buf.getvalue(), mime
+    return _encode_av(pcm, sample_rate, fmt), mime
+
+
+def _encode_av(pcm: bytes, sample_rate: int, fmt: str) -> bytes:
+    import av
+    import numpy as np
+
+    container, codec = _AV_AUDIO[fmt]
+    rate = sample_rate
+    if fmt == "opus" and rate not in _OPUS_RATES:
+        rate = OPUS_SAMPLE_RATE
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as out:
+        stream: Any = out.add_stream(codec, rate=rate, layout="mono")
+        if fmt in _AUDIO_BIT_RATES:
+            stream.bit_rate = _AUDIO_BIT_RATES[fmt]
+        if fmt == "flac":
+            stream.format = "s16"
+        samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
+        if samples.size:
+            frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+            frame.sample_rate = sample_rate
+            frame.pts = None
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()

@@ -1,0 +1,102 @@
+"""encode_audio and wav_header (services.common.media): every format reads back with its rate."""
+
+from __future__ import annotations
+
+import io
+import wave
+
+import av
+import numpy as np
+import pytest
+
+from services.common.errors import InvalidRequest
+from services.common.media import AUDIO_MIME_TYPES, encode_audio, wav_header
+
+RATE = 22050
+
+
+def tone(seconds: float = 1.0, rate: int = RATE) -> bytes:
+    t = np.arange(int(rate * seconds)) / rate
+    return (np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes()
+
+
+def read_back(data: bytes) -> tuple[str, int, int, int]:
+    """(container, sample rate, channels, decoded samples) as PyAV reads the file."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(stream))
+        return container.format.name, stream.rate, stream.channels, samples
+
+
+@pytest.mark.parametrize(
+    ("fmt", "container", "rate"),
+    [
+        ("wav", "wav", RATE),
+        ("mp3", "mp3", RATE),
+        ("aac", "aac", RATE),
+        ("flac", "flac", RATE),
+        ("opus", "ogg", 48000),
+    ],
+)
+def test_formats_parse_with_the_right_rate(fmt: str, container: str, rate: int) -> None:
+    data, mime = encode_audio(tone(1.0), RATE, fmt)
+    assert mime == AUDIO_MIME_TYPES[fmt]
+    name, got_rate, channels, samples = read_back(data)
+    assert container in name.split(",")
+    assert (got_rate, channels) == (rate, 1)
+    assert abs(samples - rate) < 0.1 * rate  # one second, give or take codec padding
+
+
+def test_flac_and_wav_are_lossless() -> None:
+    pcm = tone(0.5)
+    for fmt in ("wav", "flac"):
+        data, _ = encode_audio(pcm, RATE, fmt)
+        with av.open(io.BytesIO(data)) as container:
+            frames = [f.to_ndarray() for f in container.decode(audio=0)]
+        assert np.concatenate(frames, axis=1).astype("<i2").tobytes() == pcm
+
+
+def test_opus_keeps_a_rate_it_supports() -> None:
+    data, _ = encode_audio(tone(0.5, 24000), 24000, "opus")
+    assert read_back(data)[2] == 1
+
+
+def test_pcm_is_raw_and_wav_reads_with_the_wave_module() -> None:
+    pcm = tone(0.25)
+    assert encode_audio(pcm, RATE, "pcm") == (pcm, "audio/pcm")
+    data, _ = encode_audio(pcm, RATE, "WAV")
+    with wave.open(io.BytesIO(data)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (RATE, 1, 2)
+        assert w.readframes(w.getnframes()) == pcm
+
+
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "flac", "pcm"])
+def test_empty_audio_encodes(fmt: str) -> None:
+    data, _ = encode_audio(b"", RATE, fmt)
+    assert isinstance(data, bytes)
+
+
+def test_unknown_format_and_odd_pcm() -> None:
+    with pytest.raises(InvalidRequest):
+        encode_audio(tone(0.1), RATE, "ogg-vorbis")
+    with pytest.raises(ValueError):
+        encode_audio(b"\x00\x01\x02", RATE, "wav")
+
+
+def test_wav_header_for_streaming_and_known_length() -> None:
+    pcm = tone(0.25)
+    header = wav_header(RATE, data_bytes=len(pcm))
+    assert len(header) == 44 and header == encode_audio(pcm, RATE, "wav")[0][:44]
+    with wave.open(io.BytesIO(header + pcm)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (RATE, 1, len(pcm) // 2)
+    streaming = wav_header(RATE)  # unknown length: sizes at their maximum
+    assert streaming[4:8] == b"\xff\xff\xff\xff" and streaming[40:44] == b"\xff\xff\xff\xff"
+    name, rate, channels, samples = read_back(streaming + pcm)
+    assert (name, rate, channels, samples) == ("wav", RATE, 1, len(pcm) // 2)
+    assert wav_header(44100, channels=2, bits=16, data_bytes=8)[22:36] == (
+        (2).to_bytes(2, "little")
+        + (44100).to_bytes(4, "little")
+        + (44100 * 4).to_bytes(4, "little")
+        + (4).to_bytes(2, "little")
+        + (16).to_bytes(2, "little")
+    )
