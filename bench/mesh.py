@@ -50,7 +50,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
     settings = load_settings(data_dir=data_dir)
     services: list[GrpcService] = []
     children: dict[str, subprocess.Popen[bytes]] = {}
-    names = ("billing", "image_gen", "segmentation", "upscale", "llm")
+    names = ("billing", "image_gen", "segmentation", "upscale", "llm", "tts")
     if split:  # each service its own process, as `kiln up --split` runs them
         addresses = {name: f"127.0.0.1:{_free_port()}" for name in names}
         env = {
@@ -67,6 +67,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
         from services.image_gen.server import create_service as create_image_gen
         from services.llm.server import create_service as create_llm
         from services.segmentation.server import create_service as create_segmentation
+        from services.tts.server import create_service as create_tts
         from services.upscale.server import create_service as create_upscale
 
         services = [
@@ -75,6 +76,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
             await create_segmentation(settings, address="127.0.0.1:0"),
             await create_upscale(settings, address="127.0.0.1:0"),
             await create_llm(settings, address="127.0.0.1:0"),
+            await create_tts(settings, address="127.0.0.1:0"),
         ]
         for service in services:
             await service.start()

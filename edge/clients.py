@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
@@ -19,6 +19,8 @@ from kiln.llm.v1 import llm_service_pb2 as llm_pb
 from kiln.llm.v1 import llm_service_pb2_grpc as llm_grpc
 from kiln.segmentation.v1 import segmentation_service_pb2 as seg_pb
 from kiln.segmentation.v1 import segmentation_service_pb2_grpc as seg_grpc
+from kiln.tts.v1 import tts_service_pb2 as tts_pb
+from kiln.tts.v1 import tts_service_pb2_grpc as tts_grpc
 from kiln.upscale.v1 import upscale_service_pb2 as upscale_pb
 from kiln.upscale.v1 import upscale_service_pb2_grpc as upscale_grpc
 from services.common.errors import ProcessingError
@@ -202,9 +204,30 @@ class LlmClient:
         self._stub = llm_grpc.LlmServiceStub(channel)
         self._timeout = timeout
 
-    async def chat(self, request: llm_pb.ChatRequest) -> AsyncIterator[llm_pb.ChatResponse]:
+    async def chat(self, request: llm_pb.ChatRequest) -> AsyncGenerator[llm_pb.ChatResponse]:
         """Start, deltas as they are produced, end. Leaving the iteration cancels the call."""
         call = self._stub.Chat(request, timeout=self._timeout, metadata=_metadata(request.request_id))
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err) from None
+        finally:
+            call.cancel()
+
+
+class TtsClient:
+    """Speech over the server-streaming RPC."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
+        self._stub = tts_grpc.TtsServiceStub(channel)
+        self._timeout = timeout
+
+    async def synthesize(
+        self, request: tts_pb.SynthesizeRequest
+    ) -> AsyncGenerator[tts_pb.SynthesizeResponse]:
+        """Header, PCM chunks as they are produced, summary. Leaving the iteration cancels the call."""
+        call = self._stub.Synthesize(request, timeout=self._timeout, metadata=_metadata(request.request_id))
         try:
             async for event in call:
                 yield event
@@ -271,6 +294,7 @@ class Upstreams:
     segmentation: SegmentationClient
     upscale: UpscaleClient
     llm: LlmClient
+    tts: TtsClient
 
     @classmethod
     def connect(cls, settings: Settings) -> Upstreams:
@@ -280,6 +304,7 @@ class Upstreams:
             "segmentation": settings.segmentation_address,
             "upscale": settings.upscale_address,
             "llm": settings.llm_address,
+            "tts": settings.tts_address,
         }
         channels = {
             name: create_channel(address, max_message_bytes=settings.grpc_max_message_bytes)
@@ -293,6 +318,7 @@ class Upstreams:
             segmentation=SegmentationClient(channels["segmentation"], timeout=timeout),
             upscale=UpscaleClient(channels["upscale"], timeout=timeout),
             llm=LlmClient(channels["llm"], timeout=timeout),
+            tts=TtsClient(channels["tts"], timeout=timeout),
         )
 
     async def health(self, deadline_seconds: float = 2.0) -> dict[str, bool]:

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from edge.handlers import chat, images, media, segmentation, system, upscale
+from edge.handlers import audio, chat, images, media, segmentation, system, upscale
 from edge.responses import json_response
 from edge.schemas import (
     BackgroundRemovalForm,
@@ -19,6 +19,7 @@ from edge.schemas import (
     ImageEditRequest,
     ImageGenerationRequest,
     SegmentationForm,
+    SpeechRequest,
     UpscaleRequest,
 )
 
@@ -124,6 +125,22 @@ ROUTES: tuple[Route, ...] = (
         "Chat with vision (OpenAI's schema; stream: true for server-sent events). Premium only, free.",
         body=ChatCompletionRequest,
         responses=_PAID,
+    ),
+    Route(
+        "POST",
+        "/v1/audio/speech",
+        audio.create_speech,
+        "Speak a text (OpenAI's audio.speech): Piper's real 'joe' voice; wav and pcm stream as produced.",
+        body=SpeechRequest,
+        responses=_PAID,
+    ),
+    Route(
+        "GET",
+        "/v1/audio/voices",
+        audio.list_voices,
+        "The voices /v1/audio/speech speaks with.",
+        authenticated=False,
+        responses={200: "Success"},
     ),
     Route(
         "GET",

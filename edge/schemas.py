@@ -432,3 +432,21 @@ class ChatCompletionRequest(_Body):
         if len(stops) > 4 or any(not s for s in stops):
             raise InvalidRequest("'stop' takes up to 4 non-empty strings")
         return stops
+
+
+#: OpenAI's speech model names; every one is served by the voice the request names.
+SPEECH_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "piper")
+
+
+class SpeechRequest(_Body):
+    """``POST /v1/audio/speech`` (OpenAI's schema)."""
+
+    model: str = Field(description=f"One of {', '.join(SPEECH_MODELS)}; all are served by the voice.")
+    input: str = Field(description="The text to speak (at most 4096 characters).")
+    voice: str = Field(description="A voice from GET /v1/audio/voices (OpenAI's voice names are aliases).")
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = Field(
+        "mp3", description="The audio format (mp3 by default, as OpenAI's)."
+    )
+    speed: float = Field(1.0, ge=0.25, le=4.0, description="Speaking rate, 0.25 to 4.0.")
+    instructions: str | None = Field(None, description="Accepted for OpenAI compatibility; no effect.")
+    stream_format: Literal["audio"] | None = Field(None, description="Only 'audio' (raw audio) is supported.")

@@ -32,7 +32,7 @@ from services.common.telemetry import setup_tracing
 
 log = logging.getLogger("kiln")
 
-SERVICES = ("billing", "image_gen", "segmentation", "upscale", "llm", "edge")
+SERVICES = ("billing", "image_gen", "segmentation", "upscale", "llm", "tts", "edge")
 
 
 class PortTaken(Exception):
@@ -52,6 +52,7 @@ def check_ports(settings: Settings, services: tuple[str, ...]) -> None:
         "segmentation": (_split_address(settings.segmentation_address), "KILN_SEGMENTATION_ADDRESS"),
         "upscale": (_split_address(settings.upscale_address), "KILN_UPSCALE_ADDRESS"),
         "llm": (_split_address(settings.llm_address), "KILN_LLM_ADDRESS"),
+        "tts": (_split_address(settings.tts_address), "KILN_TTS_ADDRESS"),
         "edge": ((settings.http_host, settings.http_port), "KILN_HTTP_PORT"),
     }
     for name in services:
@@ -127,6 +128,10 @@ async def _create_grpc_service(name: str, settings: Settings) -> GrpcService:
         from services.llm.server import create_service as create_llm
 
         return await create_llm(settings)
+    if name == "tts":
+        from services.tts.server import create_service as create_tts
+
+        return await create_tts(settings)
     from services.image_gen.server import create_service as create_image_gen
 
     return await create_image_gen(settings)

@@ -66,6 +66,7 @@ class Mesh:
     segmentation_port: int
     upscale_port: int
     llm_port: int
+    tts_port: int
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +84,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
     from services.image_gen.server import create_service as create_image_gen
     from services.llm.server import create_service as create_llm
     from services.segmentation.server import create_service as create_segmentation
+    from services.tts.server import create_service as create_tts
     from services.upscale.server import create_service as create_upscale
 
     data_dir = tmp_path_factory.mktemp("kiln")
@@ -102,11 +104,13 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
     segmentation = await create_segmentation(settings, address="127.0.0.1:0")
     upscale = await create_upscale(settings, address="127.0.0.1:0")
     llm = await create_llm(settings, address="127.0.0.1:0")
+    tts = await create_tts(settings, address="127.0.0.1:0")
     await billing.start()
     await image_gen.start()
     await segmentation.start()
     await upscale.start()
     await llm.start()
+    await tts.start()
     settings = settings.model_copy(
         update={
             "billing_address": f"127.0.0.1:{billing.port}",
@@ -114,6 +118,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
             "segmentation_address": f"127.0.0.1:{segmentation.port}",
             "upscale_address": f"127.0.0.1:{upscale.port}",
             "llm_address": f"127.0.0.1:{llm.port}",
+            "tts_address": f"127.0.0.1:{tts.port}",
         }
     )
     runner = web.AppRunner(create_app(settings))
@@ -133,7 +138,15 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
     db = await Database.open(settings.resolved_database_url)
     try:
         yield Mesh(
-            settings, url, Ledger(db), billing.port, image_gen.port, segmentation.port, upscale.port, llm.port
+            settings,
+            url,
+            Ledger(db),
+            billing.port,
+            image_gen.port,
+            segmentation.port,
+            upscale.port,
+            llm.port,
+            tts.port,
         )
     finally:
         await db.close()
@@ -142,6 +155,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
         await segmentation.stop(1)
         await upscale.stop(1)
         await llm.stop(1)
+        await tts.stop(1)
         await billing.stop(1)
 
 

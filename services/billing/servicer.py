@@ -71,8 +71,8 @@ def usage_items(usages: Sequence[pb.Usage]) -> list[ImageGenerationItem]:
                     model=work.model, width=work.width, height=work.height, steps=work.steps, count=work.count
                 )
             )
-        elif kind == "chat":
-            items.append(ImageGenerationItem(model=usage.chat.model))
+        elif kind in ("chat", "speech"):
+            items.append(ImageGenerationItem(model=getattr(usage, kind).model))
         elif kind == "upscale":
             up = usage.upscale
             items.append(ImageGenerationItem(model=up.model, width=up.output_width, height=up.output_height))

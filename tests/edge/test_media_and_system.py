@@ -81,6 +81,7 @@ async def test_health_readiness_and_openapi(mesh: Mesh, http: aiohttp.ClientSess
             "segmentation": True,
             "upscale": True,
             "llm": True,
+            "tts": True,
         }
     async with http.get(mesh.url + "/openapi.json") as response:
         document = await response.json()

@@ -1,0 +1,100 @@
+"""OpenAI's ``POST /v1/audio/speech`` and ``GET /v1/audio/voices``.
+
+The tts service streams 16-bit mono PCM as it is synthesised. ``wav`` and
+``pcm`` answers are streamed to the client chunk by chunk as they arrive (the
+WAV header says "length unknown", as streaming WAV writers do); ``mp3``,
+``opus``, ``aac`` and ``flac`` are encoded once the speech is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from edge.flow import Billed, credential_from, run_billed
+from edge.keys import REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
+from edge.responses import json_response
+from edge.schemas import SPEECH_MODELS, SpeechRequest, parse_body
+from kiln.billing.v1 import billing_service_pb2 as billing_pb
+from kiln.tts.v1 import tts_service_pb2 as tts_pb
+from services.common.errors import InvalidRequest
+from services.common.media import encode_audio, wav_header
+from services.common.money import format_credits
+from services.common.registry import SPEECH
+
+STREAMED = {"wav": "audio/wav", "pcm": "audio/pcm"}
+
+
+async def create_speech(request: web.Request) -> web.StreamResponse:
+    credential_from(request)
+    settings = request.app[SETTINGS]
+    body = parse_body(SpeechRequest, await request.read())
+    if body.model not in SPEECH_MODELS:
+        raise InvalidRequest(f"Invalid model ID '{body.model}'. Supported models: {', '.join(SPEECH_MODELS)}")
+    if not body.input.strip():
+        raise InvalidRequest("'input' must not be empty")
+    if len(body.input) > settings.max_speech_chars:
+        raise InvalidRequest(f"'input' is longer than {settings.max_speech_chars} characters")
+    registry = request.app[REGISTRY]
+    voice = registry.get(body.voice)
+    if voice is None or not voice.serves(SPEECH):
+        names = ", ".join(
+            name for spec in registry.for_capability(SPEECH) for name in (spec.id, *spec.aliases)
+        )
+        raise InvalidRequest(f"Invalid voice '{body.voice}'. Supported voices: {names}")
+    call = tts_pb.SynthesizeRequest(
+        text=body.input, voice=voice.id, speed=body.speed, request_id=request[REQUEST_ID]
+    )
+    usage = [billing_pb.Usage(speech=billing_pb.SpeechUsage(model=voice.id, characters=len(body.input)))]
+
+    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[web.StreamResponse]:
+        events = request.app[UPSTREAMS].tts.synthesize(call)
+        async with contextlib.aclosing(events):
+            first = await anext(events)
+            if not first.HasField("header"):
+                raise InvalidRequest("The speech service answered without an audio header")
+            rate = first.header.sample_rate
+            headers = {"X-Credits-Charged": format_credits(auth.reservation.amount_hundredths)}
+            if body.response_format in STREAMED:
+                response = await _stream(request, events, rate, body.response_format, headers)
+            else:
+                pcm = b"".join([event.pcm async for event in events if event.HasField("pcm")])
+                data, mime = await asyncio.to_thread(encode_audio, pcm, rate, body.response_format)
+                response = web.Response(body=data, content_type=mime, headers=headers)
+        return Billed(response, auth.reservation.amount_hundredths)
+
+    return (await run_billed(request, usage, work)).result
+
+
+async def _stream(
+    request: web.Request, events: AsyncIterator[Any], rate: int, fmt: str, headers: dict[str, str]
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={**headers, "Content-Type": STREAMED[fmt]})
+    await response.prepare(request)
+    if fmt == "wav":
+        await response.write(wav_header(rate))
+    async for event in events:
+        if event.HasField("pcm"):
+            await response.write(event.pcm)
+    await response.write_eof()
+    return response
+
+
+async def list_voices(request: web.Request) -> web.Response:
+    """The voices ``/v1/audio/speech`` speaks with (OpenAI's voice names are aliases)."""
+    registry = request.app[REGISTRY]
+    voices = [
+        {
+            "id": spec.id,
+            "aliases": list(spec.aliases),
+            "language": spec.options.get("language", ""),
+            "description": spec.description,
+        }
+        for spec in registry.for_capability(SPEECH)
+    ]
+    return json_response({"object": "list", "data": voices, "created": int(time.time())})
