@@ -63,6 +63,8 @@ bench: gen $(STAMP)
 	$(BIN)/python bench/image_edit.py
 	$(BIN)/python bench/segmentation.py
 	$(BIN)/python bench/upscale.py
+	$(BIN)/python bench/chat.py
+	$(BIN)/python bench/tts.py
 
 clean:
 	rm -rf kiln descriptors.binpb .pytest_cache .mypy_cache .ruff_cache
