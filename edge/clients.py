@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -36,6 +37,18 @@ async def _call(awaitable: Awaitable[T]) -> T:
         return await awaitable
     except grpc.aio.AioRpcError as err:
         raise error_from_rpc(err) from None
+
+
+async def _events(call: Any) -> AsyncGenerator[Any]:
+    """A server stream's messages as they arrive. A failed call raises its KilnError;
+    closing the generator (leaving the iteration) cancels the call."""
+    try:
+        async for event in call:
+            yield event
+    except grpc.aio.AioRpcError as err:
+        raise error_from_rpc(err) from None
+    finally:
+        call.cancel()
 
 
 def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
@@ -147,14 +160,10 @@ class ImageGenClient:
             call = self._stub.GenerateImages(
                 generation_request(params, request_id), timeout=self._timeout, metadata=metadata
             )
-        try:
-            async for event in call:
+        async with contextlib.aclosing(_events(call)) as events:
+            async for event in events:
                 if event.HasField("result"):
-                    return event.result
-        except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err) from None
-        finally:
-            call.cancel()
+                    return cast(image_pb.GeneratedImages, event.result)
         raise ProcessingError("The image service ended the stream without a result.")
 
 
@@ -204,16 +213,11 @@ class LlmClient:
         self._stub = llm_grpc.LlmServiceStub(channel)
         self._timeout = timeout
 
-    async def chat(self, request: llm_pb.ChatRequest) -> AsyncGenerator[llm_pb.ChatResponse]:
+    def chat(self, request: llm_pb.ChatRequest) -> AsyncGenerator[llm_pb.ChatResponse]:
         """Start, deltas as they are produced, end. Leaving the iteration cancels the call."""
-        call = self._stub.Chat(request, timeout=self._timeout, metadata=_metadata(request.request_id))
-        try:
-            async for event in call:
-                yield event
-        except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err) from None
-        finally:
-            call.cancel()
+        return _events(
+            self._stub.Chat(request, timeout=self._timeout, metadata=_metadata(request.request_id))
+        )
 
 
 class TtsClient:
@@ -223,18 +227,10 @@ class TtsClient:
         self._stub = tts_grpc.TtsServiceStub(channel)
         self._timeout = timeout
 
-    async def synthesize(
-        self, request: tts_pb.SynthesizeRequest
-    ) -> AsyncGenerator[tts_pb.SynthesizeResponse]:
+    def synthesize(self, request: tts_pb.SynthesizeRequest) -> AsyncGenerator[tts_pb.SynthesizeResponse]:
         """Header, PCM chunks as they are produced, summary. Leaving the iteration cancels the call."""
         call = self._stub.Synthesize(request, timeout=self._timeout, metadata=_metadata(request.request_id))
-        try:
-            async for event in call:
-                yield event
-        except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err) from None
-        finally:
-            call.cancel()
+        return _events(call)
 
 
 class VideoSession:
