@@ -32,7 +32,14 @@ def test_kiln_up_exits_non_zero_with_a_clear_message_when_the_http_port_is_taken
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = _kiln(["up"], {"KILN_DATA_DIR": str(tmp_path), "KILN_HTTP_PORT": str(port)})
+        # the other services on port 0 (not checked): their default ports may be in use as
+        # ephemeral client ports on a busy machine
+        others = {
+            f"KILN_{name.upper()}_ADDRESS": "127.0.0.1:0"
+            for name in ("billing", "image_gen", "segmentation", "upscale", "llm", "tts")
+        }
+        env = {"KILN_DATA_DIR": str(tmp_path), "KILN_HTTP_PORT": str(port), **others}
+        result = _kiln(["up"], env)
     assert result.returncode == 2
     assert f"port {port} on 127.0.0.1 (edge) is already in use" in result.stderr
     assert "KILN_HTTP_PORT" in result.stderr
