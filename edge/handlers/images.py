@@ -74,6 +74,18 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
+def timing_entry(service_timing: Any, store_seconds: float, started: float) -> dict[str, float]:
+    """The response's ``timing``: queue, inference and encode as the service measured them,
+    store and total as measured here (milliseconds)."""
+    return {
+        "queue_ms": round(service_timing.queue_ms, 3),
+        "inference_ms": round(service_timing.inference_ms, 3),
+        "encode_ms": round(service_timing.encode_ms, 3),
+        "store_ms": _ms(store_seconds),
+        "total_ms": _ms(time.perf_counter() - started),
+    }
+
+
 @dataclass
 class ImageOutcome:
     """One request's images, stored, with the response entry that describes them."""
@@ -94,7 +106,7 @@ async def _produce(
         (image.data, image.mime_type, await store.put_async(image.data, image.mime_type))
         for image in result.images
     ]
-    store_ms = _ms(time.perf_counter() - store_start)
+    store_seconds = time.perf_counter() - store_start
     data: list[dict[str, Any]] = []
     if not options.return_binary:
         for image_bytes, _, media_id in files:
@@ -105,13 +117,7 @@ async def _produce(
                 item["b64_json"] = base64.b64encode(image_bytes).decode("ascii")
             item["revised_prompt"] = None
             data.append(item)
-    timing = {
-        "queue_ms": round(result.timing.queue_ms, 3),
-        "inference_ms": round(result.timing.inference_ms, 3),
-        "encode_ms": round(result.timing.encode_ms, 3),
-        "store_ms": store_ms,
-        "total_ms": _ms(time.perf_counter() - started),
-    }
+    timing = timing_entry(result.timing, store_seconds, started)
     entry = {"created": int(time.time()), "data": data, "seed": result.seed, "timing": timing}
     return ImageOutcome(entry, files)
 

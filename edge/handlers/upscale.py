@@ -16,7 +16,7 @@ from aiohttp import web
 
 from edge.clients import FORMATS
 from edge.flow import Billed, credential_from, run_billed
-from edge.handlers.images import media_base
+from edge.handlers.images import media_base, timing_entry
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
 from edge.schemas import UpscaleRequest, decode_base64_image, parse_body
@@ -65,19 +65,13 @@ async def upscale_image(request: web.Request) -> web.Response:
     result = billed.result
     store_start = time.perf_counter()
     media_id = await request.app[MEDIA].put_async(result.image.data, result.image.mime_type)
-    store_ms = (time.perf_counter() - store_start) * 1000
+    store_seconds = time.perf_counter() - store_start
     item: dict[str, str] = {}
     if body.response_format != "b64_json":
         item["url"] = f"{media_base(request)}/v1/media/{media_id}"
     if body.response_format != "url":
         item["b64_json"] = base64.b64encode(result.image.data).decode("ascii")
-    timing = {
-        "queue_ms": round(result.timing.queue_ms, 3),
-        "inference_ms": round(result.timing.inference_ms, 3),
-        "encode_ms": round(result.timing.encode_ms, 3),
-        "store_ms": round(store_ms, 3),
-        "total_ms": round((time.perf_counter() - started) * 1000, 3),
-    }
+    timing = timing_entry(result.timing, store_seconds, started)
     payload = {
         "created": int(time.time()),
         "data": [item],
