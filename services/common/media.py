@@ -338,3 +338,67 @@ def _encode_av(pcm: bytes, sample_rate: int, fmt: str) -> bytes:
         for packet in stream.encode(None):
             out.mux(packet)
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    """Decoded audio: float32 samples in [-1, 1], shape ``(frames, channels)``."""
+
+    samples: Any
+    sample_rate: int
+
+    @property
+    def channels(self) -> int:
+        return int(self.samples.shape[1])
+
+    @property
+    def duration(self) -> float:
+        return int(self.samples.shape[0]) / self.sample_rate
+
+    def mono(self) -> Any:
+        """The channels averaged into one (a 1-D float32 array)."""
+        return self.samples.mean(axis=1, dtype="float32")
+
+
+def decode_audio(data: bytes, *, max_seconds: float, max_bytes: int, field: str = "audio") -> DecodedAudio:
+    """Decodes an untrusted audio file (WAV, FLAC, MP3, Ogg Vorbis/Opus, AAC...) with PyAV.
+
+    The one place where uploaded audio is opened. Refuses with
+    :class:`InvalidRequest`, naming ``field``: more than ``max_bytes`` bytes,
+    data that is not audio, a file without a single sample, and audio longer
+    than ``max_seconds`` (decoding stops as soon as the limit is passed, so a
+    long file costs no more than the limit). Blocking: run it on a worker thread.
+    """
+    import av
+    import numpy as np
+
+    if len(data) > max_bytes:
+        raise InvalidRequest(f"'{field}' is {len(data)} bytes; the limit is {max_bytes} bytes")
+    if not data:
+        raise InvalidRequest(f"'{field}' is empty")
+    chunks: list[Any] = []
+    frames = 0
+    rate = 0
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.audio:
+                raise InvalidRequest(f"'{field}' holds no audio stream")
+            stream = container.streams.audio[0]
+            # Planar float, (channels, samples), whatever the source's sample format.
+            to_float = av.AudioResampler(format="fltp")
+            for decoded in container.decode(stream):
+                rate = rate or int(decoded.sample_rate)
+                for frame in to_float.resample(decoded):
+                    array = frame.to_ndarray().astype(np.float32, copy=False)
+                    chunks.append(array.reshape(len(frame.layout.channels), -1))
+                    frames += chunks[-1].shape[1]
+                if frames > max_seconds * rate:
+                    raise InvalidRequest(f"'{field}' is longer than the limit of {max_seconds:g} seconds")
+    except InvalidRequest:
+        raise
+    except (av.FFmpegError, ValueError, EOFError) as exc:
+        raise InvalidRequest(f"'{field}' is not a readable audio file (WAV, FLAC, MP3 or Ogg)") from exc
+    if not frames:
+        raise InvalidRequest(f"'{field}' contains no audio samples")
+    samples = np.concatenate(chunks, axis=1).T
+    return DecodedAudio(samples=np.ascontiguousarray(np.clip(samples, -1.0, 1.0)), sample_rate=rate)

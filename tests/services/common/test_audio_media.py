@@ -1,4 +1,4 @@
-"""encode_audio and wav_header (services.common.media): every format reads back with its rate."""
+"""Audio media helpers (services.common.media): encode_audio and wav_header read back with their rate; decode_audio refuses what is not audio."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidRequest
-from services.common.media import AUDIO_MIME_TYPES, encode_audio, wav_header
+from services.common.media import AUDIO_MIME_TYPES, decode_audio, encode_audio, wav_header
 
 RATE = 22050
 
@@ -101,3 +101,39 @@ def test_wav_header_for_streaming_and_known_length() -> None:
         + (4).to_bytes(2, "little")
         + (16).to_bytes(2, "little")
     )
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus", "aac"])
+def test_decode_audio_reads_every_output_format_back(fmt: str) -> None:
+    data, _ = encode_audio(tone(1.0, 24000), 24000, fmt)
+    decoded = decode_audio(data, max_seconds=5, max_bytes=1 << 20)
+    assert decoded.channels == 1 and decoded.samples.dtype == np.float32
+    assert decoded.duration == pytest.approx(1.0, abs=0.1)
+    assert 0.2 < float(np.abs(decoded.mono()).max()) <= 1.0
+
+
+def test_decode_audio_is_exact_for_wav() -> None:
+    pcm = tone(0.5, 16000)
+    decoded = decode_audio(encode_audio(pcm, 16000, "wav")[0], max_seconds=5, max_bytes=1 << 20)
+    assert decoded.sample_rate == 16000
+    assert np.array_equal((decoded.mono() * 32768).round().astype("<i2").tobytes(), pcm)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "'ref_audio' is empty"),
+        (b"RIFF not really a wave file at all", "not a readable audio file"),
+        (encode_audio(b"", 16000, "wav")[0], "contains no audio samples"),
+        (b"\0" * 2048, "the limit is 1024 bytes"),
+    ],
+)
+def test_decode_audio_refuses_what_is_not_audio(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        decode_audio(data, max_seconds=5, max_bytes=1024, field="ref_audio")
+
+
+def test_decode_audio_stops_at_the_duration_limit() -> None:
+    ten_minutes = encode_audio(b"\0\0" * 8000 * 600, 8000, "wav")[0]
+    with pytest.raises(InvalidRequest, match="longer than the limit of 60 seconds"):
+        decode_audio(ten_minutes, max_seconds=60, max_bytes=len(ten_minutes))
