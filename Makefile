@@ -4,8 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; GPU hosts set TORCH_SPEC (e.g. torch==2.13.0 from a CUDA index).
 TORCH_SPEC ?= torch==2.13.0
-# Extras: `cpu` = onnxruntime (CPU); GPU hosts use EXTRAS=gpu,test (onnxruntime-gpu).
-EXTRAS ?= cpu,test
+# Extras: `cpu` = onnxruntime (CPU); GPU hosts use EXTRAS=models,gpu,test (onnxruntime-gpu).
+EXTRAS ?= models,cpu,test
+# The tts service's own environment: Qwen3-TTS (qwen-tts) pins transformers 4.57.3.
+TTS_VENV ?= .venv-tts
+TTS_BIN := $(TTS_VENV)/bin
+TTS_EXTRAS ?= speech,test
+TTS_STAMP := $(TTS_VENV)/.kiln-installed
+QWEN_TTS_SPEC ?= qwen-tts==0.1.1
 STAMP := $(VENV)/.kiln-installed
 TOOLS_STAMP := $(VENV)/.kiln-protoc
 PROTOS := $(shell find protos/kiln -name '*.proto')
@@ -27,7 +33,18 @@ $(STAMP): pyproject.toml | kiln/.generated
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# qwen-tts without its declared dependencies: the ones it uses are in the
+# `speech` extra; torchaudio (one import, for the unused 25 Hz tokenizer) would
+# pull a CUDA build of torch, and gradio is only for its demo.
+$(TTS_STAMP): pyproject.toml | kiln/.generated
+	test -x $(TTS_BIN)/python || $(PYTHON) -m venv $(TTS_VENV)
+	$(TTS_BIN)/python -m pip install --quiet --upgrade pip
+	$(TTS_BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(TTS_BIN)/pip install --quiet -e '.[$(TTS_EXTRAS)]'
+	$(TTS_BIN)/pip install --quiet --no-deps "$(QWEN_TTS_SPEC)"
+	touch $(TTS_STAMP)
+
+install: $(STAMP) $(TTS_STAMP)
 
 # Python code generated from the protos into ./kiln (git-ignored; never edited).
 kiln/.generated: $(PROTOS) | $(TOOLS_STAMP)
@@ -39,7 +56,7 @@ kiln/.generated: $(PROTOS) | $(TOOLS_STAMP)
 
 gen: kiln/.generated
 
-run: gen $(STAMP)
+run: gen $(STAMP) $(TTS_STAMP)
 	$(BIN)/kiln up
 
 protolint: $(STAMP)
@@ -55,10 +72,11 @@ lint: gen $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy services edge kiln_cli bench
 
-test: gen protolint lint
+test: gen protolint lint $(TTS_STAMP)
 	$(BIN)/python -m pytest
+	$(TTS_BIN)/python -m pytest tests/services/tts
 
-bench: gen $(STAMP)
+bench: gen $(STAMP) $(TTS_STAMP)
 	$(BIN)/python bench/edge_overhead.py
 	$(BIN)/python bench/image_edit.py
 	$(BIN)/python bench/segmentation.py

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     upscale_address: str = Field("127.0.0.1:50054", description="host:port of the upscale gRPC service.")
     llm_address: str = Field("127.0.0.1:50055", description="host:port of the llm gRPC service.")
     tts_address: str = Field("127.0.0.1:50056", description="host:port of the tts gRPC service.")
+    tts_python: Path | None = Field(
+        None,
+        description="Python of the tts service's own environment (qwen-tts pins transformers 4.57.3); "
+        "`kiln up` runs the tts service with it. Default: .venv-tts/bin/python of the checkout, if present.",
+    )
     http_host: str = Field("127.0.0.1", description="Interface the HTTP edge binds.")
     http_port: int = Field(8000, description="Port of the HTTP edge.")
     public_base_url: str | None = Field(
@@ -60,6 +65,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(25 * 1024 * 1024, description="Largest accepted request body (413 above).")
     max_prompt_chars: int = Field(4000, description="Longest accepted prompt or negative prompt.")
     max_speech_chars: int = Field(4096, description="Longest text to speak (OpenAI's limit).")
+    max_reference_audio_seconds: float = Field(
+        60.0, description="Longest voice-cloning reference recording (Qwen3-TTS wants 3-20 s)."
+    )
+    max_reference_audio_bytes: int = Field(
+        20 * 1024 * 1024, description="Largest voice-cloning reference file (after base64 decoding)."
+    )
     max_input_image_pixels: int = Field(
         4096 * 4096, description="Most pixels of an input image (checked from its header, before decoding)."
     )

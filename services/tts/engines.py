@@ -31,7 +31,7 @@ from services.common.engine import (
     build_engine_pool,
 )
 from services.common.errors import InvalidRequest
-from services.common.registry import ModelSpec, Registry
+from services.common.registry import VOICE_CLONE, ModelSpec, Registry
 
 #: The registry capability of speech models.
 SPEECH = "speech"
@@ -188,8 +188,11 @@ class PiperEngine(SpeechEngine):
                     )
 
 
-#: Engine key (registry ``engine``) -> class.
-ENGINE_CLASSES: dict[str, type[RegistryEngine[Any, Any]]] = {"piper": PiperEngine}
+def engine_classes() -> dict[str, type[RegistryEngine[Any, Any]]]:
+    """Engine key (registry ``engine``) -> class: Piper voices and Qwen3-TTS cloning."""
+    from services.tts.cloning import CloneEngine
+
+    return {"piper": PiperEngine, "qwen3_tts": CloneEngine}
 
 
 def build_speech_pool(
@@ -198,18 +201,21 @@ def build_speech_pool(
     cache_dir: Path,
     max_chars: int = DEFAULT_MAX_CHARS,
     default: str = DEFAULT_SPEECH_MODEL,
+    torch_threads: int | None = None,
 ) -> EnginePool:
-    """One engine per speech model of the registry (not loaded yet)."""
+    """One engine per speech and voice-cloning model of the registry (not loaded yet)."""
+    from services.tts.cloning import CloneEngine
+
     pool = build_engine_pool(
         registry,
-        registry.for_capability(SPEECH),
-        ENGINE_CLASSES,
+        [*registry.for_capability(SPEECH), *registry.for_capability(VOICE_CLONE)],
+        engine_classes(),
         service="tts",
         cache_dir=cache_dir,
-        torch_threads=None,
+        torch_threads=torch_threads,
         default=default,
     )
     for engine in pool.engines.values():
-        if isinstance(engine, SpeechEngine):
+        if isinstance(engine, SpeechEngine | CloneEngine):
             engine.max_chars = max_chars
     return pool

@@ -6,8 +6,10 @@ the voices on their worker threads, and health turns SERVING as soon as the
 default voice (``piper-joe``) can speak.
 
 Settings used: ``tts_address`` (unless ``address`` is given),
-``registry_path``, ``resolved_model_cache_dir``, ``max_speech_chars`` and
-``grpc_max_message_bytes``.
+``registry_path``, ``resolved_model_cache_dir``, ``max_speech_chars``,
+``max_reference_audio_seconds``, ``max_reference_audio_bytes``, ``torch_threads``
+and ``grpc_max_message_bytes``. The service runs in its own environment
+(``.venv-tts``: qwen-tts pins transformers 4.57.3); ``kiln up`` starts it there.
 """
 
 from __future__ import annotations
@@ -41,10 +43,16 @@ async def create_service(
             cache_dir=settings.resolved_model_cache_dir,
             max_chars=settings.max_speech_chars,
             default=DEFAULT_SPEECH_MODEL,
+            torch_threads=settings.torch_threads,
         )
     return await create_engine_server(
         address=address or settings.tts_address,
-        servicer=TtsServicer(registry=registry, pool=pool),
+        servicer=TtsServicer(
+            registry=registry,
+            pool=pool,
+            max_reference_seconds=settings.max_reference_audio_seconds,
+            max_reference_bytes=settings.max_reference_audio_bytes,
+        ),
         add_to_server=pb_grpc.add_TtsServiceServicer_to_server,
         service_name=SERVICE_NAME,
         pool=pool,

@@ -7,8 +7,12 @@ anything is streamed), then streams an :class:`AudioHeader` (sample rate,
 mono), the 16-bit little-endian PCM of each sentence as Piper produces it (in
 messages of at most :data:`MAX_PCM_MESSAGE_BYTES`), and a
 :class:`SynthesisSummary`. Encoding to wav/mp3/... is the edge's job
-(:func:`services.common.media.encode_audio`). ``ListVoices`` lists every
-speech model of the registry.
+(:func:`services.common.media.encode_audio`). ``CloneVoice`` decodes the reference recording on a worker thread
+(:func:`~services.common.media.decode_audio`: WAV, FLAC, MP3, Ogg; too large,
+too long, empty or not audio is INVALID_ARGUMENT), checks the texts and the
+language, then streams the same events as ``Synthesize`` from Qwen3-TTS
+(:mod:`services.tts.cloning`). ``ListVoices`` lists every speech and
+voice-cloning model of the registry.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import grpc
 
@@ -24,21 +29,34 @@ from kiln.tts.v1 import tts_service_pb2 as pb
 from kiln.tts.v1 import tts_service_pb2_grpc as pb_grpc
 from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
-from services.common.registry import Registry
+from services.common.media import decode_audio
+from services.common.registry import DEFAULT_CLONE_MODEL, VOICE_CLONE, Registry
+from services.tts.cloning import CloneEngine, CloneRequest
 from services.tts.engines import SPEECH, SpeechEngine, voice_info
 
 #: Full name of the service, for health and reflection.
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["TtsService"].full_name
 #: Largest PCM payload of one stream message (a long sentence is split).
 MAX_PCM_MESSAGE_BYTES = 256 * 1024
+#: Shortest usable reference recording (a few codec frames).
+MIN_REFERENCE_SECONDS = 0.5
 
 
 class TtsServicer(pb_grpc.TtsServiceServicer):
     """Speech synthesis over gRPC."""
 
-    def __init__(self, *, registry: Registry, pool: EnginePool) -> None:
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        pool: EnginePool,
+        max_reference_seconds: float = 60.0,
+        max_reference_bytes: int = 20 * 1024 * 1024,
+    ) -> None:
         self.registry = registry
         self.pool = pool
+        self.max_reference_seconds = max_reference_seconds
+        self.max_reference_bytes = max_reference_bytes
 
     async def Synthesize(
         self, request: pb.SynthesizeRequest, context: grpc.aio.ServicerContext
@@ -52,21 +70,44 @@ class TtsServicer(pb_grpc.TtsServiceServicer):
         yield pb.SynthesizeResponse(
             header=pb.AudioHeader(sample_rate=engine.sample_rate, channels=1, voice=spec.id)
         )
-        started = time.perf_counter()
-        samples = 0
         chunks = engine.synthesize(request.text, speed, request_id=request.request_id)
-        async with aclosing(chunks):
-            async for pcm in chunks:
-                samples += len(pcm) // 2
-                for offset in range(0, len(pcm), MAX_PCM_MESSAGE_BYTES):
-                    yield pb.SynthesizeResponse(pcm=pcm[offset : offset + MAX_PCM_MESSAGE_BYTES])
-        yield pb.SynthesizeResponse(
-            summary=pb.SynthesisSummary(
-                samples=samples,
-                duration_seconds=samples / engine.sample_rate,
-                synthesis_seconds=time.perf_counter() - started,
-            )
+        async for event in _pcm_events(chunks, engine.sample_rate, pb.SynthesizeResponse):
+            yield event
+
+    async def CloneVoice(
+        self, request: pb.CloneVoiceRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CloneVoiceResponse]:
+        spec = self.registry.resolve(request.model or None, VOICE_CLONE, DEFAULT_CLONE_MODEL)
+        engine = self.pool.get(spec.id)
+        if not isinstance(engine, CloneEngine):
+            raise InvalidRequest(f"'{spec.id}' is not a voice-cloning model")
+        language = engine.check(request.text, request.ref_text, request.language)
+        reference = await asyncio.to_thread(
+            decode_audio,
+            request.ref_audio,
+            max_seconds=self.max_reference_seconds,
+            max_bytes=self.max_reference_bytes,
+            field="ref_audio",
         )
+        if reference.duration < MIN_REFERENCE_SECONDS:
+            raise InvalidRequest(
+                f"'ref_audio' is {reference.duration:.2f} seconds long; "
+                f"at least {MIN_REFERENCE_SECONDS} seconds of speech are needed"
+            )
+        yield pb.CloneVoiceResponse(
+            header=pb.AudioHeader(sample_rate=engine.sample_rate, channels=1, voice=spec.id)
+        )
+        clone = CloneRequest(
+            text=request.text,
+            ref_audio=reference.mono(),
+            ref_rate=reference.sample_rate,
+            ref_text=request.ref_text,
+            language=language,
+            seed=request.seed,
+        )
+        chunks = engine.clone(clone, request_id=request.request_id)
+        async for event in _pcm_events(chunks, engine.sample_rate, pb.CloneVoiceResponse):
+            yield event
 
     async def ListVoices(
         self, request: pb.ListVoicesRequest, context: grpc.aio.ServicerContext
@@ -86,4 +127,34 @@ class TtsServicer(pb_grpc.TtsServiceServicer):
             voices.append(
                 pb.Voice(id=spec.id, language=language, sample_rate=sample_rate, description=spec.description)
             )
+        for spec in self.registry.for_capability(VOICE_CLONE):
+            cloner = self.pool.engines.get(spec.id)
+            ready = cloner if isinstance(cloner, CloneEngine) and cloner.ready else None
+            voices.append(
+                pb.Voice(
+                    id=spec.id,
+                    sample_rate=ready.sample_rate if ready else 0,
+                    description=spec.description,
+                    languages=ready.language_names() if ready else [],
+                    cloning=True,
+                )
+            )
         return pb.ListVoicesResponse(voices=voices)
+
+
+async def _pcm_events(chunks: AsyncIterator[bytes], sample_rate: int, message: Any) -> AsyncIterator[Any]:
+    """``message`` events for a PCM stream: the chunks (split to fit a message), then a summary."""
+    started = time.perf_counter()
+    samples = 0
+    async with aclosing(chunks):  # type: ignore[type-var]
+        async for pcm in chunks:
+            samples += len(pcm) // 2
+            for offset in range(0, len(pcm), MAX_PCM_MESSAGE_BYTES):
+                yield message(pcm=pcm[offset : offset + MAX_PCM_MESSAGE_BYTES])
+    yield message(
+        summary=pb.SynthesisSummary(
+            samples=samples,
+            duration_seconds=samples / sample_rate,
+            synthesis_seconds=time.perf_counter() - started,
+        )
+    )

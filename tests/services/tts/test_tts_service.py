@@ -86,6 +86,6 @@ async def test_bad_speed_and_unknown_voice_are_invalid(tts: Tts) -> None:
 async def test_list_voices(tts: Tts) -> None:
     reply = await tts.stub.ListVoices(pb.ListVoicesRequest())
     voices = {v.id: v for v in reply.voices}
-    assert set(voices) == {"piper-joe"}
+    assert set(voices) == {"piper-joe", "qwen3-tts-base"}
     joe = voices["piper-joe"]
     assert (joe.language, joe.sample_rate) == ("en_US", 22050) and "joe" in joe.description
