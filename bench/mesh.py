@@ -1,8 +1,9 @@
 """Runs a whole Kiln mesh in a child process for the benchmarks (not a test).
 
-``python -m bench.mesh --serve DATA_DIR [--split]`` runs billing, image_gen
-(in this process, or as `kiln serve` children with ``--split``), the edge and a
-bare aiohttp handler on loopback, creates a demo account with plenty of
+``python -m bench.mesh --serve DATA_DIR [--split]`` runs every service (in this
+process, or as `kiln serve` children with ``--split``; the tts service always
+as a child on its own environment's Python), the edge and a bare aiohttp
+handler on loopback, creates a demo account with plenty of
 credits, and prints one JSON line: the ports and the API key.
 :func:`running_mesh` starts such a child and yields that line.
 """
@@ -27,20 +28,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def serve_child(data_dir: Path, split: bool) -> None:
     import signal
 
     from aiohttp import web
 
     from edge.app import create_app
+    from kiln_cli.main import free_port, spawn_service
     from services.billing.admin import ensure_demo_account
     from services.billing.ledger import Ledger
     from services.billing.store import Database
@@ -52,22 +46,18 @@ async def serve_child(data_dir: Path, split: bool) -> None:
     children: dict[str, subprocess.Popen[bytes]] = {}
     names = ("billing", "image_gen", "segmentation", "upscale", "llm", "tts")
     if split:  # each service its own process, as `kiln up --split` runs them
-        addresses = {name: f"127.0.0.1:{_free_port()}" for name in names}
+        addresses = {name: f"127.0.0.1:{free_port()}" for name in names}
         env = {
-            **os.environ,
             "KILN_DATA_DIR": str(data_dir),
             **{f"KILN_{name.upper()}_ADDRESS": address for name, address in addresses.items()},
         }
         for name in names:
-            children[name] = subprocess.Popen(  # noqa: ASYNC220 - started once, before serving
-                [sys.executable, "-m", "kiln_cli.main", "serve", name], env=env, cwd=ROOT
-            )
+            children[name] = spawn_service(name, settings, env)
     else:
         from services.billing.server import create_service as create_billing
         from services.image_gen.server import create_service as create_image_gen
         from services.llm.server import create_service as create_llm
         from services.segmentation.server import create_service as create_segmentation
-        from services.tts.server import create_service as create_tts
         from services.upscale.server import create_service as create_upscale
 
         services = [
@@ -76,11 +66,17 @@ async def serve_child(data_dir: Path, split: bool) -> None:
             await create_segmentation(settings, address="127.0.0.1:0"),
             await create_upscale(settings, address="127.0.0.1:0"),
             await create_llm(settings, address="127.0.0.1:0"),
-            await create_tts(settings, address="127.0.0.1:0"),
         ]
         for service in services:
             await service.start()
-        addresses = {name: f"127.0.0.1:{service.port}" for name, service in zip(names, services, strict=True)}
+        addresses = {
+            name: f"127.0.0.1:{service.port}" for name, service in zip(names, services, strict=False)
+        }
+        # The tts service runs on its own environment's Python (as `kiln up` runs it).
+        addresses["tts"] = f"127.0.0.1:{free_port()}"
+        children["tts"] = spawn_service(
+            "tts", settings, {"KILN_DATA_DIR": str(data_dir), "KILN_TTS_ADDRESS": addresses["tts"]}
+        )
     settings = settings.model_copy(update={f"{name}_address": address for name, address in addresses.items()})
     db = await Database.open(settings.resolved_database_url)
     ledger = Ledger(db)
@@ -109,9 +105,10 @@ async def serve_child(data_dir: Path, split: bool) -> None:
         "key": key,
         "premium_key": premium_key,
         # which process runs what (for memory readings): the edge is always this one
-        "pids": {"edge": os.getpid(), **{name: child.pid for name, child in children.items()}}
-        if split
-        else {name: os.getpid() for name in ("edge", *names)},
+        "pids": {
+            **{name: os.getpid() for name in ("edge", *names)},
+            **{name: child.pid for name, child in children.items()},
+        },
     }
     print(json.dumps(info), flush=True)
     stop = asyncio.Event()

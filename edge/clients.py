@@ -221,7 +221,7 @@ class LlmClient:
 
 
 class TtsClient:
-    """Speech over the server-streaming RPC."""
+    """Speech and voice cloning over the server-streaming RPCs."""
 
     def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
         self._stub = tts_grpc.TtsServiceStub(channel)
@@ -231,6 +231,14 @@ class TtsClient:
         """Header, PCM chunks as they are produced, summary. Leaving the iteration cancels the call."""
         call = self._stub.Synthesize(request, timeout=self._timeout, metadata=_metadata(request.request_id))
         return _events(call)
+
+    def clone(self, request: tts_pb.CloneVoiceRequest) -> AsyncGenerator[tts_pb.CloneVoiceResponse]:
+        """Header, PCM chunks as the codec frames are decoded, summary (as :meth:`synthesize`)."""
+        call = self._stub.CloneVoice(request, timeout=self._timeout, metadata=_metadata(request.request_id))
+        return _events(call)
+
+    async def voices(self) -> tts_pb.ListVoicesResponse:
+        return await _call(self._stub.ListVoices(tts_pb.ListVoicesRequest(), timeout=self._timeout))
 
 
 class VideoSession:

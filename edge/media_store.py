@@ -21,6 +21,7 @@ MIME_EXTENSIONS: dict[str, str] = {
     "image/jpeg": ".jpg",
     "image/webp": ".webp",
     "image/gif": ".gif",
+    "audio/wav": ".wav",
 }
 _EXTENSION_MIME = {ext: mime for mime, ext in MIME_EXTENSIONS.items()}
 #: Files up to this size are written on the event loop (see put_async).
@@ -45,10 +46,15 @@ class LocalMediaStore:
     def _path(self, media_id: str, ext: str) -> Path:
         return self.root / media_id[:2] / f"{media_id}{ext}"
 
-    def put(self, data: bytes, mime_type: str) -> str:
-        """Stores bytes and returns the new media id."""
+    @staticmethod
+    def new_id() -> str:
+        """A fresh media id, for a file whose URL is announced before it is written (streams)."""
+        return secrets.token_urlsafe(18)
+
+    def put(self, data: bytes, mime_type: str, media_id: str | None = None) -> str:
+        """Stores bytes (under ``media_id`` from :meth:`new_id`, or a new id) and returns the id."""
         ext = MIME_EXTENSIONS[mime_type]
-        media_id = secrets.token_urlsafe(18)
+        media_id = media_id or self.new_id()
         path = self._path(media_id, ext)
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -57,15 +63,15 @@ class LocalMediaStore:
         os.replace(tmp, path)
         return media_id
 
-    async def put_async(self, data: bytes, mime_type: str) -> str:
+    async def put_async(self, data: bytes, mime_type: str, media_id: str | None = None) -> str:
         """:meth:`put` without blocking the event loop on large files.
 
         Small files (most images) are written inline: a page-cache write of a
         few hundred kilobytes costs less than handing it to a thread.
         """
         if len(data) <= INLINE_WRITE_BYTES:
-            return self.put(data, mime_type)
-        return await asyncio.to_thread(self.put, data, mime_type)
+            return self.put(data, mime_type, media_id)
+        return await asyncio.to_thread(self.put, data, mime_type, media_id)
 
     def get(self, media_id: str) -> StoredMedia | None:
         """The stored file for an id, or None for an unknown or malformed id."""

@@ -21,6 +21,7 @@ from edge.schemas import (
     SegmentationForm,
     SpeechRequest,
     UpscaleRequest,
+    VoiceCloneRequest,
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -133,6 +134,24 @@ ROUTES: tuple[Route, ...] = (
         "Speak a text (OpenAI's audio.speech): Piper's real 'joe' voice; wav and pcm stream as produced.",
         body=SpeechRequest,
         responses=_PAID,
+    ),
+    Route(
+        "POST",
+        "/v1/audio/clone",
+        audio.clone_voice,
+        "Clone a voice with Qwen3-TTS from reference audio and its transcript; a WAV file "
+        "(cloned_voice.wav), streamed as it is synthesized with stream: true and stored for Range "
+        "requests at Content-Location. 1 credit, premium free.",
+        body=VoiceCloneRequest,
+        responses=_PAID,
+    ),
+    Route(
+        "GET",
+        "/v1/audio/clone/languages",
+        audio.clone_languages,
+        "The languages /v1/audio/clone speaks (from the loaded voice-cloning model).",
+        authenticated=False,
+        responses={200: "Success"},
     ),
     Route(
         "GET",

@@ -265,11 +265,11 @@ def edit_params(
     return params
 
 
-_DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
+_DATA_URL = re.compile(r"^data:(?:image|audio)/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 
 
 def decode_base64_image(data: str, name: str) -> bytes:
-    """The bytes of a base64 image or ``data:`` URL; InvalidRequest when it is neither."""
+    """The bytes of a base64 file (an image, or audio) or ``data:`` URL; InvalidRequest when it is neither."""
     text = _DATA_URL.sub("", data.strip(), count=1)
     try:
         decoded = base64.b64decode(text, validate=True)
@@ -450,3 +450,23 @@ class SpeechRequest(_Body):
     speed: float = Field(1.0, ge=0.25, le=4.0, description="Speaking rate, 0.25 to 4.0.")
     instructions: str | None = Field(None, description="Accepted for OpenAI compatibility; no effect.")
     stream_format: Literal["audio"] | None = Field(None, description="Only 'audio' (raw audio) is supported.")
+
+
+class VoiceCloneRequest(_Body):
+    """``POST /v1/audio/clone`` (the contract's schema, plus ``seed``)."""
+
+    text: str = Field(description="The text to synthesize using the cloned voice.")
+    ref_audio: str = Field(
+        description="Base64 encoded reference audio file (WAV recommended; FLAC, MP3 and Ogg too), "
+        "or a data: URL; at most 60 seconds."
+    )
+    ref_text: str = Field(description="The text spoken in the reference audio (must match it).")
+    language: str = Field(
+        "English", description="Language of the synthesized speech (GET /v1/audio/clone/languages)."
+    )
+    stream: bool = Field(
+        False,
+        description="Stream the WAV as it is synthesized (chunked); the finished file is stored for "
+        "Range requests at the Content-Location URL.",
+    )
+    seed: int | None = Field(None, ge=1, le=2**63 - 1, description="Kiln extension: a repeatable result.")

@@ -1,11 +1,16 @@
 """``kiln up | serve <service> | admin ...``.
 
-``kiln up`` runs billing, image_gen and the HTTP edge in one process (or, with
+``kiln up`` runs every service and the HTTP edge in one process (or, with
 ``--split``, one process each, as containers would), on the embedded defaults:
 SQLite and local media under ``KILN_DATA_DIR`` (``.kiln``) and tiny
 random-weight models. It makes sure a demo account exists and prints the URL
 and the demo API key. ``kiln serve <service>`` runs one service, as a container
 does. ``kiln admin`` manages accounts, keys, credits and maintenance mode.
+
+A service with an environment of its own (the tts service: Qwen3-TTS's
+``qwen-tts`` pins transformers 4.57.3, so ``make`` installs it in
+``.venv-tts``) always runs as a child process on that environment's Python
+(:func:`service_python`), in ``kiln up`` as well as ``kiln up --split``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from pathlib import Path
 
 from aiohttp import web
 
@@ -33,6 +39,45 @@ from services.common.telemetry import setup_tracing
 log = logging.getLogger("kiln")
 
 SERVICES = ("billing", "image_gen", "segmentation", "upscale", "llm", "tts", "edge")
+#: The checkout (where `make` creates the environments).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def service_python(name: str, settings: Settings) -> str:
+    """The Python a service runs on: the tts service's own environment when there is one."""
+    if name == "tts":
+        if settings.tts_python is not None:
+            return str(settings.tts_python)
+        own = PROJECT_ROOT / ".venv-tts" / "bin" / "python"
+        if own.exists():
+            return str(own)
+    return sys.executable
+
+
+def own_environment(settings: Settings) -> tuple[str, ...]:
+    """The services that must run on another Python than this process's."""
+    return tuple(name for name in SERVICES if service_python(name, settings) != sys.executable)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for child services started on a free port)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def spawn_service(
+    name: str, settings: Settings, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Starts ``kiln serve <name>`` as a child process on the service's Python.
+
+    ``env`` adds to this process's environment (``KILN_*`` settings).
+    """
+    return subprocess.Popen(
+        [service_python(name, settings), "-m", "kiln_cli.main", "serve", name],
+        env={**os.environ, **(env or {})},
+        cwd=PROJECT_ROOT,
+    )
 
 
 class PortTaken(Exception):
@@ -211,16 +256,25 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         print(_banner(settings, key, balance), flush=True)
         asyncio.get_running_loop().create_task(_wait_ready(settings))
 
-    asyncio.run(_serve(settings, SERVICES, ready))
+    separate = own_environment(settings)
+    children = [spawn_service(name, settings) for name in separate]
+    try:
+        asyncio.run(_serve(settings, tuple(n for n in SERVICES if n not in separate), ready))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=settings.grace_seconds + 5)
+            if child.poll() is None:
+                child.kill()
     return 0
 
 
 def _run_split(settings: Settings, key: str, balance: str) -> int:
     """One child process per service; if one dies, the others are stopped."""
-    children = {
-        name: subprocess.Popen([sys.executable, "-m", "kiln_cli.main", "serve", name], env=os.environ.copy())
-        for name in SERVICES
-    }
+    children = {name: spawn_service(name, settings) for name in SERVICES}
     print(_banner(settings, key, balance), flush=True)
     stopping = False
 

@@ -7,6 +7,7 @@ spans from the edge, billing and image_gen share a trace.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from services.common.settings import DEFAULT_REGISTRY, Settings, load_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: The tts service's tests need its own environment (qwen-tts pins transformers 4.57.3):
+#: `make test` runs them with .venv-tts's Python; elsewhere they are not collected.
+if importlib.util.find_spec("qwen_tts") is None:
+    collect_ignore_glob = ["services/tts/*"]
 
 SPANS = InMemorySpanExporter()
 _provider = TracerProvider()
@@ -78,13 +84,13 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> AsyncIterator[Mesh]:
     from edge.app import create_app
+    from kiln_cli.main import free_port, spawn_service
     from services.billing.ledger import Ledger
     from services.billing.server import create_service as create_billing
     from services.billing.store import Database
     from services.image_gen.server import create_service as create_image_gen
     from services.llm.server import create_service as create_llm
     from services.segmentation.server import create_service as create_segmentation
-    from services.tts.server import create_service as create_tts
     from services.upscale.server import create_service as create_upscale
 
     data_dir = tmp_path_factory.mktemp("kiln")
@@ -104,37 +110,53 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
     segmentation = await create_segmentation(settings, address="127.0.0.1:0")
     upscale = await create_upscale(settings, address="127.0.0.1:0")
     llm = await create_llm(settings, address="127.0.0.1:0")
-    tts = await create_tts(settings, address="127.0.0.1:0")
-    await billing.start()
-    await image_gen.start()
-    await segmentation.start()
-    await upscale.start()
-    await llm.start()
-    await tts.start()
-    settings = settings.model_copy(
-        update={
-            "billing_address": f"127.0.0.1:{billing.port}",
-            "image_gen_address": f"127.0.0.1:{image_gen.port}",
-            "segmentation_address": f"127.0.0.1:{segmentation.port}",
-            "upscale_address": f"127.0.0.1:{upscale.port}",
-            "llm_address": f"127.0.0.1:{llm.port}",
-            "tts_address": f"127.0.0.1:{tts.port}",
-        }
+    # The tts service runs on its own environment's Python (.venv-tts), as `kiln up` runs it.
+    tts_port = free_port()
+    tts = spawn_service(
+        "tts",
+        settings,
+        {
+            "KILN_DATA_DIR": str(data_dir),
+            "KILN_MODEL_CACHE_DIR": str(model_cache),
+            "KILN_REGISTRY_PATH": str(registry),
+            "KILN_TTS_ADDRESS": f"127.0.0.1:{tts_port}",
+            "KILN_TORCH_THREADS": "1",
+            "KILN_LOG_LEVEL": "WARNING",
+        },
     )
-    runner = web.AppRunner(create_app(settings))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(600):  # the tiny models build on first start
-            async with session.get(f"{url}/readyz") as response:
-                if response.status == 200:
-                    break
-            await asyncio.sleep(0.1)
-        else:
-            raise RuntimeError("the mesh did not become ready")
+    try:
+        await billing.start()
+        await image_gen.start()
+        await segmentation.start()
+        await upscale.start()
+        await llm.start()
+        settings = settings.model_copy(
+            update={
+                "billing_address": f"127.0.0.1:{billing.port}",
+                "image_gen_address": f"127.0.0.1:{image_gen.port}",
+                "segmentation_address": f"127.0.0.1:{segmentation.port}",
+                "upscale_address": f"127.0.0.1:{upscale.port}",
+                "llm_address": f"127.0.0.1:{llm.port}",
+                "tts_address": f"127.0.0.1:{tts_port}",
+            }
+        )
+        runner = web.AppRunner(create_app(settings))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(600):  # the tiny models build on first start
+                async with session.get(f"{url}/readyz") as response:
+                    if response.status == 200:
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError("the mesh did not become ready")
+    except BaseException:
+        tts.kill()
+        raise
     db = await Database.open(settings.resolved_database_url)
     try:
         yield Mesh(
@@ -146,7 +168,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
             segmentation.port,
             upscale.port,
             llm.port,
-            tts.port,
+            tts_port,
         )
     finally:
         await db.close()
@@ -155,7 +177,8 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
         await segmentation.stop(1)
         await upscale.stop(1)
         await llm.stop(1)
-        await tts.stop(1)
+        tts.terminate()
+        await asyncio.to_thread(tts.wait, 30)
         await billing.stop(1)
 
 

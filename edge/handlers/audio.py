@@ -1,9 +1,18 @@
-"""OpenAI's ``POST /v1/audio/speech`` and ``GET /v1/audio/voices``.
+"""OpenAI's ``POST /v1/audio/speech``, ``GET /v1/audio/voices``, and the contract's
+``POST /v1/audio/clone`` (with ``GET /v1/audio/clone/languages``).
 
 The tts service streams 16-bit mono PCM as it is synthesised. ``wav`` and
 ``pcm`` answers are streamed to the client chunk by chunk as they arrive (the
 WAV header says "length unknown", as streaming WAV writers do); ``mp3``,
 ``opus``, ``aac`` and ``flac`` are encoded once the speech is complete.
+
+Voice cloning answers ``audio/wav`` (``cloned_voice.wav``). With ``stream``
+the WAV goes out chunk by chunk as Qwen3-TTS decodes codec frames, and the
+finished file (a WAV with its real length) is stored in the media store under
+the id announced up front in ``Content-Location``, where it can be fetched
+again with HTTP Range requests; without ``stream`` the whole file is sent
+(and stored too). The reference recording is decoded and checked by the tts
+service before anything is charged or sent.
 """
 
 from __future__ import annotations
@@ -17,17 +26,19 @@ from typing import Any
 from aiohttp import web
 
 from edge.flow import Billed, credential_from, run_billed
-from edge.keys import REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
+from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
-from edge.schemas import SPEECH_MODELS, SpeechRequest, parse_body
+from edge.schemas import SPEECH_MODELS, SpeechRequest, VoiceCloneRequest, decode_base64_image, parse_body
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.tts.v1 import tts_service_pb2 as tts_pb
 from services.common.errors import InvalidRequest
 from services.common.media import encode_audio, wav_header
 from services.common.money import format_credits
-from services.common.registry import SPEECH
+from services.common.registry import DEFAULT_CLONE_MODEL, SPEECH, VOICE_CLONE
 
 STREAMED = {"wav": "audio/wav", "pcm": "audio/pcm"}
+#: The contract's file name for cloned speech.
+CLONE_DISPOSITION = 'attachment; filename="cloned_voice.wav"'
 
 
 async def create_speech(request: web.Request) -> web.StreamResponse:
@@ -98,3 +109,66 @@ async def list_voices(request: web.Request) -> web.Response:
         for spec in registry.for_capability(SPEECH)
     ]
     return json_response({"object": "list", "data": voices, "created": int(time.time())})
+
+
+async def clone_voice(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/audio/clone``: the text in the reference recording's voice, as WAV."""
+    credential_from(request)
+    body = parse_body(VoiceCloneRequest, await request.read())
+    ref_audio = decode_base64_image(body.ref_audio, "ref_audio")
+    call = tts_pb.CloneVoiceRequest(
+        text=body.text,
+        ref_audio=ref_audio,
+        ref_text=body.ref_text,
+        language=body.language,
+        seed=body.seed or 0,
+        request_id=request[REQUEST_ID],
+    )
+    model = request.app[REGISTRY].resolve(None, VOICE_CLONE, DEFAULT_CLONE_MODEL)
+    usage = [billing_pb.Usage(speech=billing_pb.SpeechUsage(model=model.id, characters=len(body.text)))]
+    store = request.app[MEDIA]
+
+    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[web.StreamResponse]:
+        events = request.app[UPSTREAMS].tts.clone(call)
+        async with contextlib.aclosing(events):
+            first = await anext(events)  # the service checks everything before its header
+            if not first.HasField("header"):
+                raise InvalidRequest("The speech service answered without an audio header")
+            rate = first.header.sample_rate
+            media_id = store.new_id()
+            headers = {
+                "X-Credits-Charged": format_credits(auth.reservation.amount_hundredths),
+                "Content-Disposition": CLONE_DISPOSITION,
+                "Content-Location": f"/v1/media/{media_id}",
+            }
+            pcm: list[bytes] = []
+            if body.stream:
+                response = web.StreamResponse(headers={**headers, "Content-Type": "audio/wav"})
+                await response.prepare(request)
+                await response.write(wav_header(rate))
+                async for event in events:
+                    if event.HasField("pcm"):
+                        pcm.append(event.pcm)
+                        await response.write(event.pcm)
+            else:
+                pcm = [event.pcm async for event in events if event.HasField("pcm")]
+            data, mime = await asyncio.to_thread(encode_audio, b"".join(pcm), rate, "wav")
+            await store.put_async(data, mime, media_id)
+            if body.stream:
+                await response.write_eof()
+            else:
+                response = web.Response(body=data, content_type=mime, headers=headers)
+        return Billed(response, auth.reservation.amount_hundredths)
+
+    return (await run_billed(request, usage, work)).result
+
+
+async def clone_languages(request: web.Request) -> web.Response:
+    """The languages ``/v1/audio/clone`` speaks, as the loaded model reports them."""
+    reply = await request.app[UPSTREAMS].tts.voices()
+    models = [
+        {"id": voice.id, "languages": list(voice.languages), "sample_rate": voice.sample_rate}
+        for voice in reply.voices
+        if voice.cloning
+    ]
+    return json_response({"object": "list", "data": models, "default_language": "English"})
