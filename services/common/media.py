@@ -13,6 +13,9 @@ reads either form back into the same dictionary.
 accepts only real images of the allowed formats and refuses oversized files,
 decompression bombs (more than ``max_pixels`` pixels, judged from the header
 before any pixel is decoded) and corrupt data with :class:`InvalidRequest`.
+
+``encode_audio`` writes 16-bit PCM, mono (speech) or interleaved stereo
+(music), as the audio response formats.
 """
 
 from __future__ import annotations
@@ -252,8 +255,10 @@ _AV_AUDIO: dict[str, tuple[str, str]] = {
 #: Opus only takes a few rates; other PCM is resampled to this one.
 OPUS_SAMPLE_RATE = 48000
 _OPUS_RATES = (48000, 24000, 16000, 12000, 8000)
-#: Bit rates of the lossy encoders.
+#: Bit rates of the lossy encoders, per channel.
 _AUDIO_BIT_RATES: dict[str, int] = {"mp3": 64000, "opus": 32000, "aac": 64000}
+#: Channel counts :func:`encode_audio` writes, and their FFmpeg layouts.
+AUDIO_LAYOUTS: dict[int, str] = {1: "mono", 2: "stereo"}
 
 
 def wav_header(sample_rate: int, channels: int = 1, bits: int = 16, data_bytes: int = 0xFFFFFFFF) -> bytes:
@@ -285,9 +290,10 @@ def audio_mime_type(fmt: str) -> str:
     return mime
 
 
-def encode_audio(pcm: bytes, sample_rate: int, fmt: str) -> tuple[bytes, str]:
-    """Encodes 16-bit little-endian mono PCM as ``fmt`` (mp3, opus, aac, flac, wav or pcm).
+def encode_audio(pcm: bytes, sample_rate: int, fmt: str, *, channels: int = 1) -> tuple[bytes, str]:
+    """Encodes 16-bit little-endian PCM as ``fmt`` (mp3, opus, aac, flac, wav or pcm).
 
+    ``channels`` is 1 (mono) or 2 (stereo, samples interleaved left first).
     Returns the file's bytes and its MIME type. ``wav`` is written with the
     :mod:`wave` module, ``pcm`` is the input as it is, the others go through
     PyAV (FFmpeg): mp3 (LAME), opus (in Ogg, resampled to 48 kHz unless the
@@ -296,8 +302,10 @@ def encode_audio(pcm: bytes, sample_rate: int, fmt: str) -> tuple[bytes, str]:
     """
     fmt = fmt.lower()
     mime = audio_mime_type(fmt)
-    if len(pcm) % 2:
-        raise ValueError("16-bit PCM must have an even number of bytes")
+    if channels not in AUDIO_LAYOUTS:
+        raise ValueError(f"channels must be one of {', '.join(map(str, AUDIO_LAYOUTS))}, not {channels}")
+    if len(pcm) % (2 * channels):
+        raise ValueError(f"16-bit PCM of {channels} channel(s) must be a multiple of {2 * channels} bytes")
     if fmt == "pcm":
         return bytes(pcm), mime
     if fmt == "wav":
@@ -305,32 +313,33 @@ def encode_audio(pcm: bytes, sample_rate: int, fmt: str) -> tuple[bytes, str]:
 
         buf = io.BytesIO()
         with wave.open(buf, "wb") as out:
-            out.setnchannels(1)
+            out.setnchannels(channels)
             out.setsampwidth(2)
             out.setframerate(sample_rate)
             out.writeframes(pcm)
         return buf.getvalue(), mime
-    return _encode_av(pcm, sample_rate, fmt), mime
+    return _encode_av(pcm, sample_rate, fmt, channels), mime
 
 
-def _encode_av(pcm: bytes, sample_rate: int, fmt: str) -> bytes:
+def _encode_av(pcm: bytes, sample_rate: int, fmt: str, channels: int = 1) -> bytes:
     import av
     import numpy as np
 
     container, codec = _AV_AUDIO[fmt]
+    layout = AUDIO_LAYOUTS[channels]
     rate = sample_rate
     if fmt == "opus" and rate not in _OPUS_RATES:
         rate = OPUS_SAMPLE_RATE
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=container) as out:
-        stream: Any = out.add_stream(codec, rate=rate, layout="mono")
+        stream: Any = out.add_stream(codec, rate=rate, layout=layout)
         if fmt in _AUDIO_BIT_RATES:
-            stream.bit_rate = _AUDIO_BIT_RATES[fmt]
+            stream.bit_rate = _AUDIO_BIT_RATES[fmt] * channels
         if fmt == "flac":
             stream.format = "s16"
-        samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
+        samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)  # packed s16: one plane, interleaved
         if samples.size:
-            frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+            frame = av.AudioFrame.from_ndarray(samples, format="s16", layout=layout)
             frame.sample_rate = sample_rate
             frame.pts = None
             for packet in stream.encode(frame):

@@ -1,0 +1,69 @@
+"""The music gRPC server: bootstrap, model loading, shutdown.
+
+``create_service`` builds the standard server (interceptors, health,
+reflection) around :class:`MusicServicer`; once started, a background task
+loads the music models on their worker threads (building the tiny ACE-Step
+on first use), and health turns SERVING as soon as the default model
+(``ace-step-v1.5``) can serve.
+
+Settings used: ``registry_path``, ``resolved_model_cache_dir``,
+``torch_threads``, ``max_prompt_chars`` and ``grpc_max_message_bytes``; and,
+read when the settings object has them, ``music_address`` (else
+:data:`DEFAULT_MUSIC_ADDRESS`) and ``max_input_audio_bytes`` (else
+:data:`~services.music.servicer.DEFAULT_MAX_INPUT_AUDIO_BYTES`). Explicit
+arguments win over both.
+"""
+
+from __future__ import annotations
+
+from kiln.music.v1 import music_service_pb2_grpc as pb_grpc
+from services.common.engine import EnginePool
+from services.common.grpc_server import GrpcService, create_engine_server
+from services.common.registry import DEFAULT_MUSIC_MODEL, Registry, load_registry
+from services.common.settings import Settings
+from services.music.engines import build_music_pool
+from services.music.servicer import DEFAULT_MAX_INPUT_AUDIO_BYTES, SERVICE_NAME, MusicServicer
+
+#: Where the music service listens unless configured.
+DEFAULT_MUSIC_ADDRESS = "127.0.0.1:50057"
+
+
+async def create_service(
+    settings: Settings,
+    *,
+    address: str | None = None,
+    registry: Registry | None = None,
+    pool: EnginePool | None = None,
+    max_input_audio_bytes: int | None = None,
+) -> GrpcService:
+    """A bound, not yet started music server.
+
+    ``registry`` defaults to ``settings.registry_path``; ``pool`` to one engine
+    per music model of the registry, tiny models built in
+    ``settings.resolved_model_cache_dir``. The engines load in the background
+    once the server starts, and close in its cleanup.
+    """
+    registry = registry or load_registry(settings.registry_path)
+    if pool is None:
+        pool = build_music_pool(
+            registry,
+            cache_dir=settings.resolved_model_cache_dir,
+            torch_threads=settings.torch_threads,
+            default=DEFAULT_MUSIC_MODEL,
+        )
+    if max_input_audio_bytes is None:
+        max_input_audio_bytes = int(getattr(settings, "max_input_audio_bytes", DEFAULT_MAX_INPUT_AUDIO_BYTES))
+    servicer = MusicServicer(
+        registry=registry,
+        pool=pool,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_input_audio_bytes=max_input_audio_bytes,
+    )
+    return await create_engine_server(
+        address=address or str(getattr(settings, "music_address", DEFAULT_MUSIC_ADDRESS)),
+        servicer=servicer,
+        add_to_server=pb_grpc.add_MusicServiceServicer_to_server,
+        service_name=SERVICE_NAME,
+        pool=pool,
+        max_message_bytes=settings.grpc_max_message_bytes,
+    )
