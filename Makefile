@@ -83,6 +83,7 @@ bench: gen $(STAMP) $(TTS_STAMP)
 	$(BIN)/python bench/upscale.py
 	$(BIN)/python bench/chat.py
 	$(BIN)/python bench/tts.py
+	$(BIN)/python bench/music.py
 
 clean:
 	rm -rf kiln descriptors.binpb .pytest_cache .mypy_cache .ruff_cache

@@ -44,7 +44,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
     settings = load_settings(data_dir=data_dir)
     services: list[GrpcService] = []
     children: dict[str, subprocess.Popen[bytes]] = {}
-    names = ("billing", "image_gen", "segmentation", "upscale", "llm", "tts")
+    names = ("billing", "image_gen", "segmentation", "upscale", "llm", "music", "tts")
     if split:  # each service its own process, as `kiln up --split` runs them
         addresses = {name: f"127.0.0.1:{free_port()}" for name in names}
         env = {
@@ -57,6 +57,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
         from services.billing.server import create_service as create_billing
         from services.image_gen.server import create_service as create_image_gen
         from services.llm.server import create_service as create_llm
+        from services.music.server import create_service as create_music
         from services.segmentation.server import create_service as create_segmentation
         from services.upscale.server import create_service as create_upscale
 
@@ -66,6 +67,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
             await create_segmentation(settings, address="127.0.0.1:0"),
             await create_upscale(settings, address="127.0.0.1:0"),
             await create_llm(settings, address="127.0.0.1:0"),
+            await create_music(settings, address="127.0.0.1:0"),
         ]
         for service in services:
             await service.start()

@@ -18,6 +18,8 @@ from kiln.image.v1 import image_service_pb2 as image_pb
 from kiln.image.v1 import image_service_pb2_grpc as image_grpc
 from kiln.llm.v1 import llm_service_pb2 as llm_pb
 from kiln.llm.v1 import llm_service_pb2_grpc as llm_grpc
+from kiln.music.v1 import music_service_pb2 as music_pb
+from kiln.music.v1 import music_service_pb2_grpc as music_grpc
 from kiln.segmentation.v1 import segmentation_service_pb2 as seg_pb
 from kiln.segmentation.v1 import segmentation_service_pb2_grpc as seg_grpc
 from kiln.tts.v1 import tts_service_pb2 as tts_pb
@@ -241,6 +243,32 @@ class TtsClient:
         return await _call(self._stub.ListVoices(tts_pb.ListVoicesRequest(), timeout=self._timeout))
 
 
+class MusicClient:
+    """Music generation, cover and repaint over the server-streaming RPCs."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
+        self._stub = music_grpc.MusicServiceStub(channel)
+        self._timeout = timeout
+
+    def generate(
+        self, request: music_pb.GenerateMusicRequest
+    ) -> AsyncGenerator[music_pb.GenerateMusicResponse]:
+        """Progress, the result (format, seed, timing), then PCM chunks."""
+        return _events(
+            self._stub.GenerateMusic(request, timeout=self._timeout, metadata=_metadata(request.request_id))
+        )
+
+    def cover(self, request: music_pb.CoverMusicRequest) -> AsyncGenerator[music_pb.CoverMusicResponse]:
+        return _events(
+            self._stub.CoverMusic(request, timeout=self._timeout, metadata=_metadata(request.request_id))
+        )
+
+    def repaint(self, request: music_pb.RepaintMusicRequest) -> AsyncGenerator[music_pb.RepaintMusicResponse]:
+        return _events(
+            self._stub.RepaintMusic(request, timeout=self._timeout, metadata=_metadata(request.request_id))
+        )
+
+
 class VideoSession:
     """The client side of RemoveVideoBackground: upload, probe, start, then events."""
 
@@ -299,6 +327,7 @@ class Upstreams:
     upscale: UpscaleClient
     llm: LlmClient
     tts: TtsClient
+    music: MusicClient
 
     @classmethod
     def connect(cls, settings: Settings) -> Upstreams:
@@ -309,6 +338,7 @@ class Upstreams:
             "upscale": settings.upscale_address,
             "llm": settings.llm_address,
             "tts": settings.tts_address,
+            "music": settings.music_address,
         }
         channels = {
             name: create_channel(address, max_message_bytes=settings.grpc_max_message_bytes)
@@ -323,6 +353,7 @@ class Upstreams:
             upscale=UpscaleClient(channels["upscale"], timeout=timeout),
             llm=LlmClient(channels["llm"], timeout=timeout),
             tts=TtsClient(channels["tts"], timeout=timeout),
+            music=MusicClient(channels["music"], timeout=timeout),
         )
 
     async def health(self, deadline_seconds: float = 2.0) -> dict[str, bool]:

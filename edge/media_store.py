@@ -22,6 +22,10 @@ MIME_EXTENSIONS: dict[str, str] = {
     "image/webp": ".webp",
     "image/gif": ".gif",
     "audio/wav": ".wav",
+    "audio/mpeg": ".mp3",
+    "audio/flac": ".flac",
+    "audio/opus": ".opus",
+    "audio/aac": ".aac",
 }
 _EXTENSION_MIME = {ext: mime for mime, ext in MIME_EXTENSIONS.items()}
 #: Files up to this size are written on the event loop (see put_async).

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from edge.handlers import audio, chat, images, media, segmentation, system, upscale
+from edge.handlers import audio, chat, images, media, music, segmentation, system, upscale
 from edge.responses import json_response
 from edge.schemas import (
     BackgroundRemovalForm,
@@ -18,6 +18,9 @@ from edge.schemas import (
     ImageEditForm,
     ImageEditRequest,
     ImageGenerationRequest,
+    MusicCoverRequest,
+    MusicGenerateRequest,
+    MusicRepaintRequest,
     SegmentationForm,
     SpeechRequest,
     UpscaleRequest,
@@ -152,6 +155,34 @@ ROUTES: tuple[Route, ...] = (
         "The languages /v1/audio/clone speaks (from the loaded voice-cloning model).",
         authenticated=False,
         responses={200: "Success"},
+    ),
+    Route(
+        "POST",
+        "/v1/music/generate",
+        music.generate,
+        "Generate music from a prompt (ACE-Step 1.5): lyrics, bpm, key_scale, time_signature, "
+        "vocal_language, duration, instrumental, audio_format, seed. Answers the audio file, or JSON "
+        "with its media URL with ?response_format=json. 1 credit, premium free.",
+        body=MusicGenerateRequest,
+        responses=_PAID,
+    ),
+    Route(
+        "POST",
+        "/v1/music/cover",
+        music.cover,
+        "Re-create a song (base64 'audio' in JSON, or an 'audio' file in a multipart form) in the style "
+        "of 'prompt'; audio_cover_strength 0-1; the output keeps the source's duration. 1 credit.",
+        body=MusicCoverRequest,
+        responses=_PAID,
+    ),
+    Route(
+        "POST",
+        "/v1/music/repaint",
+        music.repaint,
+        "Regenerate the region [start, end) seconds of a song ('audio' as for cover); outside the "
+        "region the samples are kept exactly (20 ms crossfades inside the region). 1 credit.",
+        body=MusicRepaintRequest,
+        responses=_PAID,
     ),
     Route(
         "GET",

@@ -351,9 +351,10 @@ class BackgroundRemovalForm(_Form):
 
 
 def parse_form(model: type[M], fields: dict[str, str]) -> M:
-    """Checks a form's text fields, or raises InvalidRequest."""
+    """Checks a form's text fields, or raises InvalidRequest. Types are lax (the values
+    arrive as strings), also for a JSON body's model used for its form variant."""
     try:
-        return model.model_validate(fields)
+        return model.model_validate(fields, strict=False)
     except ValidationError as err:
         raise invalid_request_from(err) from None
 
@@ -470,3 +471,60 @@ class VoiceCloneRequest(_Body):
         "Range requests at the Content-Location URL.",
     )
     seed: int | None = Field(None, ge=1, le=2**63 - 1, description="Kiln extension: a repeatable result.")
+
+
+#: Audio formats of the music endpoints (the contract's list).
+MUSIC_FORMATS = ("wav", "mp3", "flac", "opus", "aac")
+
+
+class MusicOptions(_Body):
+    """Fields shared by ``/v1/music/generate``, ``/cover`` and ``/repaint``.
+
+    The music service checks the values (key, time signature, bpm and duration
+    ranges) and its messages name these fields.
+    """
+
+    prompt: str = Field(description="The style: genre, instruments, mood, vocals.")
+    lyrics: str = Field(
+        "", description='Lyrics with section tags ("[verse]", "[chorus]"); empty when instrumental.'
+    )
+    bpm: int | None = Field(None, description="Beats per minute, 30 to 300; the model chooses when absent.")
+    key_scale: str = Field(
+        "", description='Key and scale, e.g. "C Major", "F# minor"; the model chooses when empty.'
+    )
+    time_signature: str = Field("", description='e.g. "4/4", "3/4", "6/8"; the model chooses when empty.')
+    vocal_language: str = Field("", description='ISO 639 code of the lyrics ("en" when empty).')
+    instrumental: bool = Field(False, description="No vocals.")
+    audio_format: Literal["wav", "mp3", "flac", "opus", "aac"] = Field(
+        "wav", description="The output format."
+    )
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed and inputs, same audio.")
+    num_inference_steps: int | None = Field(None, description="Denoising steps (8 by default, at most 50).")
+    model: str | None = Field(None, min_length=1, description='"ace-step-v1.5" by default.')
+
+
+class MusicGenerateRequest(MusicOptions):
+    """``POST /v1/music/generate`` (the contract's JSON body)."""
+
+    duration: float | None = Field(None, description="Seconds of music, 1 to 600 (30 when absent).")
+
+
+class MusicCoverRequest(MusicOptions):
+    """``POST /v1/music/cover``: JSON with base64 ``audio``, or multipart with an ``audio`` file."""
+
+    audio: str | None = Field(
+        None, description="The source song, base64 or a data: URL (WAV, MP3, FLAC, Ogg, AAC); 1 to 600 s."
+    )
+    audio_cover_strength: float | None = Field(
+        None, description="How closely the cover follows the source's structure, 0 to 1 (1 when absent)."
+    )
+
+
+class MusicRepaintRequest(MusicOptions):
+    """``POST /v1/music/repaint``: JSON with base64 ``audio``, or multipart with an ``audio`` file."""
+
+    audio: str | None = Field(None, description="The source song, base64 or a data: URL; 1 to 600 s.")
+    start: float = Field(description="Where the region to regenerate starts, in seconds (0 or more).")
+    end: float | None = Field(
+        None, description="Where it ends, in seconds (the end of the song when absent)."
+    )

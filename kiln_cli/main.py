@@ -38,7 +38,7 @@ from services.common.telemetry import setup_tracing
 
 log = logging.getLogger("kiln")
 
-SERVICES = ("billing", "image_gen", "segmentation", "upscale", "llm", "tts", "edge")
+SERVICES = ("billing", "image_gen", "segmentation", "upscale", "llm", "tts", "music", "edge")
 #: The checkout (where `make` creates the environments).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,6 +98,7 @@ def check_ports(settings: Settings, services: tuple[str, ...]) -> None:
         "upscale": (_split_address(settings.upscale_address), "KILN_UPSCALE_ADDRESS"),
         "llm": (_split_address(settings.llm_address), "KILN_LLM_ADDRESS"),
         "tts": (_split_address(settings.tts_address), "KILN_TTS_ADDRESS"),
+        "music": (_split_address(settings.music_address), "KILN_MUSIC_ADDRESS"),
         "edge": ((settings.http_host, settings.http_port), "KILN_HTTP_PORT"),
     }
     for name in services:
@@ -177,6 +178,10 @@ async def _create_grpc_service(name: str, settings: Settings) -> GrpcService:
         from services.tts.server import create_service as create_tts
 
         return await create_tts(settings)
+    if name == "music":
+        from services.music.server import create_service as create_music
+
+        return await create_music(settings)
     from services.image_gen.server import create_service as create_image_gen
 
     return await create_image_gen(settings)

@@ -73,6 +73,7 @@ class Mesh:
     upscale_port: int
     llm_port: int
     tts_port: int
+    music_port: int
 
 
 @pytest.fixture(scope="session")
@@ -90,6 +91,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
     from services.billing.store import Database
     from services.image_gen.server import create_service as create_image_gen
     from services.llm.server import create_service as create_llm
+    from services.music.server import create_service as create_music
     from services.segmentation.server import create_service as create_segmentation
     from services.upscale.server import create_service as create_upscale
 
@@ -110,6 +112,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
     segmentation = await create_segmentation(settings, address="127.0.0.1:0")
     upscale = await create_upscale(settings, address="127.0.0.1:0")
     llm = await create_llm(settings, address="127.0.0.1:0")
+    music = await create_music(settings, address="127.0.0.1:0")
     # The tts service runs on its own environment's Python (.venv-tts), as `kiln up` runs it.
     tts_port = free_port()
     tts = spawn_service(
@@ -130,6 +133,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
         await segmentation.start()
         await upscale.start()
         await llm.start()
+        await music.start()
         settings = settings.model_copy(
             update={
                 "billing_address": f"127.0.0.1:{billing.port}",
@@ -138,6 +142,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
                 "upscale_address": f"127.0.0.1:{upscale.port}",
                 "llm_address": f"127.0.0.1:{llm.port}",
                 "tts_address": f"127.0.0.1:{tts_port}",
+                "music_address": f"127.0.0.1:{music.port}",
             }
         )
         runner = web.AppRunner(create_app(settings))
@@ -169,6 +174,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
             upscale.port,
             llm.port,
             tts_port,
+            music.port,
         )
     finally:
         await db.close()
@@ -177,6 +183,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
         await segmentation.stop(1)
         await upscale.stop(1)
         await llm.stop(1)
+        await music.stop(1)
         tts.terminate()
         await asyncio.to_thread(tts.wait, 30)
         await billing.stop(1)

@@ -52,6 +52,7 @@ async def test_reflection_lists_every_service_to_grpcurl(mesh: Mesh) -> None:
         (mesh.upscale_port, "kiln.upscale.v1.UpscaleService"),
         (mesh.llm_port, "kiln.llm.v1.LlmService"),
         (mesh.tts_port, "kiln.tts.v1.TtsService"),
+        (mesh.music_port, "kiln.music.v1.MusicService"),
     ):
         result = await asyncio.to_thread(
             subprocess.run,

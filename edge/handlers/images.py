@@ -18,6 +18,7 @@ from aiohttp import web
 
 from edge.errors import envelope
 from edge.flow import Billed, run_billed
+from edge.forms import FORM_TYPES
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
 from edge.schemas import (
@@ -38,7 +39,6 @@ from services.common.registry import GenerationParams
 #: Multipart file fields of an OpenAI edit; every other field is text.
 IMAGE_FIELDS = ("image", "image[]")
 MASK_FIELD = "mask"
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 def usage_for(params: GenerationParams) -> billing_pb.Usage:

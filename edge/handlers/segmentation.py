@@ -20,6 +20,7 @@ from aiohttp import BodyPartReader, web
 
 from edge.errors import error_response
 from edge.flow import Billed, credential_from, run_billed
+from edge.forms import read_upload_form
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
 from edge.schemas import BackgroundRemovalForm, SegmentationForm, parse_form
@@ -39,32 +40,6 @@ OUTPUTS = {"cutout": seg_pb.SEGMENTATION_OUTPUT_CUTOUT, "mask": seg_pb.SEGMENTAT
 
 def _usage(spec: ModelSpec, frames: int) -> billing_pb.Usage:
     return billing_pb.Usage(segmentation=billing_pb.SegmentationUsage(model=spec.id, frames=frames))
-
-
-async def _read_image_form(request: web.Request) -> tuple[bytes, dict[str, str]]:
-    """The ``file`` upload and the text fields of an image form, with the usual limits."""
-    if request.content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        raise InvalidRequest("Send the image as multipart/form-data with a 'file' field.")
-    try:
-        form = await request.post()
-    except ValueError as exc:
-        raise InvalidRequest(f"The multipart body could not be read: {exc}") from None
-    data = b""
-    fields: dict[str, str] = {}
-    for name, value in form.items():
-        if isinstance(value, web.FileField):
-            if name != "file":
-                raise InvalidRequest(f"'{name}' must be a text field")
-            data = value.file.read()
-        elif name == "file":
-            raise InvalidRequest("'file' must be a file upload")
-        elif name in fields:
-            raise InvalidRequest(f"The field '{name}' is given more than once")
-        else:
-            fields[name] = str(value)
-    if not data:
-        raise InvalidRequest("Missing required parameter: 'file' (an image upload)")
-    return data, fields
 
 
 def _model(request: web.Request, name: str | None) -> ModelSpec:
@@ -125,7 +100,7 @@ async def segment_image(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     credential_from(request)
     settings = request.app[SETTINGS]
-    data, fields = await _read_image_form(request)
+    data, fields = await read_upload_form(request, field="file", what="an image")
     form = parse_form(SegmentationForm, fields)
     spec = _model(request, form.model)
     info = probe_image(
@@ -189,7 +164,7 @@ async def remove_image_background(request: web.Request) -> web.StreamResponse:
     """An RGBA PNG the size of the input, ``background_removed.png``."""
     credential_from(request)
     settings = request.app[SETTINGS]
-    data, fields = await _read_image_form(request)
+    data, fields = await read_upload_form(request, field="file", what="an image")
     form = parse_form(BackgroundRemovalForm, fields)
     spec = _model(request, form.model)
     probe_image(data, max_pixels=settings.max_input_image_pixels, max_bytes=settings.max_input_image_bytes)

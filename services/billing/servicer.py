@@ -71,7 +71,7 @@ def usage_items(usages: Sequence[pb.Usage]) -> list[ImageGenerationItem]:
                     model=work.model, width=work.width, height=work.height, steps=work.steps, count=work.count
                 )
             )
-        elif kind in ("chat", "speech"):
+        elif kind in ("chat", "speech", "music", "video"):
             items.append(ImageGenerationItem(model=getattr(usage, kind).model))
         elif kind == "upscale":
             up = usage.upscale

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     upscale_address: str = Field("127.0.0.1:50054", description="host:port of the upscale gRPC service.")
     llm_address: str = Field("127.0.0.1:50055", description="host:port of the llm gRPC service.")
     tts_address: str = Field("127.0.0.1:50056", description="host:port of the tts gRPC service.")
+    music_address: str = Field("127.0.0.1:50057", description="host:port of the music gRPC service.")
     tts_python: Path | None = Field(
         None,
         description="Python of the tts service's own environment (qwen-tts pins transformers 4.57.3); "
@@ -65,6 +66,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(25 * 1024 * 1024, description="Largest accepted request body (413 above).")
     max_prompt_chars: int = Field(4000, description="Longest accepted prompt or negative prompt.")
     max_speech_chars: int = Field(4096, description="Longest text to speak (OpenAI's limit).")
+    max_input_audio_bytes: int = Field(
+        50 * 1024 * 1024, description="Largest accepted source song (music cover and repaint)."
+    )
     max_reference_audio_seconds: float = Field(
         60.0, description="Longest voice-cloning reference recording (Qwen3-TTS wants 3-20 s)."
     )

@@ -6,12 +6,10 @@ loads the music models on their worker threads (building the tiny ACE-Step
 on first use), and health turns SERVING as soon as the default model
 (``ace-step-v1.5``) can serve.
 
-Settings used: ``registry_path``, ``resolved_model_cache_dir``,
-``torch_threads``, ``max_prompt_chars`` and ``grpc_max_message_bytes``; and,
-read when the settings object has them, ``music_address`` (else
-:data:`DEFAULT_MUSIC_ADDRESS`) and ``max_input_audio_bytes`` (else
-:data:`~services.music.servicer.DEFAULT_MAX_INPUT_AUDIO_BYTES`). Explicit
-arguments win over both.
+Settings used: ``music_address`` (unless ``address`` is given),
+``registry_path``, ``resolved_model_cache_dir``, ``torch_threads``,
+``max_prompt_chars``, ``max_input_audio_bytes`` (unless given) and
+``grpc_max_message_bytes``.
 """
 
 from __future__ import annotations
@@ -22,10 +20,7 @@ from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import DEFAULT_MUSIC_MODEL, Registry, load_registry
 from services.common.settings import Settings
 from services.music.engines import build_music_pool
-from services.music.servicer import DEFAULT_MAX_INPUT_AUDIO_BYTES, SERVICE_NAME, MusicServicer
-
-#: Where the music service listens unless configured.
-DEFAULT_MUSIC_ADDRESS = "127.0.0.1:50057"
+from services.music.servicer import SERVICE_NAME, MusicServicer
 
 
 async def create_service(
@@ -52,7 +47,7 @@ async def create_service(
             default=DEFAULT_MUSIC_MODEL,
         )
     if max_input_audio_bytes is None:
-        max_input_audio_bytes = int(getattr(settings, "max_input_audio_bytes", DEFAULT_MAX_INPUT_AUDIO_BYTES))
+        max_input_audio_bytes = settings.max_input_audio_bytes
     servicer = MusicServicer(
         registry=registry,
         pool=pool,
@@ -60,7 +55,7 @@ async def create_service(
         max_input_audio_bytes=max_input_audio_bytes,
     )
     return await create_engine_server(
-        address=address or str(getattr(settings, "music_address", DEFAULT_MUSIC_ADDRESS)),
+        address=address or settings.music_address,
         servicer=servicer,
         add_to_server=pb_grpc.add_MusicServiceServicer_to_server,
         service_name=SERVICE_NAME,

@@ -82,6 +82,7 @@ async def test_health_readiness_and_openapi(mesh: Mesh, http: aiohttp.ClientSess
             "upscale": True,
             "llm": True,
             "tts": True,
+            "music": True,
         }
     async with http.get(mesh.url + "/openapi.json") as response:
         document = await response.json()

@@ -188,6 +188,19 @@ async def test_quote_gives_list_prices_and_zero_for_premium(billing: Billing) ->
     assert free.amount_hundredths == 0
 
 
+async def test_speech_cloning_and_music_cost_their_models_flat_price(billing: Billing) -> None:
+    usage = [
+        pb.Usage(speech=pb.SpeechUsage(model="piper-joe", characters=40)),
+        pb.Usage(speech=pb.SpeechUsage(model="qwen3-tts-base", characters=4000)),
+        pb.Usage(music=pb.MusicUsage(model="ace-step-v1.5", duration_seconds=600)),
+    ]
+    listed = await billing.stub.Quote(pb.QuoteRequest(usage=usage))
+    assert list(listed.item_amounts_hundredths) == [10, 100, 100]
+    vip, _ = await billing.account("0", premium=True)
+    free = await billing.stub.Quote(pb.QuoteRequest(account_id=vip.id, usage=usage))
+    assert free.amount_hundredths == 0
+
+
 async def test_reserve_and_release_return_the_credits(billing: Billing) -> None:
     account, _ = await billing.account("10")
     held = await billing.stub.Reserve(
