@@ -82,9 +82,25 @@ class BillingClient:
         )
         return response.account
 
-    async def commit(self, reservation_id: str, amount: int, request_id: str) -> None:
-        request = billing_pb.CommitRequest(reservation_id=reservation_id, amount_hundredths=amount)
+    async def commit(
+        self,
+        reservation_id: str,
+        amount: int,
+        request_id: str,
+        media: tuple[billing_pb.MediaRecord, ...] = (),
+    ) -> None:
+        """Charges ``amount``; ``media`` are recorded for the account in the same transaction."""
+        request = billing_pb.CommitRequest(
+            reservation_id=reservation_id, amount_hundredths=amount, media=media
+        )
         await _call(self._stub.Commit(request, timeout=self._timeout, metadata=_metadata(request_id)))
+
+    async def list_media(
+        self, request: billing_pb.ListMediaRequest, request_id: str
+    ) -> billing_pb.ListMediaResponse:
+        return await _call(
+            self._stub.ListMedia(request, timeout=self._timeout, metadata=_metadata(request_id))
+        )
 
     async def release(self, reservation_id: str, request_id: str) -> None:
         request = billing_pb.ReleaseRequest(reservation_id=reservation_id)

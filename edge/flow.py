@@ -41,6 +41,8 @@ class Billed(Generic[R]):
 
     result: R
     charged: int
+    #: Files the work produced, recorded for the account with the charge (the user's library).
+    media: tuple[billing_pb.MediaRecord, ...] = ()
 
 
 async def run_billed(
@@ -56,7 +58,7 @@ async def run_billed(
     reservation_id = auth.reservation.id
     try:
         billed = await work(auth)
-        await upstreams.billing.commit(reservation_id, billed.charged, request_id)
+        await upstreams.billing.commit(reservation_id, billed.charged, request_id, billed.media)
     except BaseException:
         await asyncio.shield(_release(request, reservation_id))
         raise

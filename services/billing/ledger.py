@@ -60,6 +60,36 @@ MAINTENANCE_FLAG = "maintenance"
 
 _ACCOUNT_COLUMNS = "id, name, premium, balance, held, external_id"
 _RESERVATION_COLUMNS = "id, account_id, request_id, amount, charged, state, expires_at_ms"
+_MEDIA_COLUMNS = "media_id, kind, mime_type, model, prompt, width, height, frames, fps, duration_seconds, size_bytes, created_at_ms"
+#: ListMedia's sort keys -> columns (a whitelist: the name goes into the SQL).
+MEDIA_SORT_COLUMNS = {
+    "created_at": "created_at_ms",
+    "duration_seconds": "duration_seconds",
+    "frames": "frames",
+    "size_bytes": "size_bytes",
+    "width": "width",
+    "height": "height",
+}
+#: Most records one ListMedia page returns.
+MAX_MEDIA_PAGE = 100
+
+
+@dataclass(frozen=True)
+class MediaRecord:
+    """A file a committed request produced (the account's library)."""
+
+    media_id: str
+    kind: str
+    mime_type: str
+    model: str = ""
+    prompt: str = ""
+    width: int = 0
+    height: int = 0
+    frames: int = 0
+    fps: float = 0.0
+    duration_seconds: float = 0.0
+    size_bytes: int = 0
+    created_at_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -456,12 +486,16 @@ class Ledger:
 
         return hold
 
-    async def commit(self, reservation_id: str, amount: int) -> ReservationRecord:
+    async def commit(
+        self, reservation_id: str, amount: int, media: tuple[MediaRecord, ...] = ()
+    ) -> ReservationRecord:
         """Charges ``amount`` (at most the hold) and returns the rest to the balance.
 
-        Committing again with the same amount returns the committed
-        reservation; any other second settlement, and a commit after the hold
-        expired, fail with InvalidRequest.
+        ``media`` (the files the request produced) are recorded for the account
+        in the same transaction, so a file is listed exactly when it was paid
+        for. Committing again with the same amount returns the committed
+        reservation (recording nothing twice); any other second settlement, and
+        a commit after the hold expired, fail with InvalidRequest.
         """
         if amount < 0:
             raise InvalidRequest(f"The amount to charge must not be negative, got {amount}.")
@@ -484,6 +518,27 @@ class Ledger:
                     _ledger_row(tx, res.account_id, "release", res.amount, res.id, now, "settled by commit")
                 if amount:
                     _ledger_row(tx, res.account_id, "charge", -amount, res.id, now, "")
+                for record in media:
+                    tx.execute(
+                        f"INSERT INTO media_records (account_id, reservation_id, {_MEDIA_COLUMNS})"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            res.account_id,
+                            res.id,
+                            record.media_id,
+                            record.kind,
+                            record.mime_type,
+                            record.model,
+                            record.prompt,
+                            record.width,
+                            record.height,
+                            record.frames,
+                            record.fps,
+                            record.duration_seconds,
+                            record.size_bytes,
+                            now,
+                        ),
+                    )
                 return res, None
             res = _read_reservation(tx, reservation_id)
             if res.state == "committed":
@@ -509,6 +564,63 @@ class Ledger:
         if error is not None:
             raise error
         return res
+
+    async def list_media(
+        self,
+        account_id: str,
+        kind: str,
+        *,
+        sort_by: str = "created_at",
+        ascending: bool = False,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[list[MediaRecord], int]:
+        """One page of an account's files of one kind, and how many there are in all.
+
+        Ordered by ``sort_by`` (a key of :data:`MEDIA_SORT_COLUMNS`), ties
+        broken by time and id, so pages never overlap or skip.
+        """
+        column = MEDIA_SORT_COLUMNS.get(sort_by)
+        if column is None:
+            raise InvalidRequest(
+                f"Invalid sort field '{sort_by}'. Use one of: {', '.join(MEDIA_SORT_COLUMNS)}."
+            )
+        if not 1 <= limit <= MAX_MEDIA_PAGE:
+            raise InvalidRequest(f"'limit' must be between 1 and {MAX_MEDIA_PAGE}, not {limit}.")
+        if offset < 0:
+            raise InvalidRequest(f"'offset' must not be negative, not {offset}.")
+        direction = "ASC" if ascending else "DESC"
+
+        def tx_fn(tx: Tx) -> tuple[list[MediaRecord], int]:
+            total = tx.one(
+                "SELECT COUNT(*) FROM media_records WHERE account_id = ? AND kind = ?", (account_id, kind)
+            )
+            rows = tx.all(
+                f"SELECT {_MEDIA_COLUMNS} FROM media_records WHERE account_id = ? AND kind = ?"
+                f" ORDER BY {column} {direction}, created_at_ms {direction}, media_id {direction}"
+                " LIMIT ? OFFSET ?",
+                (account_id, kind, limit, offset),
+            )
+            records = [
+                MediaRecord(
+                    media_id=str(r[0]),
+                    kind=str(r[1]),
+                    mime_type=str(r[2]),
+                    model=str(r[3]),
+                    prompt=str(r[4]),
+                    width=int(r[5]),
+                    height=int(r[6]),
+                    frames=int(r[7]),
+                    fps=float(r[8]),
+                    duration_seconds=float(r[9]),
+                    size_bytes=int(r[10]),
+                    created_at_ms=int(r[11]),
+                )
+                for r in rows
+            ]
+            return records, int(total[0]) if total else 0
+
+        return await self.db.run(tx_fn, write=False)
 
     async def release(self, reservation_id: str) -> ReservationRecord:
         """Returns a hold to the balance. Releasing again, or after expiry, returns it unchanged."""

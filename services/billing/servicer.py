@@ -19,7 +19,7 @@ import grpc
 from kiln.billing.v1 import billing_service_pb2 as pb
 from kiln.billing.v1 import billing_service_pb2_grpc as pb_grpc
 from services.billing.auth import Authenticator
-from services.billing.ledger import AccountFinder, AccountRecord, Ledger, ReservationRecord
+from services.billing.ledger import AccountFinder, AccountRecord, Ledger, MediaRecord, ReservationRecord
 from services.billing.pricing import ImageGenerationItem, quote
 from services.common.errors import AuthenticationFailed, InvalidRequest, MaintenanceMode
 from services.common.registry import Registry
@@ -174,7 +174,8 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         _require(request.reservation_id, "reservation_id")
         if request.amount_hundredths < 0:
             raise InvalidRequest("'amount_hundredths' must not be negative.")
-        reservation = await self.ledger.commit(request.reservation_id, request.amount_hundredths)
+        media = tuple(_media_record(record) for record in request.media)
+        reservation = await self.ledger.commit(request.reservation_id, request.amount_hundredths, media)
         return pb.CommitResponse(reservation=reservation_pb(reservation))
 
     async def Release(
@@ -190,6 +191,59 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         _require(request.account_id, "account_id")
         account = await self.ledger.get_account(request.account_id)
         return pb.GetAccountResponse(account=account_pb(account))
+
+    async def ListMedia(
+        self, request: pb.ListMediaRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListMediaResponse:
+        _require(request.kind, "kind")
+        account = await self.ledger.find_account(self._finder(request.credential))
+        records, total = await self.ledger.list_media(
+            account.id,
+            request.kind,
+            sort_by=request.sort_by or "created_at",
+            ascending=request.ascending,
+            limit=request.limit or 20,
+            offset=request.offset,
+        )
+        return pb.ListMediaResponse(
+            media=[
+                pb.MediaRecord(
+                    media_id=r.media_id,
+                    kind=r.kind,
+                    mime_type=r.mime_type,
+                    model=r.model,
+                    prompt=r.prompt,
+                    width=r.width,
+                    height=r.height,
+                    frames=r.frames,
+                    fps=r.fps,
+                    duration_seconds=r.duration_seconds,
+                    size_bytes=r.size_bytes,
+                    created_at_ms=r.created_at_ms,
+                )
+                for r in records
+            ],
+            total=total,
+        )
+
+
+def _media_record(record: pb.MediaRecord) -> MediaRecord:
+    _require(record.media_id, "media.media_id")
+    _require(record.kind, "media.kind")
+    _require(record.mime_type, "media.mime_type")
+    return MediaRecord(
+        media_id=record.media_id,
+        kind=record.kind,
+        mime_type=record.mime_type,
+        model=record.model,
+        prompt=record.prompt,
+        width=record.width,
+        height=record.height,
+        frames=record.frames,
+        fps=record.fps,
+        duration_seconds=record.duration_seconds,
+        size_bytes=record.size_bytes,
+    )
 
 
 #: The name the brief gives the servicer.
