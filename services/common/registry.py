@@ -34,6 +34,8 @@ VOICE_CLONE = "voice-clone"
 DEFAULT_CLONE_MODEL = "qwen3-tts-base"
 MUSIC = "music"
 DEFAULT_MUSIC_MODEL = "ace-step-v1.5"
+IMAGE_TO_VIDEO = "image-to-video"
+DEFAULT_VIDEO_MODEL = "turbodiffusion-wan2.2-i2v"
 DEFAULT_CHAT_MODEL = "Qwen/Qwen3.5-4B"
 FACE_RESTORATION = "face-restoration"
 #: Sizes the contract lists for ``image_size`` / ``size``.
@@ -80,6 +82,8 @@ class ModelDefaults(_Frozen):
     steps: int = Field(1, gt=0)
     guidance_scale: float = 0.0
     negative_prompt: str = ""
+    #: Videos: frames generated when a request gives none (0: not a video model).
+    num_frames: int = Field(0, ge=0)
 
 
 class PriceSpec(_Frozen):
