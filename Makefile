@@ -84,6 +84,7 @@ bench: gen $(STAMP) $(TTS_STAMP)
 	$(BIN)/python bench/chat.py
 	$(BIN)/python bench/tts.py
 	$(BIN)/python bench/music.py
+	$(BIN)/python bench/video.py
 
 clean:
 	rm -rf kiln descriptors.binpb .pytest_cache .mypy_cache .ruff_cache

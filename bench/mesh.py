@@ -33,7 +33,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
 
     from aiohttp import web
 
-    from edge.app import create_app
+    from edge.app import create_runner
     from kiln_cli.main import free_port, spawn_service
     from services.billing.admin import ensure_demo_account
     from services.billing.ledger import Ledger
@@ -44,7 +44,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
     settings = load_settings(data_dir=data_dir)
     services: list[GrpcService] = []
     children: dict[str, subprocess.Popen[bytes]] = {}
-    names = ("billing", "image_gen", "segmentation", "upscale", "llm", "music", "tts")
+    names = ("billing", "image_gen", "segmentation", "upscale", "llm", "music", "video", "tts")
     if split:  # each service its own process, as `kiln up --split` runs them
         addresses = {name: f"127.0.0.1:{free_port()}" for name in names}
         env = {
@@ -60,6 +60,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
         from services.music.server import create_service as create_music
         from services.segmentation.server import create_service as create_segmentation
         from services.upscale.server import create_service as create_upscale
+        from services.video.server import create_service as create_video
 
         services = [
             await create_billing(settings, address="127.0.0.1:0"),
@@ -68,6 +69,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
             await create_upscale(settings, address="127.0.0.1:0"),
             await create_llm(settings, address="127.0.0.1:0"),
             await create_music(settings, address="127.0.0.1:0"),
+            await create_video(settings, address="127.0.0.1:0"),
         ]
         for service in services:
             await service.start()
@@ -87,7 +89,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
     _, premium_key = await ledger.create_api_key(premium.id)
     await db.close()
 
-    edge = web.AppRunner(create_app(settings), access_log=None)
+    edge = create_runner(settings, access_log=None)
     await edge.setup()
     await web.TCPSite(edge, "127.0.0.1", 0).start()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -33,3 +34,10 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     app.cleanup_ctx.append(_upstreams)
     setup_routes(app)
     return app
+
+
+def create_runner(settings: Settings, **kwargs: Any) -> web.AppRunner:
+    """The edge app's runner. Handlers are cancelled when their client disconnects, so an
+    abandoned request stops its upstream work (the gRPC call is cancelled) and its credit
+    hold is released instead of charged. ``kwargs`` go to :class:`aiohttp.web.AppRunner`."""
+    return web.AppRunner(create_app(settings), handler_cancellation=True, **kwargs)

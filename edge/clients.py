@@ -26,6 +26,8 @@ from kiln.tts.v1 import tts_service_pb2 as tts_pb
 from kiln.tts.v1 import tts_service_pb2_grpc as tts_grpc
 from kiln.upscale.v1 import upscale_service_pb2 as upscale_pb
 from kiln.upscale.v1 import upscale_service_pb2_grpc as upscale_grpc
+from kiln.video.v1 import video_service_pb2 as video_pb
+from kiln.video.v1 import video_service_pb2_grpc as video_grpc
 from services.common.errors import ProcessingError
 from services.common.grpc_client import create_channel, error_from_rpc
 from services.common.registry import GenerationParams
@@ -285,6 +287,22 @@ class MusicClient:
         )
 
 
+class VideoClient:
+    """Image-to-video over the server-streaming RPC."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
+        self._stub = video_grpc.VideoServiceStub(channel)
+        self._timeout = timeout
+
+    def generate(
+        self, request: video_pb.GenerateVideoRequest
+    ) -> AsyncGenerator[video_pb.GenerateVideoResponse]:
+        """Progress, the MP4 in chunks, then the summary. Leaving the iteration cancels the call."""
+        return _events(
+            self._stub.GenerateVideo(request, timeout=self._timeout, metadata=_metadata(request.request_id))
+        )
+
+
 class VideoSession:
     """The client side of RemoveVideoBackground: upload, probe, start, then events."""
 
@@ -344,6 +362,7 @@ class Upstreams:
     llm: LlmClient
     tts: TtsClient
     music: MusicClient
+    video: VideoClient
 
     @classmethod
     def connect(cls, settings: Settings) -> Upstreams:
@@ -355,6 +374,7 @@ class Upstreams:
             "llm": settings.llm_address,
             "tts": settings.tts_address,
             "music": settings.music_address,
+            "video": settings.video_address,
         }
         channels = {
             name: create_channel(address, max_message_bytes=settings.grpc_max_message_bytes)
@@ -370,6 +390,7 @@ class Upstreams:
             llm=LlmClient(channels["llm"], timeout=timeout),
             tts=TtsClient(channels["tts"], timeout=timeout),
             music=MusicClient(channels["music"], timeout=timeout),
+            video=VideoClient(channels["video"], timeout=timeout),
         )
 
     async def health(self, deadline_seconds: float = 2.0) -> dict[str, bool]:

@@ -26,6 +26,7 @@ MIME_EXTENSIONS: dict[str, str] = {
     "audio/flac": ".flac",
     "audio/opus": ".opus",
     "audio/aac": ".aac",
+    "video/mp4": ".mp4",
 }
 _EXTENSION_MIME = {ext: mime for mime, ext in MIME_EXTENSIONS.items()}
 #: Files up to this size are written on the event loop (see put_async).

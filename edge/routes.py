@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from edge.handlers import audio, chat, images, media, music, segmentation, system, upscale
+from edge.handlers import audio, chat, images, media, music, segmentation, system, upscale, video
 from edge.responses import json_response
 from edge.schemas import (
     BackgroundRemovalForm,
@@ -18,6 +18,7 @@ from edge.schemas import (
     ImageEditForm,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImageToVideoForm,
     MusicCoverRequest,
     MusicGenerateRequest,
     MusicRepaintRequest,
@@ -173,6 +174,8 @@ ROUTES: tuple[Route, ...] = (
         "Re-create a song (base64 'audio' in JSON, or an 'audio' file in a multipart form) in the style "
         "of 'prompt'; audio_cover_strength 0-1; the output keeps the source's duration. 1 credit.",
         body=MusicCoverRequest,
+        form=MusicCoverRequest,
+        files=("audio",),
         responses=_PAID,
     ),
     Route(
@@ -182,7 +185,28 @@ ROUTES: tuple[Route, ...] = (
         "Regenerate the region [start, end) seconds of a song ('audio' as for cover); outside the "
         "region the samples are kept exactly (20 ms crossfades inside the region). 1 credit.",
         body=MusicRepaintRequest,
+        form=MusicRepaintRequest,
+        files=("audio",),
         responses=_PAID,
+    ),
+    Route(
+        "POST",
+        "/v1/images/img2video",
+        video.create_video,
+        "Animate an image (multipart: 'image' file, prompt, negative_prompt, num_frames, num_steps, "
+        "resolution 480p/720p/1080p, use_ode, seed): an H.264 MP4 in the media store, described in the "
+        "JSON answer and added to the caller's video library. 1 credit, premium free.",
+        form=ImageToVideoForm,
+        files=("image",),
+        responses=_PAID,
+    ),
+    Route(
+        "GET",
+        "/v1/images/user-videos",
+        video.list_user_videos,
+        "The caller's own videos: limit (1-100, 20), offset, sortBy (newest, oldest or a field), "
+        "sortOrder (asc, desc); with the total count. Free.",
+        responses={200: "Success", 400: "Bad parameters", 401: "Not authenticated"},
     ),
     Route(
         "GET",

@@ -528,3 +528,23 @@ class MusicRepaintRequest(MusicOptions):
     end: float | None = Field(
         None, description="Where it ends, in seconds (the end of the song when absent)."
     )
+
+
+class ImageToVideoForm(_Form):
+    """``POST /v1/images/img2video`` (multipart, with an ``image`` file)."""
+
+    prompt: str = Field(description="How the picture should move.")
+    negative_prompt: str | None = Field(None, description="What to avoid.")
+    num_frames: int | None = Field(None, description="Frames, 4k+1 (81 by default: 5 s at 16 fps).")
+    num_steps: int | None = Field(None, description="Denoising steps (4 by default).")
+    resolution: Literal["480p", "720p", "1080p"] = Field(
+        "480p", description="Output tier; the aspect is kept."
+    )
+    use_ode: bool = Field(False, description="Deterministic sampler: the same seed gives the same video.")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Random seed (drawn and returned when absent)."
+    )
+    guidance_scale: float | None = Field(None, description="Classifier-free guidance (the model's default).")
+    model: str | None = Field(
+        None, min_length=1, description="The image-to-video model (the default when absent)."
+    )

@@ -38,7 +38,7 @@ from services.common.telemetry import setup_tracing
 
 log = logging.getLogger("kiln")
 
-SERVICES = ("billing", "image_gen", "segmentation", "upscale", "llm", "tts", "music", "edge")
+SERVICES = ("billing", "image_gen", "segmentation", "upscale", "llm", "tts", "music", "video", "edge")
 #: The checkout (where `make` creates the environments).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,6 +99,7 @@ def check_ports(settings: Settings, services: tuple[str, ...]) -> None:
         "llm": (_split_address(settings.llm_address), "KILN_LLM_ADDRESS"),
         "tts": (_split_address(settings.tts_address), "KILN_TTS_ADDRESS"),
         "music": (_split_address(settings.music_address), "KILN_MUSIC_ADDRESS"),
+        "video": (_split_address(settings.video_address), "KILN_VIDEO_ADDRESS"),
         "edge": ((settings.http_host, settings.http_port), "KILN_HTTP_PORT"),
     }
     for name in services:
@@ -182,15 +183,19 @@ async def _create_grpc_service(name: str, settings: Settings) -> GrpcService:
         from services.music.server import create_service as create_music
 
         return await create_music(settings)
+    if name == "video":
+        from services.video.server import create_service as create_video
+
+        return await create_video(settings)
     from services.image_gen.server import create_service as create_image_gen
 
     return await create_image_gen(settings)
 
 
 async def _start_edge(settings: Settings) -> web.AppRunner:
-    from edge.app import create_app
+    from edge.app import create_runner
 
-    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=settings.grace_seconds)
+    runner = create_runner(settings, access_log=None, shutdown_timeout=settings.grace_seconds)
     await runner.setup()
     await web.TCPSite(runner, settings.http_host, settings.http_port).start()
     return runner

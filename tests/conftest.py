@@ -74,6 +74,7 @@ class Mesh:
     llm_port: int
     tts_port: int
     music_port: int
+    video_port: int
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +85,7 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> AsyncIterator[Mesh]:
-    from edge.app import create_app
+    from edge.app import create_runner
     from kiln_cli.main import free_port, spawn_service
     from services.billing.ledger import Ledger
     from services.billing.server import create_service as create_billing
@@ -94,6 +95,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
     from services.music.server import create_service as create_music
     from services.segmentation.server import create_service as create_segmentation
     from services.upscale.server import create_service as create_upscale
+    from services.video.server import create_service as create_video
 
     data_dir = tmp_path_factory.mktemp("kiln")
     registry = data_dir / "registry.toml"
@@ -113,6 +115,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
     upscale = await create_upscale(settings, address="127.0.0.1:0")
     llm = await create_llm(settings, address="127.0.0.1:0")
     music = await create_music(settings, address="127.0.0.1:0")
+    video = await create_video(settings, address="127.0.0.1:0")
     # The tts service runs on its own environment's Python (.venv-tts), as `kiln up` runs it.
     tts_port = free_port()
     tts = spawn_service(
@@ -134,6 +137,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
         await upscale.start()
         await llm.start()
         await music.start()
+        await video.start()
         settings = settings.model_copy(
             update={
                 "billing_address": f"127.0.0.1:{billing.port}",
@@ -143,9 +147,10 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
                 "llm_address": f"127.0.0.1:{llm.port}",
                 "tts_address": f"127.0.0.1:{tts_port}",
                 "music_address": f"127.0.0.1:{music.port}",
+                "video_address": f"127.0.0.1:{video.port}",
             }
         )
-        runner = web.AppRunner(create_app(settings))
+        runner = create_runner(settings)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -175,6 +180,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
             llm.port,
             tts_port,
             music.port,
+            video.port,
         )
     finally:
         await db.close()
@@ -184,6 +190,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
         await upscale.stop(1)
         await llm.stop(1)
         await music.stop(1)
+        await video.stop(1)
         tts.terminate()
         await asyncio.to_thread(tts.wait, 30)
         await billing.stop(1)

@@ -53,6 +53,7 @@ async def test_reflection_lists_every_service_to_grpcurl(mesh: Mesh) -> None:
         (mesh.llm_port, "kiln.llm.v1.LlmService"),
         (mesh.tts_port, "kiln.tts.v1.TtsService"),
         (mesh.music_port, "kiln.music.v1.MusicService"),
+        (mesh.video_port, "kiln.video.v1.VideoService"),
     ):
         result = await asyncio.to_thread(
             subprocess.run,

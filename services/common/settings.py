@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     llm_address: str = Field("127.0.0.1:50055", description="host:port of the llm gRPC service.")
     tts_address: str = Field("127.0.0.1:50056", description="host:port of the tts gRPC service.")
     music_address: str = Field("127.0.0.1:50057", description="host:port of the music gRPC service.")
+    video_address: str = Field("127.0.0.1:50058", description="host:port of the video gRPC service.")
     tts_python: Path | None = Field(
         None,
         description="Python of the tts service's own environment (qwen-tts pins transformers 4.57.3); "

@@ -7,11 +7,10 @@ soon as the default model (``turbodiffusion-wan2.2-i2v``) can serve. Health
 keeps answering while the model loads and generates: all model work happens
 off the event loop.
 
-Settings used: ``registry_path``, ``resolved_model_cache_dir``,
-``torch_threads``, ``max_prompt_chars``, ``max_input_image_pixels``,
-``max_input_image_bytes``, ``grpc_max_message_bytes``, and ``video_address``
-when the settings have it (else ``address``, else
-:data:`DEFAULT_VIDEO_ADDRESS`).
+Settings used: ``video_address`` (unless ``address`` is given),
+``registry_path``, ``resolved_model_cache_dir``, ``torch_threads``,
+``max_prompt_chars``, ``max_input_image_pixels``, ``max_input_image_bytes``
+and ``grpc_max_message_bytes``.
 """
 
 from __future__ import annotations
@@ -23,9 +22,6 @@ from services.common.registry import DEFAULT_VIDEO_MODEL, Registry, load_registr
 from services.common.settings import Settings
 from services.video.engines import build_engine_pool
 from services.video.servicer import SERVICE_NAME, VideoServiceServicer
-
-#: Where the video service listens unless configured (50057 is music).
-DEFAULT_VIDEO_ADDRESS = "127.0.0.1:50058"
 
 
 async def create_service(
@@ -57,9 +53,8 @@ async def create_service(
         max_input_image_pixels=settings.max_input_image_pixels,
         max_input_image_bytes=settings.max_input_image_bytes,
     )
-    configured = getattr(settings, "video_address", None)
     return await create_engine_server(
-        address=address or configured or DEFAULT_VIDEO_ADDRESS,
+        address=address or settings.video_address,
         servicer=servicer,
         add_to_server=pb_grpc.add_VideoServiceServicer_to_server,
         service_name=SERVICE_NAME,

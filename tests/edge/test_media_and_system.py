@@ -83,6 +83,7 @@ async def test_health_readiness_and_openapi(mesh: Mesh, http: aiohttp.ClientSess
             "llm": True,
             "tts": True,
             "music": True,
+            "video": True,
         }
     async with http.get(mesh.url + "/openapi.json") as response:
         document = await response.json()
