@@ -27,14 +27,22 @@ def png(width: int = 208, height: int = 120, colour: tuple[int, int, int] = (200
 def form(image: bytes | None = None, **fields: Any) -> aiohttp.FormData:
     data = aiohttp.FormData()
     data.add_field("image", png() if image is None else image, filename="input.png", content_type="image/png")
-    values = {"prompt": "a slow pan", "num_frames": 5, "num_steps": 2, "resolution": "480p", "use_ode": "true"}
+    values = {
+        "prompt": "a slow pan",
+        "num_frames": 5,
+        "num_steps": 2,
+        "resolution": "480p",
+        "use_ode": "true",
+    }
     values.update(fields)
     for name, value in values.items():
         data.add_field(name, str(value))
     return data
 
 
-async def generate(http: aiohttp.ClientSession, mesh: Mesh, customer: Customer, **fields: Any) -> dict[str, Any]:
+async def generate(
+    http: aiohttp.ClientSession, mesh: Mesh, customer: Customer, **fields: Any
+) -> dict[str, Any]:
     async with http.post(mesh.url + IMG2VIDEO, data=form(**fields), headers=customer.headers) as response:
         assert response.status == 200, await response.text()
         return dict(await response.json())
@@ -51,16 +59,26 @@ def probe(data: bytes) -> tuple[int, float, int, int, str]:
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         frames = list(container.decode(stream))
-        return len(frames), float(stream.average_rate or 0), frames[0].width, frames[0].height, frames[0].format.name
+        return (
+            len(frames),
+            float(stream.average_rate or 0),
+            frames[0].width,
+            frames[0].height,
+            frames[0].format.name,
+        )
 
 
-async def test_img2video_stores_an_mp4_with_the_requested_frames(mesh: Mesh, http: aiohttp.ClientSession) -> None:
+async def test_img2video_stores_an_mp4_with_the_requested_frames(
+    mesh: Mesh, http: aiohttp.ClientSession
+) -> None:
     customer = await new_customer(mesh, "5")
     video = await generate(http, mesh, customer, seed=3)
     assert video["object"] == "video" and video["num_frames"] == 5 and video["fps"] == FPS
     assert (video["width"], video["height"]) == (832, 480)  # 480p with the input's aspect (832:480)
     assert video["duration"] == pytest.approx(5 / FPS) and video["seed"] == 3 and video["use_ode"] is True
-    assert video["credits_charged"] == "1" and {"inference_ms", "encode_ms", "total_ms"} <= set(video["timing"])
+    assert video["credits_charged"] == "1" and {"inference_ms", "encode_ms", "total_ms"} <= set(
+        video["timing"]
+    )
     data = await fetch(http, video["url"])
     assert len(data) == video["size_bytes"]
     assert probe(data) == (5, FPS, 832, 480, "yuv420p")
@@ -143,7 +161,9 @@ async def test_bad_input_is_a_free_400(
     mesh: Mesh, http: aiohttp.ClientSession, image: bytes | None, fields: dict[str, Any], message: str
 ) -> None:
     customer = await new_customer(mesh, "5")
-    async with http.post(mesh.url + IMG2VIDEO, data=form(image, **fields), headers=customer.headers) as response:
+    async with http.post(
+        mesh.url + IMG2VIDEO, data=form(image, **fields), headers=customer.headers
+    ) as response:
         assert response.status == 400
         error = (await response.json())["error"]
     assert error["type"] == "invalid_request_error" and message in error["message"], error
