@@ -336,6 +336,14 @@ class Engine(ABC, Generic[RequestT, ResultT]):
     def ready(self) -> bool:
         return self.state is EngineState.READY
 
+    def require_ready(self, what: str = "Model") -> None:
+        """Raises :class:`InvalidRequest` unless the engine can serve (unavailable, or still loading)."""
+        if not self.ready:
+            raise InvalidRequest(
+                f"{what} '{self.name}' is not available on this server: "
+                f"{self.unavailable_reason or 'it is still loading'}"
+            )
+
     @property
     def unavailable_reason(self) -> str | None:
         """Why the engine cannot serve (None when ready or still loading)."""

@@ -235,11 +235,7 @@ class DiffusersImageEngine(RegistryEngine[ImageRequest, ImageResult]):
     async def run(
         self, request: ImageRequest, *, request_id: str = ""
     ) -> AsyncGenerator[Progress | ImageResult, None]:
-        if not self.ready:
-            raise InvalidRequest(
-                f"Model '{self.spec.id}' is not available on this server: "
-                f"{self.unavailable_reason or 'the model is still loading'}"
-            )
+        self.require_ready()
         self.check_request(request)
         mime_type = image_mime_type(request.output_format)
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)

@@ -268,11 +268,9 @@ class ChatEngine(RegistryEngine[ChatRequest, ChatEvent]):
     # --- requests ---
 
     def _check_ready(self) -> DecodeLoop:
-        if not self.ready or self.decoder is None:
-            raise InvalidRequest(
-                f"Model '{self.spec.id}' is not available on this server: "
-                f"{self.unavailable_reason or 'the model is still loading'}"
-            )
+        self.require_ready()
+        if self.decoder is None:
+            raise InvalidRequest(f"Model '{self.spec.id}' is not available on this server: it has no decoder")
         return self.decoder
 
     def check_images(self, count: int) -> None:

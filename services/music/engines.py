@@ -466,11 +466,7 @@ class AceStepEngine(MusicEngine):
     async def run(
         self, request: MusicRequest, *, request_id: str = ""
     ) -> AsyncGenerator[Progress | MusicResult, None]:
-        if not self.ready:
-            raise InvalidRequest(
-                f"Model '{self.spec.id}' is not available on this server: "
-                f"{self.unavailable_reason or 'the model is still loading'}"
-            )
+        self.require_ready()
         self.check_request(request)
         steps = self.steps(request.steps)
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)

@@ -283,11 +283,7 @@ class Sam3Engine(RegistryEngine[SegmentRequest, SegmentResult]):
         return FrameDetections(tuple(outcome.value), outcome.queue_ms, outcome.run_ms)
 
     def _check_ready(self) -> None:
-        if not self.ready:
-            raise InvalidRequest(
-                f"Model '{self.spec.id}' is not available on this server: "
-                f"{self.unavailable_reason or 'the model is still loading'}"
-            )
+        self.require_ready()
 
     async def _one(self, job: Any, request_id: str, label: str) -> JobOutcome[Any]:
         outcome: JobOutcome[Any] | None = None

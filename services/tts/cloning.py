@@ -27,11 +27,9 @@ decode.
 
 from __future__ import annotations
 
-import collections
 import importlib.machinery
 import json
 import sys
-import time
 import types
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
@@ -42,7 +40,6 @@ from typing import Any
 from services.common.engine import (
     MODEL_LOAD_LOCK,
     EngineUnavailable,
-    JobOutcome,
     Progress,
     RegistryEngine,
     StepControl,
@@ -50,7 +47,7 @@ from services.common.engine import (
 )
 from services.common.errors import InvalidRequest
 from services.common.registry import ModelSpec
-from services.tts.engines import DEFAULT_MAX_CHARS, SpeechChunk, SpeechDone
+from services.tts.engines import DEFAULT_MAX_CHARS, SpeechChunk, SpeechDone, pcm_of, stream_pcm
 
 #: The contract's default language.
 DEFAULT_LANGUAGE = "English"
@@ -358,10 +355,9 @@ class CloneEngine(RegistryEngine[CloneRequest, SpeechChunk | SpeechDone]):
 
     async def clone(self, request: CloneRequest, *, request_id: str = "") -> AsyncGenerator[bytes, None]:
         """The PCM chunks of the cloned speech, as they are decoded."""
-        async with aclosing(self.run(request, request_id=request_id)) as events:
-            async for event in events:
-                if isinstance(event, SpeechChunk):
-                    yield event.pcm
+        async with aclosing(pcm_of(self.run(request, request_id=request_id))) as chunks:
+            async for pcm in chunks:
+                yield pcm
 
     async def run(
         self, request: CloneRequest, *, request_id: str = ""
@@ -369,23 +365,14 @@ class CloneEngine(RegistryEngine[CloneRequest, SpeechChunk | SpeechDone]):
         language = self.check(request.text, request.ref_text, request.language)
         model = self.model
         budget = frame_budget(request.text, self.max_frames)
-        produced: collections.deque[bytes] = collections.deque()
 
-        def job(control: StepControl) -> int:
-            return self._clone(model, request, language, budget, control, produced.append)
+        def job(control: StepControl, emit: Callable[[bytes], None]) -> int:
+            return self._clone(model, request, language, budget, control, emit)
 
-        started = time.perf_counter()
-        async with aclosing(self.runner.stream(job, key=request_id, label="clone")) as events:
+        events = stream_pcm(self, job, sample_rate=self.sample_rate, request_id=request_id, label="clone")
+        async with aclosing(events):
             async for event in events:
-                if isinstance(event, Progress):
-                    yield SpeechChunk(produced.popleft())
-                elif isinstance(event, JobOutcome):
-                    yield SpeechDone(
-                        samples=int(event.value),
-                        sample_rate=self.sample_rate,
-                        queue_ms=event.queue_ms,
-                        synthesis_ms=(time.perf_counter() - started) * 1000 - event.queue_ms,
-                    )
+                yield event
 
     @staticmethod
     def _clone(

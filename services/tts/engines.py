@@ -15,7 +15,7 @@ import collections
 import importlib.util
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +67,42 @@ class SpeechDone:
     sample_rate: int
     queue_ms: float
     synthesis_ms: float
+
+
+#: A speech job, run on the engine's worker thread: it hands each chunk's PCM to
+#: ``emit``, then reports a step on ``control``; it returns the samples produced.
+PcmJob = Callable[[StepControl, Callable[[bytes], None]], int]
+
+
+async def stream_pcm(
+    engine: RegistryEngine[Any, Any], job: PcmJob, *, sample_rate: int, request_id: str, label: str
+) -> AsyncGenerator[Progress | SpeechChunk | SpeechDone, None]:
+    """Runs ``job`` on the engine's worker: a :class:`SpeechChunk` per step as it is
+    reported (in order), then :class:`SpeechDone`. Closing the iterator cancels the job."""
+    produced: collections.deque[bytes] = collections.deque()
+    started = time.perf_counter()
+    events = engine.runner.stream(lambda control: job(control, produced.append), key=request_id, label=label)
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, Progress):
+                yield SpeechChunk(produced.popleft())
+            elif isinstance(event, JobOutcome):
+                yield SpeechDone(
+                    samples=int(event.value),
+                    sample_rate=sample_rate,
+                    queue_ms=event.queue_ms,
+                    synthesis_ms=(time.perf_counter() - started) * 1000 - event.queue_ms,
+                )
+
+
+async def pcm_of(
+    events: AsyncGenerator[Progress | SpeechChunk | SpeechDone, None],
+) -> AsyncGenerator[bytes, None]:
+    """The PCM of a :func:`stream_pcm` stream's chunks (closing this closes that)."""
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, SpeechChunk):
+                yield event.pcm
 
 
 @dataclass(frozen=True)
@@ -127,10 +163,9 @@ class SpeechEngine(RegistryEngine[SpeechRequest, SpeechChunk | SpeechDone]):
         self, text: str, speed: float = 1.0, *, request_id: str = ""
     ) -> AsyncGenerator[bytes, None]:
         """The PCM chunks of ``text`` spoken at ``speed``, as they are produced."""
-        async with aclosing(self.run(SpeechRequest(text, speed), request_id=request_id)) as events:
-            async for event in events:
-                if isinstance(event, SpeechChunk):
-                    yield event.pcm
+        async with aclosing(pcm_of(self.run(SpeechRequest(text, speed), request_id=request_id))) as chunks:
+            async for pcm in chunks:
+                yield pcm
 
 
 class PiperEngine(SpeechEngine):
@@ -161,31 +196,22 @@ class PiperEngine(SpeechEngine):
 
         voice = self.voice
         config = SynthesisConfig(length_scale=voice.config.length_scale / request.speed)
-        # The worker appends each sentence's PCM, then reports a step; the loop takes
-        # the PCM when the step arrives, so chunks come out in order as they are made.
-        produced: collections.deque[bytes] = collections.deque()
 
-        def job(control: StepControl) -> int:
+        def job(control: StepControl, emit: Callable[[bytes], None]) -> int:
             samples = 0
             for index, chunk in enumerate(voice.synthesize(request.text, syn_config=config), start=1):
                 pcm = chunk.audio_int16_bytes
                 samples += len(pcm) // 2
-                produced.append(pcm)
+                emit(pcm)
                 control.step(index)
             return samples
 
-        started = time.perf_counter()
-        async with aclosing(self.runner.stream(job, key=request_id, label="synthesize")) as events:
+        events = stream_pcm(
+            self, job, sample_rate=self.sample_rate, request_id=request_id, label="synthesize"
+        )
+        async with aclosing(events):
             async for event in events:
-                if isinstance(event, Progress):
-                    yield SpeechChunk(produced.popleft())
-                elif isinstance(event, JobOutcome):
-                    yield SpeechDone(
-                        samples=int(event.value),
-                        sample_rate=self.sample_rate,
-                        queue_ms=event.queue_ms,
-                        synthesis_ms=(time.perf_counter() - started) * 1000 - event.queue_ms,
-                    )
+                yield event
 
 
 def engine_classes() -> dict[str, type[RegistryEngine[Any, Any]]]:

@@ -236,11 +236,7 @@ class UpscaleEngine(RegistryEngine[UpscaleRequest, UpscaleResult]):
         """The upscaled image (``request.scale`` times the input's size)."""
 
     def _check(self, request: UpscaleRequest) -> None:
-        if not self.ready:
-            raise InvalidRequest(
-                f"Method '{self.spec.id}' is not available on this server: "
-                f"{self.unavailable_reason or 'it is still loading'}"
-            )
+        self.require_ready("Method")
         if request.scale < 1:
             raise InvalidRequest(f"Invalid scale {request.scale}")
 

@@ -396,11 +396,7 @@ class WanI2VEngine(RegistryEngine[VideoRequest, VideoResult]):
     async def run(
         self, request: VideoRequest, *, request_id: str = ""
     ) -> AsyncGenerator[Progress | VideoResult, None]:
-        if not self.ready:
-            raise InvalidRequest(
-                f"Model '{self.spec.id}' is not available on this server: "
-                f"{self.unavailable_reason or 'the model is still loading'}"
-            )
+        self.require_ready()
         self.check_request(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
 
