@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln_cli.main import PortTaken, build_parser, check_ports
+from kiln_cli.main import SERVICES, PortTaken, build_parser, check_ports
 from services.common.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,10 +34,7 @@ def test_kiln_up_exits_non_zero_with_a_clear_message_when_the_http_port_is_taken
         port = taken.getsockname()[1]
         # the other services on port 0 (not checked): their default ports may be in use as
         # ephemeral client ports on a busy machine
-        others = {
-            f"KILN_{name.upper()}_ADDRESS": "127.0.0.1:0"
-            for name in ("billing", "image_gen", "segmentation", "upscale", "llm", "tts")
-        }
+        others = {f"KILN_{name.upper()}_ADDRESS": "127.0.0.1:0" for name in SERVICES if name != "edge"}
         env = {"KILN_DATA_DIR": str(tmp_path), "KILN_HTTP_PORT": str(port), **others}
         result = _kiln(["up"], env)
     assert result.returncode == 2
