@@ -28,6 +28,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -262,24 +263,46 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         return _run_split(settings, key, balance)
     setup_tracing(settings, "kiln")
 
+    separate = own_environment(settings)
+    children = {name: spawn_service(name, settings) for name in separate}
+    failed: list[str] = []
+
+    def stop(name: str) -> None:  # a child died: stop the whole mesh, with a failing status
+        failed.append(name)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    background: list[asyncio.Task[Any]] = []
+
     async def ready() -> None:
         print(_banner(settings, key, balance), flush=True)
-        asyncio.get_running_loop().create_task(_wait_ready(settings))
+        loop = asyncio.get_running_loop()
+        background.append(loop.create_task(_wait_ready(settings)))
+        background.extend(loop.create_task(watch_child(n, c, stop)) for n, c in children.items())
 
-    separate = own_environment(settings)
-    children = [spawn_service(name, settings) for name in separate]
     try:
         asyncio.run(_serve(settings, tuple(n for n in SERVICES if n not in separate), ready))
     finally:
-        for child in children:
+        for child in children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        for child in children:
+        for child in children.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=settings.grace_seconds + 5)
             if child.poll() is None:
                 child.kill()
-    return 0
+    return 1 if failed else 0
+
+
+async def watch_child(name: str, child: subprocess.Popen[bytes], stop: Callable[[str], None]) -> int:
+    """Waits for a child service to exit; then says so and calls ``stop(name)``. Returns its status."""
+    while True:  # polled: a thread blocked in wait() would hold up the event loop's shutdown
+        status = child.poll()
+        if status is not None:
+            break
+        await asyncio.sleep(0.5)
+    print(f"kiln: {name} exited with status {status}; stopping the others", file=sys.stderr)
+    stop(name)
+    return status
 
 
 def _run_split(settings: Settings, key: str, balance: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -109,3 +110,13 @@ def test_envoy_config_writes_a_config_and_descriptors(
     assert main(["envoy-config", "--out", str(tmp_path), "--expose-billing"]) == 0
     exposed = json.loads((tmp_path / "kiln-envoy.json").read_text())
     assert "billing" in {c["name"] for c in exposed["static_resources"]["clusters"]}
+
+
+async def test_a_child_service_that_dies_stops_kiln_up(capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln_cli.main import watch_child
+
+    stopped: list[str] = []
+    child = await asyncio.to_thread(subprocess.Popen, [sys.executable, "-c", "raise SystemExit(3)"])
+    assert await watch_child("tts", child, stopped.append) == 3
+    assert stopped == ["tts"]
+    assert "kiln: tts exited with status 3; stopping the others" in capsys.readouterr().err
