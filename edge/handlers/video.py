@@ -24,6 +24,7 @@ to ``desc``, ``oldest`` to ``asc``; an explicit ``sortOrder`` wins).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -83,12 +84,14 @@ async def create_video(request: web.Request) -> web.Response:
     async def work(auth: billing_pb.AuthorizeResponse) -> Billed[web.Response]:
         chunks: list[bytes] = []
         summary: video_pb.VideoSummary | None = None
-        async for event in request.app[UPSTREAMS].video.generate(call):
-            kind = event.WhichOneof("event")
-            if kind == "mp4_chunk":
-                chunks.append(event.mp4_chunk)
-            elif kind == "summary":
-                summary = event.summary
+        events = request.app[UPSTREAMS].video.generate(call)
+        async with contextlib.aclosing(events):  # leaving early cancels the call
+            async for event in events:
+                kind = event.WhichOneof("event")
+                if kind == "mp4_chunk":
+                    chunks.append(event.mp4_chunk)
+                elif kind == "summary":
+                    summary = event.summary
         if summary is None:
             raise InvalidRequest("The video service answered without a summary")
         data = b"".join(chunks)
