@@ -28,11 +28,13 @@ decode.
 from __future__ import annotations
 
 import importlib.machinery
+import io
 import json
+import logging
 import sys
 import types
 from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
+from contextlib import aclosing, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,10 @@ class CloneRequest:
 _TORCHAUDIO_NAMES = ("torchaudio", "torchaudio.compliance", "torchaudio.compliance.kaldi")
 
 
+def _drop(record: logging.LogRecord) -> bool:
+    return False
+
+
 def import_qwen_tts() -> Any:
     """The ``qwen_tts`` package, imported with a stand-in for ``torchaudio.compliance.kaldi``.
 
@@ -120,14 +126,21 @@ def import_qwen_tts() -> Any:
         modules["torchaudio"].compliance = modules["torchaudio.compliance"]  # type: ignore[attr-defined]
         modules["torchaudio.compliance"].kaldi = modules["torchaudio.compliance.kaldi"]  # type: ignore[attr-defined]
         sys.modules.update(modules)
+        # Importing prints a flash-attn notice (for the 25 Hz tokenizer's Whisper encoder)
+        # and `sox` warns that the SoX program is missing: neither is used here, so both
+        # notices are dropped to keep `kiln up`'s console readable.
+        sox_log = logging.getLogger("sox")
+        sox_log.addFilter(_drop)
         try:
-            import qwen_tts
+            with redirect_stdout(io.StringIO()):
+                import qwen_tts
         except ImportError as exc:
             raise EngineUnavailable(
                 f"qwen-tts cannot be imported ({exc}); the tts service runs in its own environment "
                 "(make builds .venv-tts)"
             ) from exc
         finally:
+            sox_log.removeFilter(_drop)
             for name in _TORCHAUDIO_NAMES:
                 sys.modules.pop(name, None)
         return qwen_tts
