@@ -17,14 +17,13 @@ import time
 import uuid
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from edge.errors import envelope
 from edge.fetch import fetch_image, image_session
 from edge.flow import Billed, credential_from, run_billed
 from edge.keys import REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
-from edge.responses import json_response
+from edge.responses import SSE_HEADERS, json_response, sse_event
 from edge.schemas import ChatCompletionRequest, ImagePart, parse_body
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.llm.v1 import llm_service_pb2 as llm_pb
@@ -134,10 +133,6 @@ async def _collect(events: Any, completion_id: str, created: int) -> web.Respons
     )
 
 
-def _sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(data) + b"\n\n"
-
-
 async def _stream(
     request: web.Request, body: ChatCompletionRequest, events: Any, completion_id: str, created: int
 ) -> web.StreamResponse:
@@ -153,9 +148,7 @@ async def _write_stream(
     # The first event (the model, or an error such as a too-long prompt) comes before the headers.
     first = await anext(events)
     model = first.start.model if first.HasField("start") else ""
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -167,19 +160,19 @@ async def _write_stream(
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
         }
 
-    await response.write(_sse(chunk({"role": "assistant", "content": ""})))
+    await response.write(sse_event(chunk({"role": "assistant", "content": ""})))
     try:
         async for event in events:
             kind = event.WhichOneof("event")
             if kind == "delta" and event.delta.text:
-                await response.write(_sse(chunk({"content": event.delta.text})))
+                await response.write(sse_event(chunk({"content": event.delta.text})))
             elif kind == "end":
-                await response.write(_sse(chunk({}, FINISH.get(event.end.finish_reason, "stop"))))
+                await response.write(sse_event(chunk({}, FINISH.get(event.end.finish_reason, "stop"))))
                 if body.stream_options and body.stream_options.include_usage:
                     final = chunk({}) | {"choices": [], "usage": _usage(event.end)}
-                    await response.write(_sse(final))
+                    await response.write(sse_event(final))
     except KilnError as err:  # after the headers: an error event, then the end of the stream
-        await response.write(_sse(envelope(err.message, err.error_type)))
+        await response.write(sse_event(envelope(err.message, err.error_type)))
     except ConnectionResetError:
         log.info("chat client %s went away; generation cancelled", request[REQUEST_ID])
         return response

@@ -9,7 +9,11 @@ the caller's video library in the same transaction as the charge (billing's
 answer is JSON (the contract shows none): ``id``, ``url``, ``object``
 ("video"), ``model``, ``prompt``, ``num_frames``, ``fps``, ``width``,
 ``height``, ``duration``, ``size_bytes``, ``seed``, ``num_steps``,
-``resolution``, ``use_ode``, ``credits_charged`` and ``timing``. A client that
+``resolution``, ``use_ode``, ``credits_charged`` and ``timing``. With
+``Accept: text/event-stream`` the answer is server-sent events instead: a
+``progress`` event per denoising step (``{"step", "total_steps"}``), then
+``result`` (that JSON, sent once the charge is committed) or ``error`` (the
+envelope). Bad input still gets a plain 400 before any event. A client that
 disconnects cancels the handler (the edge runs with handler cancellation),
 which cancels the gRPC call, stops the job at its next step and releases the
 hold.
@@ -30,15 +34,16 @@ from typing import Any
 
 from aiohttp import web
 
+from edge.errors import envelope
 from edge.flow import Billed, credential_from, run_billed
 from edge.forms import read_upload_form
 from edge.handlers.images import media_base, timing_entry
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
-from edge.responses import json_response
+from edge.responses import SSE_HEADERS, json_response, sse_event
 from edge.schemas import ImageToVideoForm, parse_form
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.video.v1 import video_service_pb2 as video_pb
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, KilnError
 from services.common.media import probe_image
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_VIDEO_MODEL, IMAGE_TO_VIDEO
@@ -59,7 +64,7 @@ SORTS: dict[str, tuple[str, bool]] = {
 MAX_PAGE = 100
 
 
-async def create_video(request: web.Request) -> web.Response:
+async def create_video(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     credential_from(request)
     settings = request.app[SETTINGS]
@@ -80,15 +85,26 @@ async def create_video(request: web.Request) -> web.Response:
         if value is not None:
             setattr(call, name, value)
     usage = [billing_pb.Usage(video=billing_pb.VideoUsage(model=spec.id, frames=form.num_frames or 0))]
+    # With Accept: text/event-stream, progress goes out as server-sent events while the
+    # video is made; the result (or an error) is the last event, sent after the charge.
+    progress: web.StreamResponse | None = None
+    wants_events = "text/event-stream" in request.headers.get("Accept", "")
 
-    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[web.Response]:
+    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[dict[str, Any]]:
+        nonlocal progress
         chunks: list[bytes] = []
         summary: video_pb.VideoSummary | None = None
         events = request.app[UPSTREAMS].video.generate(call)
         async with contextlib.aclosing(events):  # leaving early cancels the call
             async for event in events:
                 kind = event.WhichOneof("event")
-                if kind == "mp4_chunk":
+                if kind == "progress" and wants_events:
+                    if progress is None:  # the service has accepted the request: start the stream
+                        progress = web.StreamResponse(headers=SSE_HEADERS)
+                        await progress.prepare(request)
+                    step = {"step": event.progress.step, "total_steps": event.progress.total_steps}
+                    await progress.write(sse_event(step, "progress"))
+                elif kind == "mp4_chunk":
                     chunks.append(event.mp4_chunk)
                 elif kind == "summary":
                     summary = event.summary
@@ -120,9 +136,24 @@ async def create_video(request: web.Request) -> web.Response:
             "credits_charged": format_credits(auth.reservation.amount_hundredths),
             "timing": timing_entry(summary.timing, store_seconds, started),
         }
-        return Billed(json_response(body), auth.reservation.amount_hundredths, media=(record,))
+        return Billed(body, auth.reservation.amount_hundredths, media=(record,))
 
-    return (await run_billed(request, usage, work)).result
+    try:
+        body = (await run_billed(request, usage, work)).result
+    except KilnError as err:
+        if progress is None:
+            raise
+        await progress.write(sse_event(envelope(err.message, err.error_type), "error"))
+        await progress.write_eof()
+        return progress
+    if not wants_events:
+        return json_response(body)
+    if progress is None:
+        progress = web.StreamResponse(headers=SSE_HEADERS)
+        await progress.prepare(request)
+    await progress.write(sse_event(body, "result"))
+    await progress.write_eof()
+    return progress
 
 
 async def list_user_videos(request: web.Request) -> web.Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from typing import Any
 
 import aiohttp
@@ -196,3 +197,40 @@ async def test_a_client_that_disconnects_is_not_charged(mesh: Mesh, http: aiohtt
     assert await balance(mesh, customer.account_id) == 500
     async with http.get(mesh.url + LIBRARY, headers=customer.headers) as response:
         assert (await response.json())["total"] == 0
+
+
+def server_sent_events(text: str) -> list[tuple[str, Any]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return events
+
+
+async def test_progress_streams_as_server_sent_events(mesh: Mesh, http: aiohttp.ClientSession) -> None:
+    customer = await new_customer(mesh, "5")
+    headers = {**customer.headers, "Accept": "text/event-stream"}
+    async with http.post(mesh.url + IMG2VIDEO, data=form(seed=2, num_steps=3), headers=headers) as response:
+        assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream"
+        events = server_sent_events(await response.text())
+    assert [(name, data["step"]) for name, data in events[:-1]] == [
+        ("progress", 1),
+        ("progress", 2),
+        ("progress", 3),
+    ]
+    assert all(data["total_steps"] == 3 for _, data in events[:-1])
+    name, result = events[-1]
+    assert name == "result" and result["num_frames"] == 5 and result["credits_charged"] == "1"
+    assert probe(await fetch(http, result["url"]))[0] == 5
+    assert await balance(mesh, customer.account_id) == 400
+
+
+async def test_bad_input_with_server_sent_events_is_still_a_plain_400(
+    mesh: Mesh, http: aiohttp.ClientSession
+) -> None:
+    customer = await new_customer(mesh, "5")
+    headers = {**customer.headers, "Accept": "text/event-stream"}
+    async with http.post(mesh.url + IMG2VIDEO, data=form(num_frames=10), headers=headers) as response:
+        assert response.status == 400 and response.content_type == "application/json"
+        assert "num_frames" in (await response.json())["error"]["message"]
+    assert await balance(mesh, customer.account_id) == 500
