@@ -7,7 +7,9 @@ audio itself (``Content-Type`` of the format, ``Content-Disposition:
 attachment; filename="generated_music.<ext>"``, ``X-Seed``,
 ``Content-Location: /v1/media/<id>``), or, with ``?response_format=json``, a
 JSON body describing the stored file (id, url, format, duration, rate,
-channels, seed, model, timing). Cover and repaint take the source song as
+channels, seed, model, timing); with ``Accept: text/event-stream``,
+server-sent ``progress`` events per denoising step, then ``result`` (that
+description, after the charge) or ``error``. Cover and repaint take the source song as
 base64 ``audio`` in a JSON body or as an ``audio`` file in a multipart form
 (the other fields as form fields). Every check happens before any audio is
 produced, so a bad request is a 400 that costs nothing.
@@ -23,11 +25,12 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from edge.errors import envelope
 from edge.flow import Billed, credential_from, run_billed
 from edge.forms import FORM_TYPES, read_upload_form
 from edge.handlers.images import media_base, timing_entry
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, UPSTREAMS
-from edge.responses import json_response
+from edge.responses import ProgressEvents, json_response
 from edge.schemas import (
     MusicCoverRequest,
     MusicGenerateRequest,
@@ -39,7 +42,7 @@ from edge.schemas import (
 )
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.music.v1 import music_service_pb2 as music_pb
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, KilnError
 from services.common.media import encode_audio
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_MUSIC_MODEL, MUSIC
@@ -127,14 +130,18 @@ async def _run(
     model = _model(request, body.model)
     usage = [billing_pb.Usage(music=billing_pb.MusicUsage(model=model, duration_seconds=duration))]
 
-    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[web.StreamResponse]:
+    progress = ProgressEvents(request)  # Accept: text/event-stream: progress, then the description
+
+    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[tuple[dict[str, Any], bytes]]:
         result: music_pb.GeneratedMusic | None = None
         pcm: list[bytes] = []
         events = start()
         async with contextlib.aclosing(events):
             async for event in events:
                 kind = event.WhichOneof("event")
-                if kind == "result":
+                if kind == "progress":
+                    await progress.step(event.progress.step, event.progress.total_steps)
+                elif kind == "result":
                     result = event.result
                 elif kind == "pcm":
                     pcm.append(event.pcm)
@@ -146,38 +153,40 @@ async def _run(
         stored = time.perf_counter()
         media_id = await request.app[MEDIA].put_async(data, mime)
         store_seconds = time.perf_counter() - stored
-        charged = format_credits(auth.reservation.amount_hundredths)
-        location = f"/v1/media/{media_id}"
-        response: web.StreamResponse
-        if as_json == "json":
-            response = json_response(
-                {
-                    "id": media_id,
-                    "url": media_base(request) + location,
-                    "audio_format": body.audio_format,
-                    "content_type": mime,
-                    "duration": result.duration_seconds,
-                    "sample_rate": result.sample_rate,
-                    "channels": result.channels,
-                    "seed": result.seed,
-                    "model": result.model,
-                    "num_inference_steps": result.num_inference_steps,
-                    "credits_charged": charged,
-                    "timing": timing_entry(result.timing, store_seconds, started),
-                }
-            )
-        else:
-            name = f"generated_music.{body.audio_format}"
-            response = web.Response(
-                body=data,
-                content_type=mime,
-                headers={
-                    "Content-Disposition": f'attachment; filename="{name}"',
-                    "Content-Location": location,
-                    "X-Seed": str(result.seed),
-                    "X-Credits-Charged": charged,
-                },
-            )
-        return Billed(response, auth.reservation.amount_hundredths)
+        description = {
+            "id": media_id,
+            "url": f"{media_base(request)}/v1/media/{media_id}",
+            "audio_format": body.audio_format,
+            "content_type": mime,
+            "duration": result.duration_seconds,
+            "sample_rate": result.sample_rate,
+            "channels": result.channels,
+            "seed": result.seed,
+            "model": result.model,
+            "num_inference_steps": result.num_inference_steps,
+            "credits_charged": format_credits(auth.reservation.amount_hundredths),
+            "timing": timing_entry(result.timing, store_seconds, started),
+        }
+        return Billed((description, data), auth.reservation.amount_hundredths)
 
-    return (await run_billed(request, usage, work)).result
+    try:
+        description, data = (await run_billed(request, usage, work)).result
+    except KilnError as err:
+        ended = await progress.fail(envelope(err.message, err.error_type))
+        if ended is None:
+            raise
+        return ended
+    if progress.wanted:
+        return await progress.finish(description)
+    if as_json == "json":
+        return json_response(description)
+    return web.Response(
+        body=data,
+        content_type=description["content_type"],
+        headers={
+            "Content-Disposition": f'attachment; filename="generated_music.{body.audio_format}"',
+            "Content-Location": f"/v1/media/{description['id']}",
+            "X-Seed": str(description["seed"]),
+            "X-Credits-Charged": description["credits_charged"],
+        },
+    )

@@ -39,7 +39,7 @@ from edge.flow import Billed, credential_from, run_billed
 from edge.forms import read_upload_form
 from edge.handlers.images import media_base, timing_entry
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
-from edge.responses import SSE_HEADERS, json_response, sse_event
+from edge.responses import ProgressEvents, json_response
 from edge.schemas import ImageToVideoForm, parse_form
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.video.v1 import video_service_pb2 as video_pb
@@ -87,23 +87,17 @@ async def create_video(request: web.Request) -> web.StreamResponse:
     usage = [billing_pb.Usage(video=billing_pb.VideoUsage(model=spec.id, frames=form.num_frames or 0))]
     # With Accept: text/event-stream, progress goes out as server-sent events while the
     # video is made; the result (or an error) is the last event, sent after the charge.
-    progress: web.StreamResponse | None = None
-    wants_events = "text/event-stream" in request.headers.get("Accept", "")
+    progress = ProgressEvents(request)
 
     async def work(auth: billing_pb.AuthorizeResponse) -> Billed[dict[str, Any]]:
-        nonlocal progress
         chunks: list[bytes] = []
         summary: video_pb.VideoSummary | None = None
         events = request.app[UPSTREAMS].video.generate(call)
         async with contextlib.aclosing(events):  # leaving early cancels the call
             async for event in events:
                 kind = event.WhichOneof("event")
-                if kind == "progress" and wants_events:
-                    if progress is None:  # the service has accepted the request: start the stream
-                        progress = web.StreamResponse(headers=SSE_HEADERS)
-                        await progress.prepare(request)
-                    step = {"step": event.progress.step, "total_steps": event.progress.total_steps}
-                    await progress.write(sse_event(step, "progress"))
+                if kind == "progress":
+                    await progress.step(event.progress.step, event.progress.total_steps)
                 elif kind == "mp4_chunk":
                     chunks.append(event.mp4_chunk)
                 elif kind == "summary":
@@ -141,19 +135,11 @@ async def create_video(request: web.Request) -> web.StreamResponse:
     try:
         body = (await run_billed(request, usage, work)).result
     except KilnError as err:
-        if progress is None:
+        ended = await progress.fail(envelope(err.message, err.error_type))
+        if ended is None:
             raise
-        await progress.write(sse_event(envelope(err.message, err.error_type), "error"))
-        await progress.write_eof()
-        return progress
-    if not wants_events:
-        return json_response(body)
-    if progress is None:
-        progress = web.StreamResponse(headers=SSE_HEADERS)
-        await progress.prepare(request)
-    await progress.write(sse_event(body, "result"))
-    await progress.write_eof()
-    return progress
+        return ended
+    return await progress.finish(body) if progress.wanted else json_response(body)
 
 
 async def list_user_videos(request: web.Request) -> web.Response:

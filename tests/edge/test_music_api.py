@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import wave
 from typing import Any
 
@@ -202,3 +203,20 @@ async def test_unknown_response_format_is_a_400(mesh: Mesh, http: aiohttp.Client
     ) as response:
         assert response.status == 400
         assert "response_format" in (await response.json())["error"]["message"]
+
+
+async def test_progress_streams_as_server_sent_events(mesh: Mesh, http: aiohttp.ClientSession) -> None:
+    customer = await new_customer(mesh, "5")
+    headers = {**customer.headers, "Accept": "text/event-stream"}
+    body = {"prompt": "calm piano", "duration": 1.0, "seed": 42, "num_inference_steps": 3}
+    async with http.post(mesh.url + GENERATE, json=body, headers=headers) as response:
+        assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream"
+        blocks = (await response.text()).strip().split("\n\n")
+    events = [dict(line.split(": ", 1) for line in block.splitlines()) for block in blocks]
+    assert [e["event"] for e in events] == ["progress", "progress", "progress", "result"]
+    assert [json.loads(e["data"])["step"] for e in events[:3]] == [1, 2, 3]
+    result = json.loads(events[-1]["data"])
+    assert result["seed"] == 42 and result["duration"] == 1.0 and result["credits_charged"] == "1"
+    async with http.get(result["url"]) as stored:
+        assert decoded(await stored.read())[1:] == (2, pytest.approx(1.0, abs=HOP / RATE))
+    assert await balance(mesh, customer.account_id) == 400
