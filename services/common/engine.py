@@ -505,6 +505,35 @@ class RegistryEngine(Engine[RequestT, ResultT]):
         self.cache_dir = cache_dir
         self.torch_threads = torch_threads
 
+    # Loading steps the engines share (they run on the worker thread).
+
+    def apply_torch_threads(self) -> None:
+        """Applies the torch thread setting (process-wide, like the setting itself)."""
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+
+    def require_weights_dir(self) -> None:
+        """Makes the engine unavailable when its registry weights directory does not exist."""
+        if self.weights_dir is not None and not self.weights_dir.is_dir():
+            raise EngineUnavailable(f"its weights directory '{self.spec.weights}' does not exist")
+
+    def prepare_pipeline_load(self) -> None:
+        """Before a diffusers pipeline loads: the thread setting, a check that registry weights
+        hold a pipeline (``model_index.json``), and logs instead of terminal progress bars."""
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        self.apply_torch_threads()
+        if self.weights_dir is not None and not (self.weights_dir / "model_index.json").is_file():
+            log.error("model %s: no model_index.json in %s", self.spec.id, self.weights_dir)
+            raise EngineUnavailable(
+                f"its weights directory '{self.spec.weights}' does not hold a diffusers pipeline"
+            )
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+
 
 def build_engine_pool(
     registry: Registry,

@@ -37,7 +37,6 @@ included.
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator
@@ -47,9 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.utils import logging as diffusers_logging
 from PIL import Image, ImageOps
-from transformers.utils import logging as transformers_logging
 
 from services.common.engine import (
     MODEL_LOAD_LOCK,
@@ -79,8 +76,6 @@ from services.image_gen.tiny import (
     build_tiny_zimage,
     ensure_tiny_model,
 )
-
-log = logging.getLogger(__name__)
 
 #: What this service's models do.
 CAPABILITIES = (TEXT_TO_IMAGE, IMAGE_EDIT)
@@ -204,15 +199,7 @@ class DiffusersImageEngine(RegistryEngine[ImageRequest, ImageResult]):
     # --- lifecycle (worker thread) ---
 
     def load_blocking(self) -> None:
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)  # process-wide, like the setting
-        if self.weights_dir is not None and not (self.weights_dir / "model_index.json").is_file():
-            log.error("model %s: no model_index.json in %s", self.spec.id, self.weights_dir)
-            raise EngineUnavailable(
-                f"its weights directory '{self.spec.weights}' does not hold a diffusers pipeline"
-            )
-        diffusers_logging.disable_progress_bar()  # logs, not terminal bars, in a server
-        transformers_logging.disable_progress_bar()
+        self.prepare_pipeline_load()
         with MODEL_LOAD_LOCK:
             directory = self.weights_dir or ensure_tiny_model(self.cache_dir, self.spec.id, self.build_tiny)
             self.pipe = self.load_pipeline(directory)

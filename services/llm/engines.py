@@ -193,10 +193,8 @@ class ChatEngine(RegistryEngine[ChatRequest, ChatEvent]):
         self.context = _int_option(self.spec, "context", DEFAULT_CONTEXT)
         self.default_max_tokens = _int_option(self.spec, "max_tokens", DEFAULT_MAX_TOKENS)
         self.max_images = _int_option(self.spec, "max_images", DEFAULT_MAX_IMAGES)
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)  # process-wide, like the setting
-        if self.weights_dir is not None and not self.weights_dir.is_dir():
-            raise EngineUnavailable(f"its weights directory '{self.spec.weights}' does not exist")
+        self.apply_torch_threads()
+        self.require_weights_dir()
         transformers_logging.disable_progress_bar()
         adapter = self.load_model()
         self.eos_ids = _eos_ids(self.model, self.tokenizer)

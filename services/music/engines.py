@@ -65,7 +65,6 @@ same moment (true when music runs in its own process).
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import re
 import secrets
@@ -94,8 +93,6 @@ from services.common.errors import InvalidRequest, ProcessingError
 from services.common.media import AUDIO_LAYOUTS
 from services.common.registry import DEFAULT_MUSIC_MODEL, MAX_SEED, MUSIC, ModelSpec, Registry
 from services.music.tiny import ensure_tiny_ace_step
-
-log = logging.getLogger(__name__)
 
 #: Shortest song generated or accepted as a source, in seconds.
 MIN_DURATION_SECONDS = 1.0
@@ -432,19 +429,9 @@ class AceStepEngine(MusicEngine):
 
     def load_blocking(self) -> None:
         from diffusers import AceStepPipeline
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
 
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)  # process-wide, like the setting
+        self.prepare_pipeline_load()
         torch.set_flush_denormal(True)  # per thread: this worker thread runs every job
-        if self.weights_dir is not None and not (self.weights_dir / "model_index.json").is_file():
-            log.error("model %s: no model_index.json in %s", self.spec.id, self.weights_dir)
-            raise EngineUnavailable(
-                f"its weights directory '{self.spec.weights}' does not hold a diffusers pipeline"
-            )
-        diffusers_logging.disable_progress_bar()  # logs, not terminal bars, in a server
-        transformers_logging.disable_progress_bar()
         with MODEL_LOAD_LOCK:
             directory: Path = self.weights_dir or ensure_tiny_ace_step(self.cache_dir, self.spec.id)
             pipe = AceStepPipeline.from_pretrained(directory, local_files_only=True)

@@ -45,7 +45,6 @@ shape, so a batch costs little more than one frame.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
@@ -74,8 +73,6 @@ from services.common.engine import (
 from services.common.errors import InvalidRequest, ProcessingError
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec, Registry
 from services.segmentation.tiny import DETECTOR_DIR, TINY_VERSION, TRACKER_DIR, build_tiny_sam3
-
-log = logging.getLogger(__name__)
 
 #: Defaults of the registry options, when a model does not set them.
 DEFAULT_SCORE_THRESHOLD = 0.5
@@ -201,10 +198,8 @@ class Sam3Engine(RegistryEngine[SegmentRequest, SegmentResult]):
 
         self.score_threshold = _option(self.spec, "score_threshold", DEFAULT_SCORE_THRESHOLD)
         self.mask_threshold = _option(self.spec, "mask_threshold", DEFAULT_MASK_THRESHOLD)
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)  # process-wide, like the setting
-        if self.weights_dir is not None and not self.weights_dir.is_dir():
-            raise EngineUnavailable(f"its weights directory '{self.spec.weights}' does not exist")
+        self.apply_torch_threads()
+        self.require_weights_dir()
         transformers_logging.disable_progress_bar()
         with MODEL_LOAD_LOCK:
             root = self.weights_dir or ensure_tiny_model_directory(

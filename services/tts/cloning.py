@@ -302,8 +302,7 @@ class CloneEngine(RegistryEngine[CloneRequest, SpeechChunk | SpeechDone]):
 
     def model_directory(self) -> Path:
         if self.weights_dir is not None:
-            if not self.weights_dir.is_dir():
-                raise EngineUnavailable(f"the weights directory {self.weights_dir} does not exist")
+            self.require_weights_dir()
             return self.weights_dir
         return ensure_tiny_model_directory(
             self.cache_dir, self.spec.id, build_tiny_qwen3_tts, version=TINY_VERSION
@@ -313,8 +312,7 @@ class CloneEngine(RegistryEngine[CloneRequest, SpeechChunk | SpeechDone]):
         import torch
 
         qwen_tts = import_qwen_tts()
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)  # process-wide, like the setting
+        self.apply_torch_threads()
         with MODEL_LOAD_LOCK:
             directory = self.model_directory()
             model = qwen_tts.Qwen3TTSModel.from_pretrained(

@@ -319,8 +319,7 @@ class NetworkEngine(UpscaleEngine):
 
     def load_blocking(self) -> None:
         torch.set_flush_denormal(True)  # this worker thread runs every batch
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
+        self.apply_torch_threads()
         backend = resolve_engine_backend(self.options.backend)
         with MODEL_LOAD_LOCK:
             module, name, digest = self.load_network()

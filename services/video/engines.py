@@ -37,7 +37,6 @@ Timing: ``inference_ms`` is the job minus the time spent in the encoder
 
 from __future__ import annotations
 
-import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
@@ -49,9 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.utils import logging as diffusers_logging
 from PIL import Image, ImageOps
-from transformers.utils import logging as transformers_logging
 
 from services.common.engine import (
     MODEL_LOAD_LOCK,
@@ -76,8 +73,6 @@ from services.common.registry import (
 )
 from services.common.tiny_tokenizer import build_tiny_tokenizer
 from services.video.params import FRAME_GROUP, VideoParams
-
-log = logging.getLogger(__name__)
 
 #: Bump when the tiny configuration changes (old builds are then ignored).
 TINY_VERSION = 1
@@ -332,15 +327,7 @@ class WanI2VEngine(RegistryEngine[VideoRequest, VideoResult]):
             raise EngineUnavailable(
                 "the ftfy package is not installed (diffusers' Wan pipeline cleans prompts with it)"
             )
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)  # process-wide, like the setting
-        if self.weights_dir is not None and not (self.weights_dir / "model_index.json").is_file():
-            log.error("model %s: no model_index.json in %s", self.spec.id, self.weights_dir)
-            raise EngineUnavailable(
-                f"its weights directory '{self.spec.weights}' does not hold a diffusers pipeline"
-            )
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
+        self.prepare_pipeline_load()
         with MODEL_LOAD_LOCK:
             directory = self.weights_dir or ensure_tiny_model_directory(
                 self.cache_dir, self.spec.id, build_tiny_wan_i2v, version=TINY_VERSION
