@@ -55,6 +55,12 @@ async def _events(call: Any) -> AsyncGenerator[Any]:
         call.cancel()
 
 
+def _stream(method: Any, request: Any, timeout: float) -> AsyncGenerator[Any]:
+    """Starts a server-streaming ``method`` (a stub attribute) for ``request``, with the call
+    timeout and the request's id as metadata, and reads it with :func:`_events`."""
+    return _events(method(request, timeout=timeout, metadata=_metadata(request.request_id)))
+
+
 def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     return (("x-request-id", request_id),)
 
@@ -235,9 +241,7 @@ class LlmClient:
 
     def chat(self, request: llm_pb.ChatRequest) -> AsyncGenerator[llm_pb.ChatResponse]:
         """Start, deltas as they are produced, end. Leaving the iteration cancels the call."""
-        return _events(
-            self._stub.Chat(request, timeout=self._timeout, metadata=_metadata(request.request_id))
-        )
+        return _stream(self._stub.Chat, request, self._timeout)
 
 
 class TtsClient:
@@ -249,13 +253,11 @@ class TtsClient:
 
     def synthesize(self, request: tts_pb.SynthesizeRequest) -> AsyncGenerator[tts_pb.SynthesizeResponse]:
         """Header, PCM chunks as they are produced, summary. Leaving the iteration cancels the call."""
-        call = self._stub.Synthesize(request, timeout=self._timeout, metadata=_metadata(request.request_id))
-        return _events(call)
+        return _stream(self._stub.Synthesize, request, self._timeout)
 
     def clone(self, request: tts_pb.CloneVoiceRequest) -> AsyncGenerator[tts_pb.CloneVoiceResponse]:
         """Header, PCM chunks as the codec frames are decoded, summary (as :meth:`synthesize`)."""
-        call = self._stub.CloneVoice(request, timeout=self._timeout, metadata=_metadata(request.request_id))
-        return _events(call)
+        return _stream(self._stub.CloneVoice, request, self._timeout)
 
     async def voices(self) -> tts_pb.ListVoicesResponse:
         return await _call(self._stub.ListVoices(tts_pb.ListVoicesRequest(), timeout=self._timeout))
@@ -272,19 +274,13 @@ class MusicClient:
         self, request: music_pb.GenerateMusicRequest
     ) -> AsyncGenerator[music_pb.GenerateMusicResponse]:
         """Progress, the result (format, seed, timing), then PCM chunks."""
-        return _events(
-            self._stub.GenerateMusic(request, timeout=self._timeout, metadata=_metadata(request.request_id))
-        )
+        return _stream(self._stub.GenerateMusic, request, self._timeout)
 
     def cover(self, request: music_pb.CoverMusicRequest) -> AsyncGenerator[music_pb.CoverMusicResponse]:
-        return _events(
-            self._stub.CoverMusic(request, timeout=self._timeout, metadata=_metadata(request.request_id))
-        )
+        return _stream(self._stub.CoverMusic, request, self._timeout)
 
     def repaint(self, request: music_pb.RepaintMusicRequest) -> AsyncGenerator[music_pb.RepaintMusicResponse]:
-        return _events(
-            self._stub.RepaintMusic(request, timeout=self._timeout, metadata=_metadata(request.request_id))
-        )
+        return _stream(self._stub.RepaintMusic, request, self._timeout)
 
 
 class VideoClient:
@@ -298,9 +294,7 @@ class VideoClient:
         self, request: video_pb.GenerateVideoRequest
     ) -> AsyncGenerator[video_pb.GenerateVideoResponse]:
         """Progress, the MP4 in chunks, then the summary. Leaving the iteration cancels the call."""
-        return _events(
-            self._stub.GenerateVideo(request, timeout=self._timeout, metadata=_metadata(request.request_id))
-        )
+        return _stream(self._stub.GenerateVideo, request, self._timeout)
 
 
 class VideoSession:

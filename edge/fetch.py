@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from edge.schemas import decode_base64_image
+from edge.schemas import decode_base64_file
 from services.common.errors import InvalidRequest
 
 MAX_REDIRECTS = 3
@@ -79,7 +79,7 @@ def image_session(*, timeout_seconds: float) -> aiohttp.ClientSession:
 async def fetch_image(session: aiohttp.ClientSession, url: str, *, max_bytes: int, name: str) -> bytes:
     """The bytes of a ``data:`` URL or a public ``https://`` URL, or a clear InvalidRequest."""
     if url.startswith("data:"):
-        return decode_base64_image(url, name)
+        return decode_base64_file(url, name)
     parts = urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
         raise InvalidRequest(f"{name}: only data: URLs and https:// URLs are accepted")

@@ -180,8 +180,8 @@ class ImageEditRequest(ImageOptions):
     seed: int | None = Field(None, description="Random seed for reproducible results.")
 
     def to_params(self, registry: Registry, settings: Settings) -> GenerationParams:
-        inputs = [decode_base64_image(data, f"input_images[{i}]") for i, data in enumerate(self.input_images)]
-        mask = decode_base64_image(self.mask, "mask") if self.mask is not None else b""
+        inputs = [decode_base64_file(data, f"input_images[{i}]") for i, data in enumerate(self.input_images)]
+        mask = decode_base64_file(self.mask, "mask") if self.mask is not None else b""
         return edit_params(registry, settings, self, inputs=inputs, mask=mask)
 
 
@@ -268,7 +268,7 @@ def edit_params(
 _DATA_URL = re.compile(r"^data:(?:image|audio)/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 
 
-def decode_base64_image(data: str, name: str) -> bytes:
+def decode_base64_file(data: str, name: str) -> bytes:
     """The bytes of a base64 file (an image, or audio) or ``data:`` URL; InvalidRequest when it is neither."""
     text = _DATA_URL.sub("", data.strip(), count=1)
     try:

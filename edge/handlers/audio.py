@@ -28,7 +28,7 @@ from aiohttp import web
 from edge.flow import Billed, credential_from, run_billed
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
-from edge.schemas import SPEECH_MODELS, SpeechRequest, VoiceCloneRequest, decode_base64_image, parse_body
+from edge.schemas import SPEECH_MODELS, SpeechRequest, VoiceCloneRequest, decode_base64_file, parse_body
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.tts.v1 import tts_service_pb2 as tts_pb
 from services.common.errors import InvalidRequest
@@ -73,6 +73,7 @@ async def create_speech(request: web.Request) -> web.StreamResponse:
             headers = {"X-Credits-Charged": format_credits(auth.reservation.amount_hundredths)}
             if body.response_format in STREAMED:
                 response = await _stream(request, events, rate, body.response_format, headers)
+                await response.write_eof()
             else:
                 pcm = b"".join([event.pcm async for event in events if event.HasField("pcm")])
                 data, mime = await asyncio.to_thread(encode_audio, pcm, rate, body.response_format)
@@ -83,16 +84,24 @@ async def create_speech(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(
-    request: web.Request, events: AsyncIterator[Any], rate: int, fmt: str, headers: dict[str, str]
+    request: web.Request,
+    events: AsyncIterator[Any],
+    rate: int,
+    fmt: str,
+    headers: dict[str, str],
+    sent: list[bytes] | None = None,
 ) -> web.StreamResponse:
+    """Sends the PCM events as they arrive (after a "length unknown" WAV header for wav),
+    appending each chunk to ``sent`` when given. The caller ends the response."""
     response = web.StreamResponse(headers={**headers, "Content-Type": STREAMED[fmt]})
     await response.prepare(request)
     if fmt == "wav":
         await response.write(wav_header(rate))
     async for event in events:
         if event.HasField("pcm"):
+            if sent is not None:
+                sent.append(event.pcm)
             await response.write(event.pcm)
-    await response.write_eof()
     return response
 
 
@@ -115,7 +124,7 @@ async def clone_voice(request: web.Request) -> web.StreamResponse:
     """``POST /v1/audio/clone``: the text in the reference recording's voice, as WAV."""
     credential_from(request)
     body = parse_body(VoiceCloneRequest, await request.read())
-    ref_audio = decode_base64_image(body.ref_audio, "ref_audio")
+    ref_audio = decode_base64_file(body.ref_audio, "ref_audio")
     call = tts_pb.CloneVoiceRequest(
         text=body.text,
         ref_audio=ref_audio,
@@ -143,19 +152,13 @@ async def clone_voice(request: web.Request) -> web.StreamResponse:
             }
             pcm: list[bytes] = []
             if body.stream:
-                response = web.StreamResponse(headers={**headers, "Content-Type": "audio/wav"})
-                await response.prepare(request)
-                await response.write(wav_header(rate))
-                async for event in events:
-                    if event.HasField("pcm"):
-                        pcm.append(event.pcm)
-                        await response.write(event.pcm)
+                response = await _stream(request, events, rate, "wav", headers, sent=pcm)
             else:
                 pcm = [event.pcm async for event in events if event.HasField("pcm")]
             data, mime = await asyncio.to_thread(encode_audio, b"".join(pcm), rate, "wav")
             await store.put_async(data, mime, media_id)
             if body.stream:
-                await response.write_eof()
+                await response.write_eof()  # after storing: the file is there once the stream ends
             else:
                 response = web.Response(body=data, content_type=mime, headers=headers)
         return Billed(response, auth.reservation.amount_hundredths)

@@ -36,7 +36,7 @@ from edge.schemas import (
     MusicGenerateRequest,
     MusicOptions,
     MusicRepaintRequest,
-    decode_base64_image,
+    decode_base64_file,
     parse_body,
     parse_form,
 )
@@ -58,7 +58,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if body.duration is not None:
         call.duration_seconds = body.duration
     return await _run(
-        request, body, body.duration or 0.0, lambda: request.app[UPSTREAMS].music.generate(call)
+        request, body, call.model, body.duration or 0.0, lambda: request.app[UPSTREAMS].music.generate(call)
     )
 
 
@@ -67,7 +67,7 @@ async def cover(request: web.Request) -> web.StreamResponse:
     call = music_pb.CoverMusicRequest(source_audio=audio, **_common(request, body))
     if body.audio_cover_strength is not None:
         call.audio_cover_strength = body.audio_cover_strength
-    return await _run(request, body, 0.0, lambda: request.app[UPSTREAMS].music.cover(call))
+    return await _run(request, body, call.model, 0.0, lambda: request.app[UPSTREAMS].music.cover(call))
 
 
 async def repaint(request: web.Request) -> web.StreamResponse:
@@ -77,7 +77,7 @@ async def repaint(request: web.Request) -> web.StreamResponse:
     )
     if body.end is not None:
         call.end_seconds = body.end
-    return await _run(request, body, 0.0, lambda: request.app[UPSTREAMS].music.repaint(call))
+    return await _run(request, body, call.model, 0.0, lambda: request.app[UPSTREAMS].music.repaint(call))
 
 
 async def _with_source(request: web.Request, model: type[SourceT]) -> tuple[SourceT, bytes]:
@@ -91,13 +91,13 @@ async def _with_source(request: web.Request, model: type[SourceT]) -> tuple[Sour
     body = parse_body(model, await request.read())
     if not body.audio:
         raise InvalidRequest("Missing required parameter: 'audio' (the source song, base64 or a file upload)")
-    return body, decode_base64_image(body.audio, "audio")
+    return body, decode_base64_file(body.audio, "audio")
 
 
 def _common(request: web.Request, body: MusicOptions) -> dict[str, Any]:
     """The request fields every music RPC shares."""
     fields: dict[str, Any] = {
-        "model": _model(request, body.model),
+        "model": request.app[REGISTRY].resolve(body.model, MUSIC, DEFAULT_MUSIC_MODEL).id,
         "prompt": body.prompt,
         "lyrics": body.lyrics,
         "key_scale": body.key_scale,
@@ -113,13 +113,10 @@ def _common(request: web.Request, body: MusicOptions) -> dict[str, Any]:
     return fields
 
 
-def _model(request: web.Request, name: str | None) -> str:
-    return request.app[REGISTRY].resolve(name, MUSIC, DEFAULT_MUSIC_MODEL).id
-
-
 async def _run(
     request: web.Request,
     body: MusicOptions,
+    model: str,
     duration: float,
     start: Callable[[], AsyncGenerator[Any]],
 ) -> web.StreamResponse:
@@ -127,7 +124,6 @@ async def _run(
     as_json = request.query.get("response_format", "binary")
     if as_json not in ("binary", "json"):
         raise InvalidRequest(f"Invalid value for 'response_format': '{as_json}' (use 'binary' or 'json')")
-    model = _model(request, body.model)
     usage = [billing_pb.Usage(music=billing_pb.MusicUsage(model=model, duration_seconds=duration))]
 
     progress = ProgressEvents(request)  # Accept: text/event-stream: progress, then the description

@@ -19,7 +19,7 @@ from edge.flow import Billed, credential_from, run_billed
 from edge.handlers.images import media_base, timing_entry
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
-from edge.schemas import UpscaleRequest, decode_base64_image, parse_body
+from edge.schemas import UpscaleRequest, decode_base64_file, parse_body
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.upscale.v1 import upscale_service_pb2 as upscale_pb
 from services.common.media import probe_image
@@ -32,7 +32,7 @@ async def upscale_image(request: web.Request) -> web.Response:
     credential_from(request)
     settings = request.app[SETTINGS]
     body = parse_body(UpscaleRequest, await request.read())
-    data = decode_base64_image(body.image, "image")
+    data = decode_base64_file(body.image, "image")
     info = probe_image(
         data, max_pixels=settings.max_input_image_pixels, max_bytes=settings.max_input_image_bytes
     )
