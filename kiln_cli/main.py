@@ -215,12 +215,15 @@ async def _serve(settings: Settings, names: tuple[str, ...], on_ready: Callable[
     runner: web.AppRunner | None = None
     try:
         for name in names:
-            if name == "edge":
-                runner = await _start_edge(settings)
-            else:
-                service = await _create_grpc_service(name, settings)
-                await service.start()
-                grpc_services.append(service)
+            if name != "edge":
+                grpc_services.append(await _create_grpc_service(name, settings))
+        # Started only once every service is built: a started service loads its models on
+        # worker threads, and the imports still to run here (diffusers' lazy modules, not
+        # safe to resolve from two threads at once) must not race with them.
+        for service in grpc_services:
+            await service.start()
+        if "edge" in names:
+            runner = await _start_edge(settings)
         await on_ready()
         await _wait_for_signal()
         log.info("shutting down (grace %.0f s)", settings.grace_seconds)
