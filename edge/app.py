@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from edge.clients import Upstreams
-from edge.keys import MEDIA, REGISTRY, SETTINGS, UPSTREAMS
+from edge.keys import MEDIA, PENDING, REGISTRY, SETTINGS, UPSTREAMS, PendingReleases
 from edge.media_store import LocalMediaStore
 from edge.middlewares import error_envelope, request_context
 from edge.routes import setup_routes
@@ -18,7 +18,11 @@ from services.common.settings import Settings
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAMS] = Upstreams.connect(app[SETTINGS])
+    app[PENDING] = PendingReleases()
     yield
+    # Handlers still running at shutdown were cancelled; their holds are being
+    # released: let that finish before the channels close.
+    await app[PENDING].wait(app[SETTINGS].billing_timeout_seconds)
     await app[UPSTREAMS].close()
 
 
@@ -39,5 +43,11 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
 def create_runner(settings: Settings, **kwargs: Any) -> web.AppRunner:
     """The edge app's runner. Handlers are cancelled when their client disconnects, so an
     abandoned request stops its upstream work (the gRPC call is cancelled) and its credit
-    hold is released instead of charged. ``kwargs`` go to :class:`aiohttp.web.AppRunner`."""
+    hold is released instead of charged.
+
+    Graceful shutdown (``runner.cleanup()``, which ``kiln`` runs on SIGTERM): the
+    listener closes, in-flight requests get ``grace_seconds`` to finish, the rest are
+    cancelled (their holds released), and only then do the gRPC channels close.
+    ``kwargs`` go to :class:`aiohttp.web.AppRunner`."""
+    kwargs.setdefault("shutdown_timeout", settings.grace_seconds)
     return web.AppRunner(create_app(settings), handler_cancellation=True, **kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -73,9 +73,21 @@ class BillingClient:
         self._timeout = timeout
 
     async def authorize(
-        self, credential: billing_pb.Credential, usage: list[billing_pb.Usage], request_id: str
+        self,
+        credential: billing_pb.Credential,
+        usage: Sequence[billing_pb.Usage],
+        request_id: str,
+        *,
+        ttl_seconds: int = 0,
+        idempotency: billing_pb.IdempotencyKey | None = None,
     ) -> billing_pb.AuthorizeResponse:
-        request = billing_pb.AuthorizeRequest(credential=credential, usage=usage, request_id=request_id)
+        request = billing_pb.AuthorizeRequest(
+            credential=credential,
+            usage=usage,
+            request_id=request_id,
+            ttl_seconds=ttl_seconds,
+            idempotency=idempotency,
+        )
         return await _call(
             self._stub.Authorize(request, timeout=self._timeout, metadata=_metadata(request_id))
         )
@@ -93,15 +105,33 @@ class BillingClient:
     async def commit(
         self,
         reservation_id: str,
-        amount: int,
+        usage: Sequence[billing_pb.Usage],
+        media: Sequence[billing_pb.MediaRecord],
         request_id: str,
-        media: tuple[billing_pb.MediaRecord, ...] = (),
-    ) -> None:
-        """Charges ``amount``; ``media`` are recorded for the account in the same transaction."""
-        request = billing_pb.CommitRequest(
-            reservation_id=reservation_id, amount_hundredths=amount, media=media
+    ) -> billing_pb.Reservation:
+        """Charges what billing prices ``usage`` at (capped at the hold); ``media`` are
+        recorded for the account in the same transaction. Returns the committed hold."""
+        request = billing_pb.CommitRequest(reservation_id=reservation_id, usage=usage, media=media)
+        response = await _call(
+            self._stub.Commit(request, timeout=self._timeout, metadata=_metadata(request_id))
         )
-        await _call(self._stub.Commit(request, timeout=self._timeout, metadata=_metadata(request_id)))
+        return response.reservation
+
+    async def get_reservation(self, reservation_id: str, request_id: str) -> billing_pb.Reservation:
+        request = billing_pb.GetReservationRequest(reservation_id=reservation_id)
+        response = await _call(
+            self._stub.GetReservation(request, timeout=self._timeout, metadata=_metadata(request_id))
+        )
+        return response.reservation
+
+    async def save_response(
+        self, reservation_id: str, response: billing_pb.StoredResponse, request_id: str
+    ) -> bool:
+        request = billing_pb.SaveResponseRequest(reservation_id=reservation_id, response=response)
+        reply = await _call(
+            self._stub.SaveResponse(request, timeout=self._timeout, metadata=_metadata(request_id))
+        )
+        return bool(reply.saved)
 
     async def list_media(
         self, request: billing_pb.ListMediaRequest, request_id: str
@@ -377,7 +407,7 @@ class Upstreams:
         timeout = settings.service_timeout_seconds
         return cls(
             channels=channels,
-            billing=BillingClient(channels["billing"]),
+            billing=BillingClient(channels["billing"], timeout=settings.billing_timeout_seconds),
             images=ImageGenClient(channels["image_gen"], timeout=timeout),
             segmentation=SegmentationClient(channels["segmentation"], timeout=timeout),
             upscale=UpscaleClient(channels["upscale"], timeout=timeout),

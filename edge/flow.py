@@ -1,27 +1,78 @@
-"""The billed request flow every paid route shares.
+"""The billed request flow: every paid route goes through :func:`billed` or :func:`billed_stream`.
 
-authenticate + quote + reserve (one billing call) -> the work (capability
-call, media store) -> commit the actual cost; on any failure or cancellation
-after the reservation, release it. A request that fails is not charged, and a
-crash between the two calls costs nothing either: the hold expires.
+The order is fixed here, not in the handlers::
+
+    authorize (billing: credential, price, hold; one call)
+      -> work (the capability call; the handler's part)
+      -> store media (before the charge: a full disk is a 500 that costs nothing)
+      -> commit (billing prices the usage the work reports, capped at the hold)
+      -> answer (built from the result and the charge billing decided)
+
+On any failure or cancellation before the commit, the hold is released. A
+crash between the two billing calls costs nothing either: the hold expires.
+The edge never computes an amount: it reports *usage* (images made, frames
+where the object was found, ...) and billing prices it.
+
+Streamed answers (:func:`billed_stream`: SSE chat, streamed speech, streamed
+voice cloning) commit before their last bytes (the last PCM chunk, the final
+chunk and ``[DONE]``): a client that leaves before the end is not charged,
+one that stayed to the end is. A stream that ends with an in-band error never
+committed, so it is released.
+
+**Idempotency-Key** (1-255 printable characters, optional, on every paid
+POST): billing claims it for the caller's account with a fingerprint of the
+method, route, query, ``Accept`` and body, in the Authorize transaction. A
+repeat of a finished request gets the stored first answer (same status, body
+and headers, plus ``Idempotent-Replayed: true``) with no run and no charge; a
+repeat while the first runs, or of a streamed answer, is a 409; the key with a
+different request is a 400. A request that failed (its hold released) frees
+its key. ``X-Request-ID`` is a trace id only and selects nothing.
+
+**Unknown commit outcome** (billing timed out or restarting): the commit is
+retried with the same reservation (billing's commit is idempotent for the same
+usage); if the outcome is still unknown, the reservation's state is read: a
+committed one is answered as a success, a held one is released and answered
+as a 500. Never charged, answered 500, and charged again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from aiohttp import web
 
-from edge.keys import REQUEST_ID, UPSTREAMS
+from edge.keys import BODY_DIGEST, MEDIA, PENDING, REQUEST_ID, SETTINGS, UPSTREAMS
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
-from services.common.errors import AuthenticationFailed, KilnError
+from services.common.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    KilnError,
+    ProcessingError,
+    UpstreamUnavailable,
+)
 
 log = logging.getLogger("kiln.edge")
 R = TypeVar("R")
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+#: Stored answers up to this size live in the ledger; larger ones in the media store.
+MAX_INLINE_ANSWER_BYTES = 256 * 1024
+#: A hold outlives the longest capability call by this much (store, commit, retries).
+HOLD_MARGIN_SECONDS = 120
+#: Commit attempts while its outcome is unknown, and the pause before each retry.
+COMMIT_ATTEMPTS = 3
+COMMIT_RETRY_SECONDS = 0.5
+#: Headers not stored with an answer (the server sets them again).
+_UNSTORED_HEADERS = frozenset({"content-length", "content-encoding", "transfer-encoding", "date", "server"})
 
 
 def credential_from(request: web.Request) -> billing_pb.Credential:
@@ -36,33 +87,242 @@ def credential_from(request: web.Request) -> billing_pb.Credential:
 
 
 @dataclass
-class Billed(Generic[R]):
-    """What a billed piece of work returns: its result and what it actually cost."""
+class MediaFile:
+    """A file the work produced, stored before the charge under an id chosen up front
+    (``LocalMediaStore.new_id()``), so the answer can name it."""
+
+    data: bytes
+    mime_type: str
+    media_id: str
+
+
+@dataclass
+class Done(Generic[R]):
+    """What a piece of billed work did: its result, the usage actually done (what billing
+    charges), the files to store before the charge, and the files to record in the
+    account's library with it."""
 
     result: R
+    usage: Sequence[billing_pb.Usage]
+    files: Sequence[MediaFile] = ()
+    records: Sequence[billing_pb.MediaRecord] = ()
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What the flow did after the work: what billing charged, and how long storing the
+    files took (for the answer's timing)."""
+
     charged: int
-    #: Files the work produced, recorded for the account with the charge (the user's library).
-    media: tuple[billing_pb.MediaRecord, ...] = ()
+    store_seconds: float = 0.0
 
 
-async def run_billed(
+@dataclass
+class Hold:
+    """One request's credit hold, from Authorize to commit or release."""
+
+    request: web.Request
+    auth: billing_pb.AuthorizeResponse
+    claimed_key: bool
+    #: What billing charged, once committed.
+    charged: int | None = None
+    store_seconds: float = 0.0
+    _released: bool = field(default=False, repr=False)
+
+    @property
+    def reservation_id(self) -> str:
+        return self.auth.reservation.id
+
+    async def settle(
+        self,
+        usage: Sequence[billing_pb.Usage],
+        files: Sequence[MediaFile] = (),
+        records: Sequence[billing_pb.MediaRecord] = (),
+    ) -> int:
+        """Stores ``files``, then commits ``usage`` (with ``records``); returns what billing charged.
+
+        Streamed answers call it before their last bytes; :func:`billed` calls it for the others.
+        """
+        if self.charged is not None:
+            raise ProcessingError("Internal error: a request was settled twice.")
+        store = self.request.app[MEDIA]
+        started = time.perf_counter()
+        for file in files:
+            await store.put_async(file.data, file.mime_type, file.media_id)
+        self.store_seconds = time.perf_counter() - started
+        reservation = await _commit(self.request, self.reservation_id, usage, records)
+        self.charged = reservation.charged_hundredths
+        return self.charged
+
+    async def release(self) -> None:
+        """Returns the hold unless it was committed (shielded: it finishes even when the
+        request is cancelled; the edge's shutdown waits for it)."""
+        if self.charged is not None or self._released:
+            return
+        self._released = True
+        task = asyncio.ensure_future(_release(self.request, self.reservation_id))
+        self.request.app[PENDING].add(task)
+        await asyncio.shield(task)
+
+
+async def billed(
     request: web.Request,
-    usage: list[billing_pb.Usage],
-    work: Callable[[billing_pb.AuthorizeResponse], Awaitable[Billed[R]]],
-) -> Billed[R]:
-    """Reserves the price of `usage`, runs `work`, commits what it reports as charged."""
-    upstreams = request.app[UPSTREAMS]
-    request_id = request[REQUEST_ID]
-    credential = credential_from(request)
-    auth = await upstreams.billing.authorize(credential, usage, request_id)
-    reservation_id = auth.reservation.id
+    usage: Sequence[billing_pb.Usage],
+    work: Callable[[billing_pb.AuthorizeResponse], Awaitable[Done[R]]],
+    answer: Callable[[R, Charge], Awaitable[web.StreamResponse]],
+    *,
+    streamed: bool = False,
+) -> web.StreamResponse:
+    """Authorize ``usage`` -> ``work`` -> store its files -> commit its usage -> ``answer``.
+
+    ``answer(result, charge)`` builds the response once the charge is known.
+    ``streamed``: the answer is a stream (server-sent progress, a streamed file)
+    and is never replayed for an idempotency key.
+    """
+    hold = await _authorize(request, usage, streamed=streamed)
+    if isinstance(hold, web.Response):
+        return hold
     try:
-        billed = await work(auth)
-        await upstreams.billing.commit(reservation_id, billed.charged, request_id, billed.media)
+        done = await work(hold.auth)
+        charged = await hold.settle(done.usage, done.files, done.records)
     except BaseException:
-        await asyncio.shield(_release(request, reservation_id))
+        await hold.release()
         raise
-    return billed
+    response = await answer(done.result, Charge(charged, hold.store_seconds))
+    if hold.claimed_key and not streamed:
+        await _save_answer(request, hold, response)
+    return response
+
+
+async def billed_stream(
+    request: web.Request,
+    usage: Sequence[billing_pb.Usage],
+    work: Callable[[Hold], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """Authorize ``usage`` -> ``work`` streams its answer and calls ``hold.settle(...)``
+    before its last bytes. A stream that ends without settling (an in-band error) is
+    released: nothing is charged. Never replayed for an idempotency key."""
+    hold = await _authorize(request, usage, streamed=True)
+    assert isinstance(hold, Hold)  # a streamed answer is never stored, so never replayed
+    try:
+        response = await work(hold)
+    except BaseException:
+        await hold.release()
+        raise
+    await hold.release()  # a no-op once settled
+    return response
+
+
+async def _authorize(
+    request: web.Request, usage: Sequence[billing_pb.Usage], *, streamed: bool
+) -> Hold | web.Response:
+    """The hold for ``usage``, or the stored answer of the idempotency key's earlier request."""
+    settings = request.app[SETTINGS]
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    idempotency = None
+    if key is not None:
+        if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not all(" " <= c <= "~" for c in key):
+            raise InvalidRequest(
+                f"The {IDEMPOTENCY_HEADER} header must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} "
+                "printable ASCII characters."
+            )
+        idempotency = billing_pb.IdempotencyKey(
+            key=key, fingerprint=await request_fingerprint(request), streamed=streamed
+        )
+    ttl = min(24 * 3600, math.ceil(settings.service_timeout_seconds) + HOLD_MARGIN_SECONDS)
+    auth = await request.app[UPSTREAMS].billing.authorize(
+        credential_from(request), usage, request[REQUEST_ID], ttl_seconds=ttl, idempotency=idempotency
+    )
+    if auth.HasField("replay"):
+        return await _replay(request, auth.replay)
+    return Hold(request, auth, claimed_key=idempotency is not None)
+
+
+async def request_fingerprint(request: web.Request) -> str:
+    """SHA-256 of what makes a request the same request: method, route, query, ``Accept``,
+    content type and body. Multipart bodies are fingerprinted part by part as they are read
+    (``edge.forms``), so a new boundary on a retry does not change the fingerprint."""
+    digest = hashlib.sha256()
+    for part in (
+        request.method,
+        request.path,
+        request.query_string,
+        request.headers.get("Accept", ""),
+        request.content_type,
+    ):
+        digest.update(part.encode() + b"\0")
+    if request.content_type == "multipart/form-data" or request.content_type.startswith("multipart/"):
+        body = request.get(BODY_DIGEST)
+        if body is None:
+            raise ProcessingError("Internal error: the multipart body was not fingerprinted.")
+        digest.update(body.digest())
+    else:
+        digest.update(hashlib.sha256(await request.read()).digest())
+    return digest.hexdigest()
+
+
+async def _replay(request: web.Request, stored: billing_pb.StoredResponse) -> web.Response:
+    body = stored.body
+    if stored.body_media_id:
+        media = request.app[MEDIA].get(stored.body_media_id)
+        if media is None:
+            raise ProcessingError("The stored answer of this Idempotency-Key is no longer available.")
+        body = await asyncio.to_thread(media.path.read_bytes)
+    response = web.Response(status=stored.status, body=body)
+    for header in stored.headers:
+        response.headers.add(header.name, header.value)
+    response.headers[REPLAYED_HEADER] = "true"
+    return response
+
+
+async def _save_answer(request: web.Request, hold: Hold, response: web.StreamResponse) -> None:
+    """Stores the answer for replays of the idempotency key (after the commit). A failure
+    is logged: the request is done and charged; a repeat then gets a 409 that says so."""
+    if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
+        log.error("request %s: an answer that is not a plain body cannot be stored", request[REQUEST_ID])
+        return
+    headers = [
+        billing_pb.Header(name=name, value=value)
+        for name, value in response.headers.items()
+        if name.lower() not in _UNSTORED_HEADERS
+    ]
+    stored = billing_pb.StoredResponse(status=response.status, headers=headers)
+    body = response.body
+    try:
+        if len(body) > MAX_INLINE_ANSWER_BYTES:
+            store = request.app[MEDIA]
+            stored.body_media_id = await store.put_async(body, "application/octet-stream")
+        else:
+            stored.body = body
+        await request.app[UPSTREAMS].billing.save_response(hold.reservation_id, stored, request[REQUEST_ID])
+    except (KilnError, OSError) as err:
+        log.error(
+            "request %s: its answer could not be stored for its idempotency key: %s", request[REQUEST_ID], err
+        )
+
+
+async def _commit(
+    request: web.Request,
+    reservation_id: str,
+    usage: Sequence[billing_pb.Usage],
+    records: Sequence[billing_pb.MediaRecord],
+) -> billing_pb.Reservation:
+    """Commits, retrying while the outcome is unknown; then reads the reservation's state."""
+    billing = request.app[UPSTREAMS].billing
+    request_id = request[REQUEST_ID]
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            return await billing.commit(reservation_id, usage, records, request_id)
+        except UpstreamUnavailable:
+            log.warning("commit of %s: outcome unknown (attempt %d)", reservation_id, attempt + 1)
+            await asyncio.sleep(COMMIT_RETRY_SECONDS * (attempt + 1))
+        except KilnError as err:  # billing refused our own commit: a fault of ours, not the client's
+            log.error("commit of %s refused: %s", reservation_id, err.message)
+            raise ProcessingError("The request could not be charged; nothing was charged.") from None
+    reservation = await billing.get_reservation(reservation_id, request_id)
+    if reservation.state == billing_pb.RESERVATION_STATE_COMMITTED:
+        return reservation
+    raise UpstreamUnavailable("Billing did not confirm the charge; the request was not charged.")
 
 
 async def _release(request: web.Request, reservation_id: str) -> None:

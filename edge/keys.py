@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+
 from aiohttp import web
 
 from edge.clients import Upstreams
@@ -15,3 +18,23 @@ MEDIA = web.AppKey("media", LocalMediaStore)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 #: Per-request id (``X-Request-ID`` or a new one), set by the request middleware.
 REQUEST_ID = web.RequestKey("request_id", str)
+
+
+class PendingReleases:
+    """Releases of credit holds still running; the edge waits for them before closing its channels."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Future[None]] = set()
+
+    def add(self, task: asyncio.Future[None]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def wait(self, seconds: float) -> None:
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=seconds)
+
+
+PENDING = web.AppKey("pending_releases", PendingReleases)
+#: SHA-256 of a multipart body's parts as they were read (the Idempotency-Key fingerprint).
+BODY_DIGEST = web.RequestKey("body_digest", hashlib._Hash)

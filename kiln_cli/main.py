@@ -196,7 +196,7 @@ async def _create_grpc_service(name: str, settings: Settings) -> GrpcService:
 async def _start_edge(settings: Settings) -> web.AppRunner:
     from edge.app import create_runner
 
-    runner = create_runner(settings, access_log=None, shutdown_timeout=settings.grace_seconds)
+    runner = create_runner(settings, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.http_host, settings.http_port).start()
     return runner
@@ -212,11 +212,14 @@ async def _wait_for_signal() -> None:
 
 async def _serve(settings: Settings, names: tuple[str, ...], on_ready: Callable[[], Awaitable[None]]) -> None:
     grpc_services: list[GrpcService] = []
+    billing: GrpcService | None = None
     runner: web.AppRunner | None = None
     try:
         for name in names:
             if name != "edge":
                 grpc_services.append(await _create_grpc_service(name, settings))
+                if name == "billing":
+                    billing = grpc_services[-1]
         # Started only once every service is built: a started service loads its models on
         # worker threads, and the imports still to run here (diffusers' lazy modules, not
         # safe to resolve from two threads at once) must not race with them.
@@ -228,9 +231,12 @@ async def _serve(settings: Settings, names: tuple[str, ...], on_ready: Callable[
         await _wait_for_signal()
         log.info("shutting down (grace %.0f s)", settings.grace_seconds)
     finally:
+        # The edge first (in-flight requests finish or release their holds), billing last.
         if runner is not None:
             await runner.cleanup()
-        await asyncio.gather(*(s.stop(settings.grace_seconds) for s in grpc_services))
+        await asyncio.gather(*(s.stop(settings.grace_seconds) for s in grpc_services if s is not billing))
+        if billing is not None:
+            await billing.stop(settings.grace_seconds)
 
 
 def _banner(settings: Settings, key: str, balance: str) -> str:
@@ -316,10 +322,10 @@ def _run_split(settings: Settings, key: str, balance: str) -> int:
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
+        if stopping:
+            return
         stopping = True
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+        stop_in_order(children, settings.grace_seconds)
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -334,6 +340,24 @@ def _run_split(settings: Settings, key: str, balance: str) -> int:
                     code = rc or 1
                     stop(signal.SIGTERM, None)
     return code
+
+
+def stop_in_order(children: dict[str, subprocess.Popen[bytes]], grace_seconds: float) -> None:
+    """SIGTERM to the edge first and wait for it (it finishes or releases in-flight
+    requests), then the capability services, and billing last (it must outlive the
+    edge's commits and releases)."""
+    groups = (
+        [name for name in children if name == "edge"],
+        [name for name in children if name not in ("edge", "billing")],
+        [name for name in children if name == "billing"],
+    )
+    for group in groups:
+        running = [children[name] for name in group if children[name].poll() is None]
+        for child in running:
+            child.send_signal(signal.SIGTERM)
+        for child in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=grace_seconds + 10)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:

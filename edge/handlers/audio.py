@@ -3,8 +3,11 @@
 
 The tts service streams 16-bit mono PCM as it is synthesised. ``wav`` and
 ``pcm`` answers are streamed to the client chunk by chunk as they arrive (the
-WAV header says "length unknown", as streaming WAV writers do); ``mp3``,
-``opus``, ``aac`` and ``flac`` are encoded once the speech is complete.
+WAV header says "length unknown", as streaming WAV writers do), one chunk
+behind: the last chunk is written only once the charge is committed, so a
+client that leaves before the end pays nothing and one that got it all has
+paid; ``mp3``, ``opus``, ``aac`` and ``flac`` are encoded once the speech is
+complete.
 
 Voice cloning answers ``audio/wav`` (``cloned_voice.wav``). With ``stream``
 the WAV goes out chunk by chunk as Qwen3-TTS decodes codec frames, and the
@@ -25,13 +28,13 @@ from typing import Any
 
 from aiohttp import web
 
-from edge.flow import Billed, credential_from, run_billed
+from edge.flow import Charge, Done, Hold, MediaFile, billed, billed_stream, credential_from
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
 from edge.schemas import SPEECH_MODELS, SpeechRequest, VoiceCloneRequest, decode_base64_file, parse_body
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.tts.v1 import tts_service_pb2 as tts_pb
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, ProcessingError
 from services.common.media import encode_audio, wav_header
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_CLONE_MODEL, SPEECH, VOICE_CLONE
@@ -61,26 +64,48 @@ async def create_speech(request: web.Request) -> web.StreamResponse:
     call = tts_pb.SynthesizeRequest(
         text=body.input, voice=voice.id, speed=body.speed, request_id=request[REQUEST_ID]
     )
-    usage = [billing_pb.Usage(speech=billing_pb.SpeechUsage(model=voice.id, characters=len(body.input)))]
+    usage = [billing_pb.Usage(speech=billing_pb.SpeechUsage(model=voice.id))]
+    tts = request.app[UPSTREAMS].tts
 
-    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[web.StreamResponse]:
-        events = request.app[UPSTREAMS].tts.synthesize(call)
-        async with contextlib.aclosing(events):
-            first = await anext(events)
-            if not first.HasField("header"):
-                raise InvalidRequest("The speech service answered without an audio header")
-            rate = first.header.sample_rate
-            headers = {"X-Credits-Charged": format_credits(auth.reservation.amount_hundredths)}
-            if body.response_format in STREAMED:
-                response = await _stream(request, events, rate, body.response_format, headers)
+    if body.response_format in STREAMED:
+
+        async def stream(hold: Hold) -> web.StreamResponse:
+            async with contextlib.aclosing(tts.synthesize(call)) as events:
+                rate = await _header(events)
+                response, last = await _stream(request, events, rate, body.response_format, price(hold))
+                await hold.settle(usage)  # before the last chunk
+                await response.write(last)
                 await response.write_eof()
-            else:
-                pcm = b"".join([event.pcm async for event in events if event.HasField("pcm")])
-                data, mime = await asyncio.to_thread(encode_audio, pcm, rate, body.response_format)
-                response = web.Response(body=data, content_type=mime, headers=headers)
-        return Billed(response, auth.reservation.amount_hundredths)
+                return response
 
-    return (await run_billed(request, usage, work)).result
+        return await billed_stream(request, usage, stream)
+
+    async def work(auth: billing_pb.AuthorizeResponse) -> Done[tuple[bytes, str]]:
+        async with contextlib.aclosing(tts.synthesize(call)) as events:
+            rate = await _header(events)
+            pcm = b"".join([event.pcm async for event in events if event.HasField("pcm")])
+        return Done(await asyncio.to_thread(encode_audio, pcm, rate, body.response_format), usage)
+
+    async def answer(audio: tuple[bytes, str], charge: Charge) -> web.StreamResponse:
+        data, mime = audio
+        headers = {"X-Credits-Charged": format_credits(charge.charged)}
+        return web.Response(body=data, content_type=mime, headers=headers)
+
+    return await billed(request, usage, work, answer)
+
+
+def price(hold: Hold) -> dict[str, str]:
+    """A streamed answer's ``X-Credits-Charged``: the price billing held, which is what a
+    stream that reaches its end is charged (the headers leave before the charge)."""
+    return {"X-Credits-Charged": format_credits(hold.auth.reservation.amount_hundredths)}
+
+
+async def _header(events: AsyncIterator[Any]) -> int:
+    """The sample rate of the audio header the speech service sends first."""
+    first = await anext(events)
+    if not first.HasField("header"):
+        raise ProcessingError("The speech service answered without an audio header")
+    return int(first.header.sample_rate)
 
 
 async def _stream(
@@ -90,19 +115,23 @@ async def _stream(
     fmt: str,
     headers: dict[str, str],
     sent: list[bytes] | None = None,
-) -> web.StreamResponse:
+) -> tuple[web.StreamResponse, bytes]:
     """Sends the PCM events as they arrive (after a "length unknown" WAV header for wav),
-    appending each chunk to ``sent`` when given. The caller ends the response."""
+    one chunk behind, appending each chunk to ``sent`` when given. Returns the response
+    and the last chunk, which the caller writes once the charge is committed."""
     response = web.StreamResponse(headers={**headers, "Content-Type": STREAMED[fmt]})
     await response.prepare(request)
     if fmt == "wav":
         await response.write(wav_header(rate))
+    last = b""
     async for event in events:
         if event.HasField("pcm"):
             if sent is not None:
                 sent.append(event.pcm)
-            await response.write(event.pcm)
-    return response
+            if last:
+                await response.write(last)
+            last = event.pcm
+    return response, last
 
 
 async def list_voices(request: web.Request) -> web.Response:
@@ -134,36 +163,42 @@ async def clone_voice(request: web.Request) -> web.StreamResponse:
         request_id=request[REQUEST_ID],
     )
     model = request.app[REGISTRY].resolve(None, VOICE_CLONE, DEFAULT_CLONE_MODEL)
-    usage = [billing_pb.Usage(speech=billing_pb.SpeechUsage(model=model.id, characters=len(body.text)))]
-    store = request.app[MEDIA]
+    usage = [billing_pb.Usage(speech=billing_pb.SpeechUsage(model=model.id))]
+    media_id = request.app[MEDIA].new_id()
+    headers = {"Content-Disposition": CLONE_DISPOSITION, "Content-Location": f"/v1/media/{media_id}"}
+    tts = request.app[UPSTREAMS].tts
 
-    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[web.StreamResponse]:
-        events = request.app[UPSTREAMS].tts.clone(call)
-        async with contextlib.aclosing(events):
-            first = await anext(events)  # the service checks everything before its header
-            if not first.HasField("header"):
-                raise InvalidRequest("The speech service answered without an audio header")
-            rate = first.header.sample_rate
-            media_id = store.new_id()
-            headers = {
-                "X-Credits-Charged": format_credits(auth.reservation.amount_hundredths),
-                "Content-Disposition": CLONE_DISPOSITION,
-                "Content-Location": f"/v1/media/{media_id}",
-            }
-            pcm: list[bytes] = []
-            if body.stream:
-                response = await _stream(request, events, rate, "wav", headers, sent=pcm)
-            else:
-                pcm = [event.pcm async for event in events if event.HasField("pcm")]
-            data, mime = await asyncio.to_thread(encode_audio, b"".join(pcm), rate, "wav")
-            await store.put_async(data, mime, media_id)
-            if body.stream:
-                await response.write_eof()  # after storing: the file is there once the stream ends
-            else:
-                response = web.Response(body=data, content_type=mime, headers=headers)
-        return Billed(response, auth.reservation.amount_hundredths)
+    async def wav_file(pcm: list[bytes], rate: int) -> MediaFile:
+        data, mime = await asyncio.to_thread(encode_audio, b"".join(pcm), rate, "wav")
+        return MediaFile(data, mime, media_id)
 
-    return (await run_billed(request, usage, work)).result
+    if body.stream:
+
+        async def stream(hold: Hold) -> web.StreamResponse:
+            async with contextlib.aclosing(tts.clone(call)) as events:
+                rate = await _header(events)  # the service checks everything before its header
+                pcm: list[bytes] = []
+                response, last = await _stream(request, events, rate, "wav", headers | price(hold), sent=pcm)
+                # The file is stored and the charge committed before the last chunk.
+                await hold.settle(usage, files=[await wav_file(pcm, rate)])
+                await response.write(last)
+                await response.write_eof()
+                return response
+
+        return await billed_stream(request, usage, stream)
+
+    async def work(auth: billing_pb.AuthorizeResponse) -> Done[MediaFile]:
+        async with contextlib.aclosing(tts.clone(call)) as events:
+            rate = await _header(events)
+            pcm = [event.pcm async for event in events if event.HasField("pcm")]
+        file = await wav_file(pcm, rate)
+        return Done(file, usage, files=[file])
+
+    async def answer(file: MediaFile, charge: Charge) -> web.StreamResponse:
+        charged = {"X-Credits-Charged": format_credits(charge.charged)}
+        return web.Response(body=file.data, content_type=file.mime_type, headers=headers | charged)
+
+    return await billed(request, usage, work, answer)
 
 
 async def clone_languages(request: web.Request) -> web.Response:

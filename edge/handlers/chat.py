@@ -2,11 +2,13 @@
 
 Flow: check the body -> Authorize (billing refuses non-premium accounts with
 the contract's premium_required message; premium use is reserved and
-committed at 0 credits, so every use is recorded) -> fetch ``image_url``
-images (data: or public https:// only) -> stream the llm service's deltas.
-With ``stream: true`` each delta is written as a ``chat.completion.chunk`` the
-moment it arrives; an error after the headers went out is sent as an error
-event; a client that goes away cancels the gRPC call, which frees the slot.
+committed, at the price billing decides, 0 for premium, so every use is
+recorded) -> fetch ``image_url`` images (data: or public https:// only) ->
+stream the llm service's deltas. With ``stream: true`` each delta is written
+as a ``chat.completion.chunk`` the moment it arrives, and the charge is
+committed when the model ends, before the finish chunk and ``[DONE]``; an
+error after the headers went out is sent as an error event (and nothing is
+charged); a client that goes away cancels the gRPC call, which frees the slot.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from aiohttp import web
 
 from edge.errors import envelope
 from edge.fetch import fetch_image, image_session
-from edge.flow import Billed, credential_from, run_billed
+from edge.flow import Charge, Done, Hold, billed, billed_stream, credential_from
 from edge.keys import REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import SSE_HEADERS, json_response, sse_event
 from edge.schemas import ChatCompletionRequest, ImagePart, parse_body
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.llm.v1 import llm_service_pb2 as llm_pb
-from services.common.errors import InvalidRequest, KilnError
+from services.common.errors import InvalidRequest, KilnError, ProcessingError
+from services.common.money import format_credits
 from services.common.registry import CHAT, DEFAULT_CHAT_MODEL
 
 log = logging.getLogger("kiln.edge")
@@ -91,18 +94,26 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
-    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[web.StreamResponse]:
+    if body.stream:
+
+        async def stream(hold: Hold) -> web.StreamResponse:
+            proto = await _to_proto(request, body, spec.id)
+            events = request.app[UPSTREAMS].llm.chat(proto)
+            return await _stream(request, body, events, completion_id, created, hold, usage)
+
+        return await billed_stream(request, usage, stream)
+
+    async def work(auth: billing_pb.AuthorizeResponse) -> Done[dict[str, Any]]:
         proto = await _to_proto(request, body, spec.id)
-        events = request.app[UPSTREAMS].llm.chat(proto)
-        if body.stream:
-            return Billed(await _stream(request, body, events, completion_id, created), 0)
-        return Billed(await _collect(events, completion_id, created), 0)
+        return Done(await _collect(request.app[UPSTREAMS].llm.chat(proto), completion_id, created), usage)
 
-    billed = await run_billed(request, usage, work)
-    return billed.result
+    async def answer(completion: dict[str, Any], charge: Charge) -> web.StreamResponse:
+        return json_response(completion, headers={"X-Credits-Charged": format_credits(charge.charged)})
+
+    return await billed(request, usage, work, answer)
 
 
-async def _collect(events: Any, completion_id: str, created: int) -> web.Response:
+async def _collect(events: Any, completion_id: str, created: int) -> dict[str, Any]:
     model, text, end = "", [], None
     async with contextlib.aclosing(events):
         async for event in events:
@@ -114,36 +125,46 @@ async def _collect(events: Any, completion_id: str, created: int) -> web.Respons
             elif kind == "end":
                 end = event.end
     if end is None:
-        raise InvalidRequest("The model ended without an answer")
-    return json_response(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(text)},
-                    "finish_reason": FINISH.get(end.finish_reason, "stop"),
-                }
-            ],
-            "usage": _usage(end),
-        }
-    )
+        raise ProcessingError("The model ended without an answer")
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(text)},
+                "finish_reason": FINISH.get(end.finish_reason, "stop"),
+            }
+        ],
+        "usage": _usage(end),
+    }
 
 
 async def _stream(
-    request: web.Request, body: ChatCompletionRequest, events: Any, completion_id: str, created: int
+    request: web.Request,
+    body: ChatCompletionRequest,
+    events: Any,
+    completion_id: str,
+    created: int,
+    hold: Hold,
+    usage: list[billing_pb.Usage],
 ) -> web.StreamResponse:
     """Writes each event as it arrives; a client that left ends the iteration, and closing
     the iterator cancels the gRPC call (the model stops at its next token)."""
     async with contextlib.aclosing(events):
-        return await _write_stream(request, body, events, completion_id, created)
+        return await _write_stream(request, body, events, completion_id, created, hold, usage)
 
 
 async def _write_stream(
-    request: web.Request, body: ChatCompletionRequest, events: Any, completion_id: str, created: int
+    request: web.Request,
+    body: ChatCompletionRequest,
+    events: Any,
+    completion_id: str,
+    created: int,
+    hold: Hold,
+    usage: list[billing_pb.Usage],
 ) -> web.StreamResponse:
     # The first event (the model, or an error such as a too-long prompt) comes before the headers.
     first = await anext(events)
@@ -167,14 +188,23 @@ async def _write_stream(
             if kind == "delta" and event.delta.text:
                 await response.write(sse_event(chunk({"content": event.delta.text})))
             elif kind == "end":
+                # Every token is out: charge now, before the last bytes (finish, usage, [DONE]).
+                await hold.settle(usage)
                 await response.write(sse_event(chunk({}, FINISH.get(event.end.finish_reason, "stop"))))
                 if body.stream_options and body.stream_options.include_usage:
                     final = chunk({}) | {"choices": [], "usage": _usage(event.end)}
                     await response.write(sse_event(final))
     except KilnError as err:  # after the headers: an error event, then the end of the stream
         await response.write(sse_event(envelope(err.message, err.error_type)))
+        await response.write_eof()
+        return response  # never settled: billed_stream releases the hold
     except ConnectionResetError:
         log.info("chat client %s went away; generation cancelled", request[REQUEST_ID])
+        return response
+    if hold.charged is None:  # the stream ended without its end event: a fault of ours, not charged
+        fault = ProcessingError("The model ended without an answer")
+        await response.write(sse_event(envelope(fault.message, fault.error_type)))
+        await response.write_eof()
         return response
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +18,8 @@ from typing import Any
 from aiohttp import web
 
 from edge.errors import envelope
-from edge.flow import Billed, run_billed
-from edge.forms import FORM_TYPES
+from edge.flow import Charge, Done, MediaFile, billed
+from edge.forms import FORM_TYPES, note_form
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
 from edge.schemas import (
@@ -88,38 +89,39 @@ def timing_entry(service_timing: Any, store_seconds: float, started: float) -> d
 
 @dataclass
 class ImageOutcome:
-    """One request's images, stored, with the response entry that describes them."""
+    """One request's images (stored by the billed flow before the charge), the usage they
+    are, and the response entry that describes them."""
 
     entry: dict[str, Any]
-    files: list[tuple[bytes, str, str]]  # (data, mime type, media id)
+    files: list[MediaFile]
+    usage: billing_pb.Usage
 
 
 async def _produce(
     request: web.Request, params: GenerationParams, options: ImageOptions, request_id: str, started: float
 ) -> ImageOutcome:
-    """Runs one generation or edit and stores its images."""
+    """Runs one generation or edit; the images get their media ids (and URLs) here."""
     result = await request.app[UPSTREAMS].images.run(params, request_id)
     store = request.app[MEDIA]
     base = media_base(request)
-    store_start = time.perf_counter()
-    files = [
-        (image.data, image.mime_type, await store.put_async(image.data, image.mime_type))
-        for image in result.images
-    ]
-    store_seconds = time.perf_counter() - store_start
+    files = [MediaFile(image.data, image.mime_type, store.new_id()) for image in result.images]
     data: list[dict[str, Any]] = []
     if not options.return_binary:
-        for image_bytes, _, media_id in files:
+        for file in files:
             item: dict[str, Any] = {}
             if options.response_format != "b64_json":
-                item["url"] = f"{base}/v1/media/{media_id}"
+                item["url"] = f"{base}/v1/media/{file.media_id}"
             if options.response_format != "url":
-                item["b64_json"] = base64.b64encode(image_bytes).decode("ascii")
+                item["b64_json"] = base64.b64encode(file.data).decode("ascii")
             item["revised_prompt"] = None
             data.append(item)
-    timing = timing_entry(result.timing, store_seconds, started)
-    entry = {"created": int(time.time()), "data": data, "seed": result.seed, "timing": timing}
-    return ImageOutcome(entry, files)
+    entry = {"created": int(time.time()), "data": data, "seed": result.seed, "timing": result.timing}
+    return ImageOutcome(entry, files, usage_for(dataclasses.replace(params, count=len(files))))
+
+
+def _finish(outcome: ImageOutcome, charge: Charge, started: float) -> dict[str, Any]:
+    """The response entry with its timing, once the images are stored and charged."""
+    return outcome.entry | {"timing": timing_entry(outcome.entry["timing"], charge.store_seconds, started)}
 
 
 def _server_timing(timing: dict[str, float]) -> str:
@@ -131,22 +133,23 @@ async def _respond(
 ) -> web.StreamResponse:
     """The billed flow for one checked image request, answered as JSON or as the file."""
 
-    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[ImageOutcome]:
+    async def work(auth: billing_pb.AuthorizeResponse) -> Done[ImageOutcome]:
         outcome = await _produce(request, params, options, request[REQUEST_ID], started)
-        return Billed(outcome, auth.reservation.amount_hundredths)
+        return Done(outcome, [outcome.usage], files=outcome.files)
 
-    billed = await run_billed(request, [usage_for(params)], work)
-    outcome = billed.result
-    outcome.entry["timing"]["total_ms"] = _ms(time.perf_counter() - started)
-    headers = {
-        "X-Credits-Charged": format_credits(billed.charged),
-        "Server-Timing": _server_timing(outcome.entry["timing"]),
-    }
-    if options.return_binary:
-        image_bytes, mime, media_id = outcome.files[0]
-        headers |= {"X-Seed": str(outcome.entry["seed"]), "Content-Location": f"/v1/media/{media_id}"}
-        return web.Response(body=image_bytes, content_type=mime, headers=headers)
-    return json_response(outcome.entry, headers=headers)
+    async def answer(outcome: ImageOutcome, charge: Charge) -> web.StreamResponse:
+        entry = _finish(outcome, charge, started)
+        headers = {
+            "X-Credits-Charged": format_credits(charge.charged),
+            "Server-Timing": _server_timing(entry["timing"]),
+        }
+        if options.return_binary:
+            file = outcome.files[0]
+            headers |= {"X-Seed": str(entry["seed"]), "Content-Location": f"/v1/media/{file.media_id}"}
+            return web.Response(body=file.data, content_type=file.mime_type, headers=headers)
+        return json_response(entry, headers=headers)
+
+    return await billed(request, [usage_for(params)], work, answer)
 
 
 async def create_generation(request: web.Request) -> web.StreamResponse:
@@ -178,6 +181,7 @@ async def _read_edit_form(request: web.Request) -> tuple[ImageEditForm, list[byt
         form = await request.post()
     except ValueError as exc:
         raise InvalidRequest(f"The multipart body could not be read: {exc}") from None
+    note_form(request, form)
     inputs: list[bytes] = []
     mask = b""
     fields: dict[str, str] = {}
@@ -198,7 +202,7 @@ async def _read_edit_form(request: web.Request) -> tuple[ImageEditForm, list[byt
     return parse_form(ImageEditForm, fields), inputs, mask
 
 
-async def create_generation_batch(request: web.Request) -> web.Response:
+async def create_generation_batch(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     body = parse_body(BatchImageGenerationRequest, await request.read())
     if not 1 <= len(body.requests) <= MAX_BATCH_REQUESTS:
@@ -213,7 +217,7 @@ async def create_generation_batch(request: web.Request) -> web.Response:
         except InvalidRequest as err:
             raise InvalidRequest(f"requests[{index}]: {err.message}") from None
 
-    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[dict[str, Any]]:
+    async def work(auth: billing_pb.AuthorizeResponse) -> Done[list[ImageOutcome | KilnError]]:
         request_id = request[REQUEST_ID]
         outcomes = await asyncio.gather(
             *(
@@ -225,20 +229,24 @@ async def create_generation_batch(request: web.Request) -> web.Response:
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if len(failures) == len(outcomes):
             raise failures[0]
-        entries: list[dict[str, Any]] = []
-        charged = 0
-        for outcome, amount in zip(outcomes, auth.item_amounts_hundredths, strict=True):
-            if isinstance(outcome, KilnError):
-                entries.append(envelope(outcome.message, outcome.error_type))
-            elif isinstance(outcome, BaseException):
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, KilnError):
                 raise outcome
-            else:
-                entries.append(outcome.entry)
-                charged += amount
-        return Billed({"data": entries}, charged)
+        made = [o for o in outcomes if isinstance(o, ImageOutcome)]
+        return Done(
+            [o for o in outcomes if isinstance(o, ImageOutcome | KilnError)],
+            [o.usage for o in made],  # billing charges the entries that succeeded
+            files=[file for o in made for file in o.files],
+        )
 
-    billed = await run_billed(request, [usage_for(p) for p in all_params], work)
-    return json_response(billed.result, headers={"X-Credits-Charged": format_credits(billed.charged)})
+    async def answer(outcomes: list[ImageOutcome | KilnError], charge: Charge) -> web.StreamResponse:
+        entries = [
+            envelope(o.message, o.error_type) if isinstance(o, KilnError) else _finish(o, charge, started)
+            for o in outcomes
+        ]
+        return json_response({"data": entries}, headers={"X-Credits-Charged": format_credits(charge.charged)})
+
+    return await billed(request, [usage_for(p) for p in all_params], work, answer)
 
 
 async def list_styles(request: web.Request) -> web.Response:

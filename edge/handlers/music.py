@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from edge.errors import envelope
-from edge.flow import Billed, credential_from, run_billed
+from edge.flow import Charge, Done, MediaFile, billed, credential_from
 from edge.forms import FORM_TYPES, read_upload_form
 from edge.handlers.images import media_base, timing_entry
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, UPSTREAMS
@@ -42,7 +42,7 @@ from edge.schemas import (
 )
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.music.v1 import music_service_pb2 as music_pb
-from services.common.errors import InvalidRequest, KilnError
+from services.common.errors import InvalidRequest, KilnError, ProcessingError
 from services.common.media import encode_audio
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_MUSIC_MODEL, MUSIC
@@ -57,9 +57,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     call = music_pb.GenerateMusicRequest(**_common(request, body))
     if body.duration is not None:
         call.duration_seconds = body.duration
-    return await _run(
-        request, body, call.model, body.duration or 0.0, lambda: request.app[UPSTREAMS].music.generate(call)
-    )
+    return await _run(request, body, call.model, lambda: request.app[UPSTREAMS].music.generate(call))
 
 
 async def cover(request: web.Request) -> web.StreamResponse:
@@ -67,7 +65,7 @@ async def cover(request: web.Request) -> web.StreamResponse:
     call = music_pb.CoverMusicRequest(source_audio=audio, **_common(request, body))
     if body.audio_cover_strength is not None:
         call.audio_cover_strength = body.audio_cover_strength
-    return await _run(request, body, call.model, 0.0, lambda: request.app[UPSTREAMS].music.cover(call))
+    return await _run(request, body, call.model, lambda: request.app[UPSTREAMS].music.cover(call))
 
 
 async def repaint(request: web.Request) -> web.StreamResponse:
@@ -77,7 +75,7 @@ async def repaint(request: web.Request) -> web.StreamResponse:
     )
     if body.end is not None:
         call.end_seconds = body.end
-    return await _run(request, body, call.model, 0.0, lambda: request.app[UPSTREAMS].music.repaint(call))
+    return await _run(request, body, call.model, lambda: request.app[UPSTREAMS].music.repaint(call))
 
 
 async def _with_source(request: web.Request, model: type[SourceT]) -> tuple[SourceT, bytes]:
@@ -117,18 +115,18 @@ async def _run(
     request: web.Request,
     body: MusicOptions,
     model: str,
-    duration: float,
     start: Callable[[], AsyncGenerator[Any]],
 ) -> web.StreamResponse:
     started = time.perf_counter()
     as_json = request.query.get("response_format", "binary")
     if as_json not in ("binary", "json"):
         raise InvalidRequest(f"Invalid value for 'response_format': '{as_json}' (use 'binary' or 'json')")
-    usage = [billing_pb.Usage(music=billing_pb.MusicUsage(model=model, duration_seconds=duration))]
+    usage = [billing_pb.Usage(music=billing_pb.MusicUsage(model=model))]
 
     progress = ProgressEvents(request)  # Accept: text/event-stream: progress, then the description
+    media_id = request.app[MEDIA].new_id()
 
-    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[tuple[dict[str, Any], bytes]]:
+    async def work(auth: billing_pb.AuthorizeResponse) -> Done[tuple[music_pb.GeneratedMusic, MediaFile]]:
         result: music_pb.GeneratedMusic | None = None
         pcm: list[bytes] = []
         events = start()
@@ -142,47 +140,48 @@ async def _run(
                 elif kind == "pcm":
                     pcm.append(event.pcm)
         if result is None:
-            raise InvalidRequest("The music service answered without a result")
+            raise ProcessingError("The music service answered without a result")
         data, mime = await asyncio.to_thread(
             encode_audio, b"".join(pcm), result.sample_rate, body.audio_format, channels=result.channels
         )
-        stored = time.perf_counter()
-        media_id = await request.app[MEDIA].put_async(data, mime)
-        store_seconds = time.perf_counter() - stored
-        description = {
+        file = MediaFile(data, mime, media_id)
+        return Done((result, file), usage, files=[file])
+
+    async def answer(done: tuple[music_pb.GeneratedMusic, MediaFile], charge: Charge) -> web.StreamResponse:
+        result, file = done
+        description: dict[str, Any] = {
             "id": media_id,
             "url": f"{media_base(request)}/v1/media/{media_id}",
             "audio_format": body.audio_format,
-            "content_type": mime,
+            "content_type": file.mime_type,
             "duration": result.duration_seconds,
             "sample_rate": result.sample_rate,
             "channels": result.channels,
             "seed": result.seed,
             "model": result.model,
             "num_inference_steps": result.num_inference_steps,
-            "credits_charged": format_credits(auth.reservation.amount_hundredths),
-            "timing": timing_entry(result.timing, store_seconds, started),
+            "credits_charged": format_credits(charge.charged),
+            "timing": timing_entry(result.timing, charge.store_seconds, started),
         }
-        return Billed((description, data), auth.reservation.amount_hundredths)
+        if progress.wanted:
+            return await progress.finish(description)
+        if as_json == "json":
+            return json_response(description, headers={"X-Credits-Charged": description["credits_charged"]})
+        return web.Response(
+            body=file.data,
+            content_type=file.mime_type,
+            headers={
+                "Content-Disposition": f'attachment; filename="generated_music.{body.audio_format}"',
+                "Content-Location": f"/v1/media/{media_id}",
+                "X-Seed": str(result.seed),
+                "X-Credits-Charged": format_credits(charge.charged),
+            },
+        )
 
     try:
-        description, data = (await run_billed(request, usage, work)).result
+        return await billed(request, usage, work, answer, streamed=progress.wanted)
     except KilnError as err:
         ended = await progress.fail(envelope(err.message, err.error_type))
         if ended is None:
             raise
         return ended
-    if progress.wanted:
-        return await progress.finish(description)
-    if as_json == "json":
-        return json_response(description)
-    return web.Response(
-        body=data,
-        content_type=description["content_type"],
-        headers={
-            "Content-Disposition": f'attachment; filename="generated_music.{body.audio_format}"',
-            "Content-Location": f"/v1/media/{description['id']}",
-            "X-Seed": str(description["seed"]),
-            "X-Credits-Charged": description["credits_charged"],
-        },
-    )

@@ -3,7 +3,8 @@
 
 Images cost 0.25 credits each. A video is reserved for the frame count the
 segmentation service reads from its container (an upper bound), and only the
-frames where the object was found are charged; the upload streams to the
+frames where the object was found are charged (billing prices the frames the
+edge reports, capped at the hold); the upload streams to the
 service in chunks as it arrives, and the result is kept in a spooled temporary
 file (memory stays flat) so that the frame counts can go in the headers.
 """
@@ -19,8 +20,8 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from edge.errors import error_response
-from edge.flow import Billed, credential_from, run_billed
-from edge.forms import read_upload_form
+from edge.flow import Charge, Done, MediaFile, billed, credential_from
+from edge.forms import body_digest, note_part, read_upload_form
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
 from edge.schemas import BackgroundRemovalForm, SegmentationForm, parse_form
@@ -125,19 +126,36 @@ async def segment_image(request: web.Request) -> web.StreamResponse:
         model=spec.id,
     )
 
-    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[seg_pb.SegmentImageResponse]:
-        result = await request.app[UPSTREAMS].segmentation.segment(call)
-        return Billed(result, auth.reservation.amount_hundredths)
-
-    billed = await run_billed(request, [_usage(spec, 1)], work)
-    result = billed.result
     store = request.app[MEDIA]
-    candidates = []
-    for mask in result.masks:
-        media_id = await store.put_async(mask.image.data, mask.image.mime_type)
-        candidates.append((mask, f"/v1/media/{media_id}"))
+
+    async def work(
+        auth: billing_pb.AuthorizeResponse,
+    ) -> Done[tuple[seg_pb.SegmentImageResponse, list[MediaFile]]]:
+        result = await request.app[UPSTREAMS].segmentation.segment(call)
+        files = [MediaFile(mask.image.data, mask.image.mime_type, store.new_id()) for mask in result.masks]
+        return Done((result, files), [_usage(spec, 1)], files=files)
+
+    async def answer(
+        done: tuple[seg_pb.SegmentImageResponse, list[MediaFile]], charge: Charge
+    ) -> web.StreamResponse:
+        result, files = done
+        return _segmentation_answer(request, result, files, charge, started)
+
+    return await billed(request, [_usage(spec, 1)], work, answer)
+
+
+def _segmentation_answer(
+    request: web.Request,
+    result: seg_pb.SegmentImageResponse,
+    files: list[MediaFile],
+    charge: Charge,
+    started: float,
+) -> web.Response:
+    candidates = [
+        (mask, f"/v1/media/{file.media_id}") for mask, file in zip(result.masks, files, strict=True)
+    ]
     headers = {
-        "X-Credits-Charged": format_credits(billed.charged),
+        "X-Credits-Charged": format_credits(charge.charged),
         "X-Segmentation-Found": str(result.found).lower(),
         "X-Mask-Candidates": ", ".join(
             f"<{url}>; score={mask.score:.4f}; coverage={mask.coverage:.4f}" for mask, url in candidates
@@ -177,16 +195,18 @@ async def remove_image_background(request: web.Request) -> web.StreamResponse:
         image=data, prompt=prompt, request_id=request[REQUEST_ID], model=spec.id
     )
 
-    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[seg_pb.RemoveImageBackgroundResponse]:
+    async def work(auth: billing_pb.AuthorizeResponse) -> Done[seg_pb.RemoveImageBackgroundResponse]:
         result = await request.app[UPSTREAMS].segmentation.remove_background(call)
-        return Billed(result, auth.reservation.amount_hundredths)
+        return Done(result, [_usage(spec, 1)])
 
-    billed = await run_billed(request, [_usage(spec, 1)], work)
-    headers = {
-        "X-Credits-Charged": format_credits(billed.charged),
-        "X-Segmentation-Found": str(billed.result.found).lower(),
-    }
-    return _png(billed.result.image.data, "background_removed.png", headers)
+    async def answer(result: seg_pb.RemoveImageBackgroundResponse, charge: Charge) -> web.StreamResponse:
+        headers = {
+            "X-Credits-Charged": format_credits(charge.charged),
+            "X-Segmentation-Found": str(result.found).lower(),
+        }
+        return _png(result.image.data, "background_removed.png", headers)
+
+    return await billed(request, [_usage(spec, 1)], work, answer)
 
 
 async def remove_video_background(request: web.Request) -> web.StreamResponse:
@@ -200,13 +220,16 @@ async def remove_video_background(request: web.Request) -> web.StreamResponse:
     try:
         fields: dict[str, str] = {}
         uploaded = 0
+        digest = body_digest(request)
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader) or not part.name:
                 raise InvalidRequest("Every part of the form needs a name")
             if part.name == "file":
                 if part.filename is None:
                     raise InvalidRequest("'file' must be a file upload")
+                note_part(request, part.name, part.filename, b"")
                 while chunk := await part.read_chunk(CHUNK_BYTES):
+                    digest.update(chunk)
                     uploaded += len(chunk)
                     if uploaded > settings.max_video_bytes:
                         limit = settings.max_video_bytes
@@ -217,6 +240,7 @@ async def remove_video_background(request: web.Request) -> web.StreamResponse:
                 raise InvalidRequest(f"The field '{part.name}' is given more than once")
             else:
                 fields[part.name] = await part.text()
+                note_part(request, part.name, None, fields[part.name].encode())
         if not uploaded:
             raise InvalidRequest("Missing required parameter: 'file' (a video upload)")
         form = parse_form(BackgroundRemovalForm, fields)
@@ -231,9 +255,10 @@ async def remove_video_background(request: web.Request) -> web.StreamResponse:
             raise InvalidRequest("The video could not be read.")
         frames = event.probe.frames
 
-        async def work(auth: billing_pb.AuthorizeResponse) -> Billed[tuple[Any, seg_pb.VideoSummary]]:
+        output = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+
+        async def work(auth: billing_pb.AuthorizeResponse) -> Done[seg_pb.VideoSummary]:
             await session.start()
-            output = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
             while True:
                 event = await session.next_event()
                 kind = event.WhichOneof("event")
@@ -242,30 +267,31 @@ async def remove_video_background(request: web.Request) -> web.StreamResponse:
                 elif kind == "summary":
                     break
             summary = event.summary
-            charged = auth.reservation.amount_hundredths * summary.frames_with_object // frames
-            return Billed((output, summary), charged)
+            return Done(summary, [_usage(spec, summary.frames_with_object)])
 
-        billed = await run_billed(request, [_usage(spec, frames)], work)
+        async def answer(summary: seg_pb.VideoSummary, charge: Charge) -> web.StreamResponse:
+            size = output.tell()
+            output.seek(0)
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": "video/webm",
+                    "Content-Disposition": 'inline; filename="background_removed_video.webm"',
+                    "Content-Length": str(size),
+                    "X-Frames-Processed": str(summary.frames_processed),
+                    "X-Frames-Charged": str(summary.frames_with_object),
+                    "X-Credits-Charged": format_credits(charge.charged),
+                }
+            )
+            await response.prepare(request)
+            while chunk := output.read(CHUNK_BYTES):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+        try:
+            # The WebM is sent from a spooled file, not kept: never replayed for an Idempotency-Key.
+            return await billed(request, [_usage(spec, frames)], work, answer, streamed=True)
+        finally:
+            output.close()
     finally:
         session.cancel()
-    output, summary = billed.result
-    try:
-        size = output.tell()
-        output.seek(0)
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "video/webm",
-                "Content-Disposition": 'inline; filename="background_removed_video.webm"',
-                "Content-Length": str(size),
-                "X-Frames-Processed": str(summary.frames_processed),
-                "X-Frames-Charged": str(summary.frames_with_object),
-                "X-Credits-Charged": format_credits(billed.charged),
-            }
-        )
-        await response.prepare(request)
-        while chunk := output.read(CHUNK_BYTES):
-            await response.write(chunk)
-        await response.write_eof()
-        return response
-    finally:
-        output.close()

@@ -15,7 +15,7 @@ import time
 from aiohttp import web
 
 from edge.clients import FORMATS
-from edge.flow import Billed, credential_from, run_billed
+from edge.flow import Charge, Done, MediaFile, billed, credential_from
 from edge.handlers.images import media_base, timing_entry
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
@@ -27,7 +27,7 @@ from services.common.money import format_credits
 from services.common.registry import upscale_params
 
 
-async def upscale_image(request: web.Request) -> web.Response:
+async def upscale_image(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     credential_from(request)
     settings = request.app[SETTINGS]
@@ -57,31 +57,31 @@ async def upscale_image(request: web.Request) -> web.Response:
         output_format=FORMATS[body.format or "png"],
     )
 
-    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[upscale_pb.UpscaleImageResponse]:
-        result = await request.app[UPSTREAMS].upscale.upscale(call)
-        return Billed(result, auth.reservation.amount_hundredths)
+    media_id = request.app[MEDIA].new_id()
 
-    billed = await run_billed(request, [usage], work)
-    result = billed.result
-    store_start = time.perf_counter()
-    media_id = await request.app[MEDIA].put_async(result.image.data, result.image.mime_type)
-    store_seconds = time.perf_counter() - store_start
-    item: dict[str, str] = {}
-    if body.response_format != "b64_json":
-        item["url"] = f"{media_base(request)}/v1/media/{media_id}"
-    if body.response_format != "url":
-        item["b64_json"] = base64.b64encode(result.image.data).decode("ascii")
-    timing = timing_entry(result.timing, store_seconds, started)
-    payload = {
-        "created": int(time.time()),
-        "data": [item],
-        "method": result.method,
-        "scale": result.scale,
-        "timing": timing,
-    }
-    headers = {
-        "X-Credits-Charged": format_credits(billed.charged),
-        "X-Upscale-Backend": result.backend,
-        "X-Batch-Size": str(result.batch_size),
-    }
-    return json_response(payload, headers=headers)
+    async def work(auth: billing_pb.AuthorizeResponse) -> Done[upscale_pb.UpscaleImageResponse]:
+        result = await request.app[UPSTREAMS].upscale.upscale(call)
+        image = MediaFile(result.image.data, result.image.mime_type, media_id)
+        return Done(result, [usage], files=[image])
+
+    async def answer(result: upscale_pb.UpscaleImageResponse, charge: Charge) -> web.StreamResponse:
+        item: dict[str, str] = {}
+        if body.response_format != "b64_json":
+            item["url"] = f"{media_base(request)}/v1/media/{media_id}"
+        if body.response_format != "url":
+            item["b64_json"] = base64.b64encode(result.image.data).decode("ascii")
+        payload = {
+            "created": int(time.time()),
+            "data": [item],
+            "method": result.method,
+            "scale": result.scale,
+            "timing": timing_entry(result.timing, charge.store_seconds, started),
+        }
+        headers = {
+            "X-Credits-Charged": format_credits(charge.charged),
+            "X-Upscale-Backend": result.backend,
+            "X-Batch-Size": str(result.batch_size),
+        }
+        return json_response(payload, headers=headers)
+
+    return await billed(request, [usage], work, answer)

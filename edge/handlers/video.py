@@ -35,7 +35,7 @@ from typing import Any
 from aiohttp import web
 
 from edge.errors import envelope
-from edge.flow import Billed, credential_from, run_billed
+from edge.flow import Charge, Done, MediaFile, billed, credential_from
 from edge.forms import read_upload_form
 from edge.handlers.images import media_base, timing_entry
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
@@ -43,7 +43,7 @@ from edge.responses import ProgressEvents, json_response
 from edge.schemas import ImageToVideoForm, parse_form
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.video.v1 import video_service_pb2 as video_pb
-from services.common.errors import InvalidRequest, KilnError
+from services.common.errors import InvalidRequest, KilnError, ProcessingError
 from services.common.media import probe_image
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_VIDEO_MODEL, IMAGE_TO_VIDEO
@@ -84,12 +84,14 @@ async def create_video(request: web.Request) -> web.StreamResponse:
         value = getattr(form, name)
         if value is not None:
             setattr(call, name, value)
-    usage = [billing_pb.Usage(video=billing_pb.VideoUsage(model=spec.id, frames=form.num_frames or 0))]
+    usage = [billing_pb.Usage(video=billing_pb.VideoUsage(model=spec.id))]
     # With Accept: text/event-stream, progress goes out as server-sent events while the
     # video is made; the result (or an error) is the last event, sent after the charge.
     progress = ProgressEvents(request)
 
-    async def work(auth: billing_pb.AuthorizeResponse) -> Billed[dict[str, Any]]:
+    media_id = request.app[MEDIA].new_id()
+
+    async def work(auth: billing_pb.AuthorizeResponse) -> Done[tuple[dict[str, Any], video_pb.VideoSummary]]:
         chunks: list[bytes] = []
         summary: video_pb.VideoSummary | None = None
         events = request.app[UPSTREAMS].video.generate(call)
@@ -103,11 +105,8 @@ async def create_video(request: web.Request) -> web.StreamResponse:
                 elif kind == "summary":
                     summary = event.summary
         if summary is None:
-            raise InvalidRequest("The video service answered without a summary")
+            raise ProcessingError("The video service answered without a summary")
         data = b"".join(chunks)
-        stored = time.perf_counter()
-        media_id = await request.app[MEDIA].put_async(data, summary.mime_type or "video/mp4")
-        store_seconds = time.perf_counter() - stored
         record = billing_pb.MediaRecord(
             media_id=media_id,
             kind=VIDEO,
@@ -121,25 +120,34 @@ async def create_video(request: web.Request) -> web.StreamResponse:
             duration_seconds=summary.duration_seconds,
             size_bytes=len(data),
         )
+        entry = _video_entry(request, record, created_ms=int(time.time() * 1000))
+        file = MediaFile(data, record.mime_type, media_id)
+        return Done((entry, summary), usage, files=[file], records=[record])
+
+    async def answer(
+        done: tuple[dict[str, Any], video_pb.VideoSummary], charge: Charge
+    ) -> web.StreamResponse:
+        entry, summary = done
         body = {
-            **_video_entry(request, record, created_ms=int(time.time() * 1000)),
+            **entry,
             "seed": summary.seed,
             "num_steps": summary.num_steps,
             "resolution": summary.resolution,
             "use_ode": summary.use_ode,
-            "credits_charged": format_credits(auth.reservation.amount_hundredths),
-            "timing": timing_entry(summary.timing, store_seconds, started),
+            "credits_charged": format_credits(charge.charged),
+            "timing": timing_entry(summary.timing, charge.store_seconds, started),
         }
-        return Billed(body, auth.reservation.amount_hundredths, media=(record,))
+        if progress.wanted:
+            return await progress.finish(body)
+        return json_response(body, headers={"X-Credits-Charged": body["credits_charged"]})
 
     try:
-        body = (await run_billed(request, usage, work)).result
+        return await billed(request, usage, work, answer, streamed=progress.wanted)
     except KilnError as err:
         ended = await progress.fail(envelope(err.message, err.error_type))
         if ended is None:
             raise
         return ended
-    return await progress.finish(body) if progress.wanted else json_response(body)
 
 
 async def list_user_videos(request: web.Request) -> web.Response:

@@ -20,16 +20,27 @@ Rows of amount 0 (premium accounts hold 0) are not written.
 
 The balance can never go negative: a hold is a conditional
 ``UPDATE ... WHERE balance >= amount`` and the table has a CHECK constraint.
-A request id is unique per account, so a retry (even a concurrent one) gets
-the first reservation back and never a second hold. Commit and release are
-idempotent when repeated; mixing them, or committing after expiry, fails with
-``invalid_request_error``. Nothing here knows about gRPC.
+Every hold gets a new id made here; the caller's request id is only recorded
+(a trace id), so repeating it never selects an existing hold.
+
+Idempotency keys (a client's ``Idempotency-Key``) are scoped to the account
+and stored with a fingerprint of the request in ``idempotency_keys``, in the
+same transaction as the hold: a repeat of a finished request gets its stored
+answer back (no hold), a repeat of a running or streamed one a
+:class:`~services.common.errors.Conflict`, another request under the same key an
+``invalid_request_error``. A release or an expired hold frees the key.
+
+Commit charges what a price function says the work done costs, capped at the
+hold. Commit and release are idempotent when repeated; mixing them, or
+committing after expiry, fails with ``invalid_request_error``. Nothing here
+knows about gRPC.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 import time
 from collections import defaultdict
@@ -42,6 +53,7 @@ from services.billing.pricing import purchase_paid_units
 from services.billing.store import Database, Row, Tx
 from services.common.errors import (
     AuthenticationFailed,
+    Conflict,
     InsufficientCredits,
     InvalidRequest,
     KilnError,
@@ -54,6 +66,11 @@ CreditKind = Literal["purchase", "grant"]
 
 API_KEY_PREFIX = "sk-kiln-"
 MAX_REQUEST_ID_CHARS = 200
+#: Idempotency-Key: 1 to 255 printable ASCII characters, kept this long.
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+#: Characters of a key quoted back in an error message.
+_QUOTED_KEY_CHARS = 64
 #: Upper bound of one purchase or grant (a typo guard), in credits.
 MAX_CREDITS_PER_ADD = Decimal(10) ** 12
 MAINTENANCE_FLAG = "maintenance"
@@ -90,6 +107,38 @@ class MediaRecord:
     duration_seconds: float = 0.0
     size_bytes: int = 0
     created_at_ms: int = 0
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """A client's idempotency key with the fingerprint of the request it came with."""
+
+    key: str
+    fingerprint: str
+    #: The answer is streamed: never replayed, a repeat is refused once it started.
+    streamed: bool = False
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    """An answer kept for an idempotency key: status, headers and body (or the
+    media store id of a large body)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = b""
+    body_media_id: str = ""
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """What :meth:`Ledger.authorize` did: a new hold, or the stored answer of a finished
+    request with the same idempotency key (then ``reservation`` is None: nothing is held)."""
+
+    account: AccountRecord
+    reservation: ReservationRecord | None
+    amounts: list[int]
+    replay: StoredAnswer | None = None
 
 
 @dataclass(frozen=True)
@@ -415,28 +464,71 @@ class Ledger:
         price: Callable[[AccountRecord], list[int]],
         request_id: str,
         ttl_seconds: float,
-    ) -> tuple[ReservationRecord, AccountRecord, list[int]]:
+        idempotency: IdempotencyClaim | None = None,
+    ) -> Authorization:
         """Finds the caller's account, prices the work for it and holds the total: one transaction.
 
-        Returns the hold, the account after it and the price of each item.
-        ``price`` may refuse the account (e.g. PremiumRequired); nothing is held then.
+        ``price`` may refuse the account (e.g. PremiumRequired); nothing is held
+        then. With ``idempotency``, the key is claimed for the new hold in the same
+        transaction, or the stored answer of its finished request is returned.
         """
         hold = self._hold_fn(request_id, ttl_seconds)
+        if idempotency is not None:
+            _check_idempotency_key(idempotency.key)
+        now = self.now_ms()
 
-        def tx_fn(tx: Tx) -> tuple[ReservationRecord, AccountRecord, list[int]]:
+        def tx_fn(tx: Tx) -> Authorization:
             account = find_account(tx)
+            if idempotency is not None:
+                replay = _earlier_answer(tx, account.id, idempotency, now)
+                if replay is not None:
+                    return Authorization(account, None, [], replay)
             amounts = price(account)
             reservation, after = hold(tx, account.id, sum(amounts))
-            return reservation, after, amounts
+            if idempotency is not None:
+                claimed = tx.one(
+                    "INSERT INTO idempotency_keys (account_id, idem_key, fingerprint, reservation_id, streamed,"
+                    " created_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (account_id, idem_key) DO NOTHING RETURNING idem_key",
+                    (
+                        account.id,
+                        idempotency.key,
+                        idempotency.fingerprint,
+                        reservation.id,
+                        idempotency.streamed,
+                        now,
+                        now + IDEMPOTENCY_TTL_SECONDS * 1000,
+                    ),
+                )
+                if claimed is None:  # a concurrent request took the key first (PostgreSQL)
+                    raise _in_progress(idempotency.key)
+            return Authorization(after, reservation, amounts)
 
         return await self.db.run(tx_fn)
+
+    async def save_response(self, reservation_id: str, answer: StoredAnswer) -> bool:
+        """Stores the answer of a committed request that claimed an idempotency key.
+
+        Returns False when there is nothing to store it for (no key, or already stored).
+        """
+        headers = json.dumps([list(pair) for pair in answer.headers])
+
+        def tx_fn(tx: Tx) -> int:
+            res = _read_reservation(tx, reservation_id)
+            if res.state != "committed":
+                raise InvalidRequest(f"Reservation '{res.id}' is not committed; there is no answer to store.")
+            return tx.execute(
+                "UPDATE idempotency_keys SET response_status = ?, response_headers = ?, response_body = ?,"
+                " response_media_id = ? WHERE reservation_id = ? AND response_status IS NULL",
+                (answer.status, headers, answer.body, answer.body_media_id, reservation_id),
+            )
+
+        return await self.db.run(tx_fn) == 1
 
     def _hold_fn(
         self, request_id: str, ttl_seconds: float
     ) -> Callable[[Tx, str, int], tuple[ReservationRecord, AccountRecord]]:
-        """Checks a hold's request id and TTL; returns the in-transaction hold for them."""
-        if not request_id:
-            raise InvalidRequest("'request_id' is required.")
+        """Checks a hold's trace id and TTL; returns the in-transaction hold for them."""
         if len(request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(f"'request_id' is longer than {MAX_REQUEST_ID_CHARS} characters.")
         if ttl_seconds <= 0:
@@ -446,25 +538,14 @@ class Ledger:
         expires = now + int(ttl_seconds * 1000)
 
         def hold(tx: Tx, account_id: str, amount: int) -> tuple[ReservationRecord, AccountRecord]:
-            # Insert first: a concurrent call with the same request id waits on the
-            # unique index here and then takes the first reservation.
             inserted = tx.one(
                 "INSERT INTO reservations (id, account_id, request_id, amount, charged, state,"
                 " created_at_ms, expires_at_ms) SELECT ?, id, ?, ?, 0, 'held', ?, ? FROM accounts"
-                " WHERE id = ? ON CONFLICT (account_id, request_id) DO NOTHING RETURNING "
-                + _RESERVATION_COLUMNS,
+                f" WHERE id = ? RETURNING {_RESERVATION_COLUMNS}",
                 (reservation_id, request_id, amount, now, expires, account_id),
             )
             if inserted is None:
-                existing = tx.one(
-                    f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE account_id = ? AND request_id = ?",
-                    (account_id, request_id),
-                )
-                if existing is None:
-                    raise _account_not_found(account_id)
-                row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
-                assert row is not None
-                return _reservation(existing), _account(row)
+                raise _account_not_found(account_id)
             if amount == 0:
                 row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
                 assert row is not None
@@ -487,21 +568,34 @@ class Ledger:
         return hold
 
     async def commit(
-        self, reservation_id: str, amount: int, media: tuple[MediaRecord, ...] = ()
+        self,
+        reservation_id: str,
+        price: Callable[[AccountRecord], int] | int,
+        media: tuple[MediaRecord, ...] = (),
     ) -> ReservationRecord:
-        """Charges ``amount`` (at most the hold) and returns the rest to the balance.
+        """Charges the price of the work done, capped at the hold, and returns the rest.
 
-        ``media`` (the files the request produced) are recorded for the account
-        in the same transaction, so a file is listed exactly when it was paid
-        for. Committing again with the same amount returns the committed
-        reservation (recording nothing twice); any other second settlement, and
-        a commit after the hold expired, fail with InvalidRequest.
+        ``price`` is the amount, or a function of the reservation's account that
+        prices the work done (billing's pricing, as for the hold). ``media`` (the
+        files the request produced) are recorded for the account in the same
+        transaction, so a file is listed exactly when it was paid for.
+        Committing again at the same price returns the committed reservation
+        (recording nothing twice); any other second settlement, and a commit
+        after the hold expired, fail with InvalidRequest.
         """
-        if amount < 0:
-            raise InvalidRequest(f"The amount to charge must not be negative, got {amount}.")
         now = self.now_ms()
 
         def tx_fn(tx: Tx) -> tuple[ReservationRecord, KilnError | None]:
+            held = _read_reservation(tx, reservation_id)
+            if callable(price):
+                row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (held.account_id,))
+                assert row is not None
+                full = price(_account(row))
+            else:
+                full = price
+            if full < 0:
+                raise InvalidRequest(f"The amount to charge must not be negative, got {full}.")
+            amount = min(full, held.amount)
             row = tx.one(
                 "UPDATE reservations SET state = 'committed', charged = ?, settled_at_ms = ?"
                 " WHERE id = ? AND state = 'held' AND amount >= ? AND expires_at_ms > ?"
@@ -551,11 +645,6 @@ class Ledger:
                 return res, InvalidRequest(f"Reservation '{res.id}' was released; it cannot be committed.")
             if res.state == "expired":
                 return res, _expired_error(res)
-            if amount > res.amount:
-                return res, InvalidRequest(
-                    f"Cannot commit {format_credits(amount)} credits: reservation '{res.id}' holds only "
-                    f"{format_credits(res.amount)}."
-                )
             # Held but past its time to live, not yet swept: expire it now.
             expired = _expire(tx, [res], now)
             return (expired[0] if expired else _read_reservation(tx, res.id)), _expired_error(res)
@@ -640,6 +729,7 @@ class Ledger:
                         (res.amount, res.amount, res.account_id),
                     )
                     _ledger_row(tx, res.account_id, "release", res.amount, res.id, now, "")
+                _free_keys(tx, [res.id])
                 return res
             res = _read_reservation(tx, reservation_id)
             if res.state == "committed":
@@ -661,6 +751,7 @@ class Ledger:
                 " ORDER BY id",
                 (now,),
             )
+            tx.execute("DELETE FROM idempotency_keys WHERE expires_at_ms <= ?", (now,))
             return len(_expire(tx, [_reservation(row) for row in rows], now))
 
         return await self.db.run(tx_fn)
@@ -797,6 +888,7 @@ def _expire(tx: Tx, holds: list[ReservationRecord], now: int) -> list[Reservatio
         if done.amount:
             per_account[done.account_id] += done.amount
             _ledger_row(tx, done.account_id, "expire", done.amount, done.id, now, "hold expired")
+    _free_keys(tx, [res.id for res in expired])
     for account_id in sorted(per_account):
         total = per_account[account_id]
         tx.execute(
@@ -804,3 +896,67 @@ def _expire(tx: Tx, holds: list[ReservationRecord], now: int) -> list[Reservatio
             (total, total, account_id),
         )
     return expired
+
+
+def _free_keys(tx: Tx, reservation_ids: list[str]) -> None:
+    """Frees the idempotency keys of holds that ended unpaid: the request may be retried."""
+    for reservation_id in reservation_ids:
+        tx.execute("DELETE FROM idempotency_keys WHERE reservation_id = ?", (reservation_id,))
+
+
+def _quoted_key(key: str) -> str:
+    return key if len(key) <= _QUOTED_KEY_CHARS else key[:_QUOTED_KEY_CHARS] + "..."
+
+
+def _check_idempotency_key(key: str) -> None:
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not all(" " <= c <= "~" for c in key):
+        raise InvalidRequest(
+            f"The Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters."
+        )
+
+
+def _in_progress(key: str) -> Conflict:
+    return Conflict(
+        f"A request with Idempotency-Key '{_quoted_key(key)}' is in progress; retry once it has finished."
+    )
+
+
+def _earlier_answer(tx: Tx, account_id: str, claim: IdempotencyClaim, now: int) -> StoredAnswer | None:
+    """The stored answer of the key's finished request; None when the key is free (or expired).
+
+    Raises InvalidRequest for another request under the key, and Conflict while
+    its request runs or when its answer was streamed (never replayed).
+    """
+    row = tx.one(
+        "SELECT k.fingerprint, k.streamed, k.response_status, k.response_headers, k.response_body,"
+        " k.response_media_id, k.expires_at_ms, r.state FROM idempotency_keys k"
+        " JOIN reservations r ON r.id = k.reservation_id WHERE k.account_id = ? AND k.idem_key = ?",
+        (account_id, claim.key),
+    )
+    if row is None:
+        return None
+    fingerprint, streamed, status, headers, body, media_id, expires_at_ms, state = row
+    if int(expires_at_ms) <= now:
+        tx.execute(
+            "DELETE FROM idempotency_keys WHERE account_id = ? AND idem_key = ?", (account_id, claim.key)
+        )
+        return None
+    if not hmac.compare_digest(str(fingerprint), claim.fingerprint):
+        raise InvalidRequest(
+            f"Idempotency-Key '{_quoted_key(claim.key)}' was already used with a different request "
+            "(method, route, query or body); use a new key for a new request."
+        )
+    if status is not None:
+        pairs = tuple((str(name), str(value)) for name, value in json.loads(headers or "[]"))
+        return StoredAnswer(int(status), pairs, bytes(body or b""), str(media_id or ""))
+    if state == "held":
+        raise _in_progress(claim.key)
+    if bool(streamed):
+        raise Conflict(
+            f"The request with Idempotency-Key '{_quoted_key(claim.key)}' was answered as a stream; "
+            "streamed answers are not replayed."
+        )
+    raise Conflict(
+        f"The request with Idempotency-Key '{_quoted_key(claim.key)}' was completed and charged, but its "
+        "answer was not stored; use a new key to run it again."
+    )

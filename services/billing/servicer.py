@@ -7,7 +7,10 @@ rich statuses in the server's interceptor.
 
 Authorize is the hot path (once per billed request): maintenance flag
 (cached), a JWT check when the credential is one, then one transaction that
-finds the account, prices the work for it and holds the total.
+finds the account, checks its idempotency key, prices the work for it and
+holds the total. Commit prices the work actually done with the same
+function (:func:`~services.billing.pricing.quote`), capped at the hold: the
+caller reports usage, never an amount.
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ import grpc
 from kiln.billing.v1 import billing_service_pb2 as pb
 from kiln.billing.v1 import billing_service_pb2_grpc as pb_grpc
 from services.billing.auth import Authenticator
-from services.billing.ledger import AccountFinder, AccountRecord, Ledger, MediaRecord, ReservationRecord
+from services.billing.ledger import (
+    AccountFinder,
+    AccountRecord,
+    IdempotencyClaim,
+    Ledger,
+    MediaRecord,
+    ReservationRecord,
+    StoredAnswer,
+)
 from services.billing.pricing import ImageGenerationItem, quote
 from services.common.errors import AuthenticationFailed, InvalidRequest, MaintenanceMode
 from services.common.registry import Registry
@@ -57,9 +68,13 @@ def reservation_pb(res: ReservationRecord) -> pb.Reservation:
     )
 
 
-def usage_items(usages: Sequence[pb.Usage]) -> list[ImageGenerationItem]:
-    """The ledger-side form of the request's usage items."""
-    if not usages:
+def usage_items(usages: Sequence[pb.Usage], *, done: bool = False) -> list[ImageGenerationItem]:
+    """The ledger-side form of the request's usage items.
+
+    ``done``: the usage of Commit, the work actually done. It may be empty, and
+    a segmentation item may have 0 frames (nothing found): both cost nothing.
+    """
+    if not usages and not done:
         raise InvalidRequest("'usage' must list at least one item to price.")
     items: list[ImageGenerationItem] = []
     for index, usage in enumerate(usages):
@@ -77,12 +92,23 @@ def usage_items(usages: Sequence[pb.Usage]) -> list[ImageGenerationItem]:
             up = usage.upscale
             items.append(ImageGenerationItem(model=up.model, width=up.output_width, height=up.output_height))
         elif kind == "segmentation":
+            if done and usage.segmentation.frames == 0:
+                continue
             if usage.segmentation.frames < 1:
                 raise InvalidRequest(f"usage[{index}]: 'frames' must be at least 1.")
             items.append(ImageGenerationItem(model=usage.segmentation.model, count=usage.segmentation.frames))
         else:
             raise InvalidRequest(f"usage[{index}] names no kind of work.")
     return items
+
+
+def stored_response_pb(answer: StoredAnswer) -> pb.StoredResponse:
+    return pb.StoredResponse(
+        status=answer.status,
+        headers=[pb.Header(name=name, value=value) for name, value in answer.headers],
+        body=answer.body,
+        body_media_id=answer.body_media_id,
+    )
 
 
 def _require(value: str, name: str) -> str:
@@ -127,21 +153,29 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
     async def Authorize(
         self, request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthorizeResponse:
-        _require(request.request_id, "request_id")
         items = usage_items(request.usage)
         ttl = self._ttl(request.ttl_seconds)
+        claim = None
+        if request.HasField("idempotency"):
+            key = request.idempotency
+            _require(key.fingerprint, "idempotency.fingerprint")
+            claim = IdempotencyClaim(key.key, key.fingerprint, key.streamed)
         await self._check_maintenance()
-        reservation, after, amounts = await self.ledger.authorize(
+        outcome = await self.ledger.authorize(
             self._finder(request.credential),
             lambda account: quote(items, self.registry, premium=account.premium),
             request.request_id,
             ttl,
+            claim,
         )
-        return pb.AuthorizeResponse(
-            account=account_pb(after),
-            reservation=reservation_pb(reservation),
-            item_amounts_hundredths=amounts,
+        response = pb.AuthorizeResponse(
+            account=account_pb(outcome.account), item_amounts_hundredths=outcome.amounts
         )
+        if outcome.reservation is not None:
+            response.reservation.CopyFrom(reservation_pb(outcome.reservation))
+        if outcome.replay is not None:
+            response.replay.CopyFrom(stored_response_pb(outcome.replay))
+        return response
 
     async def Authenticate(
         self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext
@@ -162,7 +196,6 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReserveResponse:
         _require(request.account_id, "account_id")
-        _require(request.request_id, "request_id")
         if request.amount_hundredths < 0:
             raise InvalidRequest("'amount_hundredths' must not be negative.")
         reservation = await self.ledger.reserve(
@@ -172,11 +205,37 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
 
     async def Commit(self, request: pb.CommitRequest, context: grpc.aio.ServicerContext) -> pb.CommitResponse:
         _require(request.reservation_id, "reservation_id")
-        if request.amount_hundredths < 0:
-            raise InvalidRequest("'amount_hundredths' must not be negative.")
+        items = usage_items(request.usage, done=True)
         media = tuple(_media_record(record) for record in request.media)
-        reservation = await self.ledger.commit(request.reservation_id, request.amount_hundredths, media)
+
+        def price(account: AccountRecord) -> int:
+            return sum(quote(items, self.registry, premium=account.premium)) if items else 0
+
+        reservation = await self.ledger.commit(request.reservation_id, price, media)
         return pb.CommitResponse(reservation=reservation_pb(reservation))
+
+    async def GetReservation(
+        self, request: pb.GetReservationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetReservationResponse:
+        _require(request.reservation_id, "reservation_id")
+        reservation = await self.ledger.get_reservation(request.reservation_id)
+        return pb.GetReservationResponse(reservation=reservation_pb(reservation))
+
+    async def SaveResponse(
+        self, request: pb.SaveResponseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SaveResponseResponse:
+        _require(request.reservation_id, "reservation_id")
+        stored = request.response
+        if not 100 <= stored.status <= 599:
+            raise InvalidRequest("'response.status' must be an HTTP status (100-599).")
+        answer = StoredAnswer(
+            status=stored.status,
+            headers=tuple((h.name, h.value) for h in stored.headers),
+            body=stored.body,
+            body_media_id=stored.body_media_id,
+        )
+        saved = await self.ledger.save_response(request.reservation_id, answer)
+        return pb.SaveResponseResponse(saved=saved)
 
     async def Release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext

@@ -75,14 +75,25 @@ class KilnError(Exception):
         super().__init__(self.message)
         self.metadata = dict(metadata or {})
 
+    #: How this error travels when it is not its type's usual one (e.g. a 409).
+    mapping_override: ErrorMapping | None = None
+
     @property
     def mapping(self) -> ErrorMapping:
-        return ERROR_MAPPINGS[self.error_type]
+        return self.mapping_override or ERROR_MAPPINGS[self.error_type]
 
 
 class InvalidRequest(KilnError):
     error_type = ErrorType.INVALID_REQUEST
     default_message = "Invalid request."
+
+
+class Conflict(InvalidRequest):
+    """The request collides with another one in flight (an idempotency key in use): a 409
+    with the contract's ``invalid_request_error`` type."""
+
+    mapping_override = ErrorMapping("ABORTED", 409)
+    default_message = "A request with this idempotency key is in progress."
 
 
 class AuthenticationFailed(KilnError):
@@ -102,6 +113,12 @@ class PremiumRequired(KilnError):
 
 class ProcessingError(KilnError):
     error_type = ErrorType.PROCESSING
+
+
+class UpstreamUnavailable(ProcessingError):
+    """A service did not answer in time or could not be reached: what the call did is unknown."""
+
+    default_message = "An upstream service is unavailable; please try again."
 
 
 class MaintenanceMode(KilnError):
@@ -134,6 +151,15 @@ _BY_TYPE: dict[ErrorType, type[KilnError]] = {
 }
 
 
-def error_from_type(error_type: ErrorType, message: str) -> KilnError:
-    """Rebuilds the exception for an error type (used when an error crosses gRPC)."""
-    return _BY_TYPE[error_type](message)
+#: Errors that travel with another gRPC code than their type's usual one.
+_VARIANTS: dict[tuple[ErrorType, str], type[KilnError]] = {
+    (cls.error_type, cls.mapping_override.grpc_code): cls
+    for cls in (Conflict,)
+    if cls.mapping_override is not None
+}
+
+
+def error_from_type(error_type: ErrorType, message: str, grpc_code: str | None = None) -> KilnError:
+    """Rebuilds the exception for an error type and gRPC code name (used when an error crosses gRPC)."""
+    cls = _VARIANTS.get((error_type, grpc_code or ""), _BY_TYPE[error_type])
+    return cls(message)

@@ -11,6 +11,7 @@ from services.common.errors import (
     ErrorType,
     KilnError,
     ProcessingError,
+    UpstreamUnavailable,
     error_from_type,
 )
 from services.common.telemetry import client_interceptors
@@ -37,12 +38,12 @@ def error_from_rpc(err: grpc.aio.AioRpcError) -> KilnError:
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 try:
-                    return error_from_type(ErrorType(info.reason), status.message)
+                    return error_from_type(ErrorType(info.reason), status.message, err.code().name)
                 except ValueError:
                     break
     code = err.code()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return ProcessingError("An upstream service is unavailable; please try again.")
+        return UpstreamUnavailable()
     fallback = GRPC_CODE_FALLBACK.get(code.name)
     if fallback is not None:
         return error_from_type(fallback, err.details() or fallback.value)

@@ -89,7 +89,14 @@ class Settings(BaseSettings):
     )
 
     # --- billing ---
-    reservation_ttl_seconds: int = Field(600, description="Default time to live of a credit hold.")
+    reservation_ttl_seconds: int = Field(
+        720,
+        description="Default time to live of a credit hold (the edge asks for the service timeout "
+        "plus two minutes, so a hold outlives the longest call).",
+    )
+    billing_timeout_seconds: float = Field(
+        10.0, description="Deadline of one billing call from the edge (a commit is retried past it)."
+    )
     expiry_sweep_seconds: float = Field(5.0, description="How often billing releases expired holds.")
     jwt_hs256_secret: SecretStr | None = Field(None, description="Shared secret for HS256 JWTs.")
     jwt_public_keys: list[Path] = Field(
