@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
-from services.billing.ledger import AccountRecord, Ledger, hash_api_key
-from services.billing.store import Database, load_migrations
+from services.billing.ledger import (
+    AccountRecord,
+    IdempotencyClaim,
+    Ledger,
+    StoredAnswer,
+    api_key_finder,
+    hash_api_key,
+)
+from services.billing.store import Database, _migrate, load_migrations
 from services.common.errors import (
     AuthenticationFailed,
+    Conflict,
     InsufficientCredits,
     InvalidRequest,
     NotFound,
@@ -140,25 +151,31 @@ async def test_insufficient_credits_names_required_and_available(ledger: Ledger)
     assert (await ledger.reserve(account.id, 79, "req-1", 60)).state == "held"
 
 
-async def test_same_request_id_returns_the_first_reservation_without_a_second_hold(ledger: Ledger) -> None:
+async def test_the_same_request_id_twice_makes_two_holds_and_charges_twice(ledger: Ledger) -> None:
     account = await funded(ledger, "10")
     first = await ledger.reserve(account.id, 100, "same", 60)
-    again = await ledger.reserve(account.id, 500, "same", 60)
-    assert again == first
-    assert (await ledger.get_account(account.id)).held == 100
-    other = await funded(ledger, "10")
-    assert (await ledger.reserve(other.id, 100, "same", 60)).id != first.id
+    again = await ledger.reserve(account.id, 300, "same", 60)
+    assert first.id != again.id and first.request_id == again.request_id == "same"
+    assert (await ledger.get_account(account.id)).held == 400
+    await ledger.commit(first.id, 100)
+    await ledger.commit(again.id, 300)
+    assert (await ledger.get_account(account.id)).balance == 600
+    await assert_books_balance(ledger, account.id)
 
 
-async def test_concurrent_calls_with_one_request_id_make_one_hold(
+async def test_concurrent_calls_with_one_request_id_each_hold_until_the_money_runs_out(
     database: Database, clock: FakeClock
 ) -> None:
     ledger = Ledger(database, clock=clock)
-    account = await funded(ledger, "1")
-    results = await asyncio.gather(*(ledger.reserve(account.id, 100, "retry-storm", 60) for _ in range(20)))
-    assert len({r.id for r in results}) == 1
+    account = await funded(ledger, "5")  # 500 units: 5 holds of 100
+    results = await asyncio.gather(
+        *(ledger.reserve(account.id, 100, "retry-storm", 60) for _ in range(20)), return_exceptions=True
+    )
+    held = [r for r in results if not isinstance(r, BaseException)]
+    assert len({r.id for r in held}) == 5
+    assert all(isinstance(r, InsufficientCredits) for r in results if isinstance(r, BaseException))
     account = await ledger.get_account(account.id)
-    assert (account.balance, account.held) == (0, 100)
+    assert (account.balance, account.held) == (0, 500)
     await assert_books_balance(ledger, account.id)
 
 
@@ -216,13 +233,30 @@ async def test_release_twice_returns_it_unchanged_and_commit_after_release_fails
     await assert_books_balance(ledger, account.id)
 
 
-async def test_commit_more_than_held_fails_and_keeps_the_hold(ledger: Ledger) -> None:
+async def test_commit_is_capped_at_the_hold(ledger: Ledger) -> None:
     account = await funded(ledger)
     res = await ledger.reserve(account.id, 100, "r", 60)
-    with pytest.raises(InvalidRequest, match="holds only 1"):
-        await ledger.commit(res.id, 101)
-    assert (await ledger.get_reservation(res.id)).state == "held"
-    assert (await ledger.commit(res.id, 100)).charged == 100
+    assert (await ledger.commit(res.id, 101)).charged == 100
+    assert (await ledger.get_account(account.id)).balance == 900
+    await assert_books_balance(ledger, account.id)
+
+
+async def test_commit_prices_the_work_for_the_reservations_account(ledger: Ledger) -> None:
+    account = await funded(ledger)
+    vip = await ledger.create_account("vip", premium=True)
+    seen: list[str] = []
+
+    def price(holder: AccountRecord) -> int:
+        seen.append(holder.id)
+        return 0 if holder.premium else 37
+
+    res = await ledger.reserve(account.id, 100, "r", 60)
+    free = await ledger.reserve(vip.id, 0, "r", 60)
+    assert (await ledger.commit(res.id, price)).charged == 37
+    assert (await ledger.commit(free.id, price)).charged == 0
+    assert seen == [account.id, vip.id]
+    assert (await ledger.commit(res.id, price)).charged == 37  # the same commit again: the first result
+    assert (await ledger.get_account(account.id)).balance == 963
 
 
 async def test_unknown_reservation_is_not_found(ledger: Ledger) -> None:
@@ -234,7 +268,7 @@ async def test_unknown_reservation_is_not_found(ledger: Ledger) -> None:
 
 async def test_bad_reservation_arguments_are_invalid_requests(ledger: Ledger) -> None:
     account = await funded(ledger)
-    for amount, request_id, ttl in ((-1, "r", 60), (1, "", 60), (1, "r", 0), (1, "x" * 201, 60)):
+    for amount, request_id, ttl in ((-1, "r", 60), (1, "r", 0), (1, "x" * 201, 60)):
         with pytest.raises(InvalidRequest):
             await ledger.reserve(account.id, amount, request_id, ttl)
     res = await ledger.reserve(account.id, 1, "r", 60)
@@ -370,7 +404,7 @@ async def test_maintenance_flag_is_shared_and_cached_for_a_second(ledger: Ledger
 
 
 async def test_migrations_are_versioned_and_recorded(database: Database) -> None:
-    expected = [(m.version, m.name) for m in load_migrations()]
+    expected = [(m.version, m.name) for m in load_migrations(database.dialect)]
     assert expected[0] == (1, "initial")
     assert await database.applied_migrations() == expected
 
@@ -388,7 +422,7 @@ async def test_two_processes_starting_at_once_migrate_once(db_url: str) -> None:
     dbs = await asyncio.gather(*(Database.open(db_url) for _ in range(3)))
     try:
         rows = await dbs[0].run(lambda tx: tx.all("SELECT version FROM schema_migrations"), write=False)
-        assert sorted(rows) == [(m.version,) for m in load_migrations()]
+        assert sorted(rows) == [(m.version,) for m in load_migrations(dbs[0].dialect)]
     finally:
         await asyncio.gather(*(db.close() for db in dbs))
 
@@ -399,3 +433,155 @@ async def test_an_applied_migration_that_changed_is_refused(database: Database) 
     )
     with pytest.raises(RuntimeError, match="changed after it was applied"):
         await Database.open(database.url)
+
+
+async def test_a_database_made_before_billing_made_hold_ids_keeps_its_holds(tmp_path: Path) -> None:
+    """Migration 0004 rebuilds SQLite's reservations table: rows, references and expiry index survive."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = [m for m in load_migrations("sqlite") if m.version <= 3]
+    db = Database(url, "sqlite")
+    db._executor = ThreadPoolExecutor(max_workers=1)
+    await asyncio.get_running_loop().run_in_executor(
+        db._executor, db._connect_sqlite, url[len("sqlite:///") :]
+    )
+    await db.run(functools.partial(_migrate, old))
+    ledger = Ledger(db, clock=FakeClock())
+    account = await funded(ledger)
+    held = await ledger.reserve(account.id, 100, "r1", 60)
+    charged = await ledger.reserve(account.id, 200, "r2", 60)
+    await ledger.commit(charged.id, 150)
+    await db.close()
+
+    db = await Database.open(url)
+    try:
+        ledger = Ledger(db, clock=FakeClock())
+        assert (await ledger.get_reservation(held.id)).state == "held"
+        assert (await ledger.get_reservation(charged.id)).charged == 150
+        again = await ledger.reserve(account.id, 100, "r1", 60)  # no unique request id any more
+        assert again.id != held.id
+        await assert_books_balance(ledger, account.id)
+        assert await db.run(lambda tx: tx.all("PRAGMA foreign_key_check"), write=False) == []
+        indexes = await db.run(lambda tx: tx.all("PRAGMA index_list(reservations)"), write=False)
+        assert "reservations_held_by_expiry" in {row[1] for row in indexes}
+    finally:
+        await db.close()
+
+
+# --- idempotency keys ---
+
+
+def image_price(holder: AccountRecord) -> list[int]:
+    return [0 if holder.premium else 78]
+
+
+async def test_a_finished_request_key_replays_its_stored_answer_without_a_hold(ledger: Ledger) -> None:
+    account = await funded(ledger)
+    _, key = await ledger.create_api_key(account.id)
+    claim = IdempotencyClaim("key-1", "f" * 64)
+    first = await ledger.authorize(api_key_finder(key), image_price, "t1", 60, claim)
+    assert first.reservation is not None and first.replay is None
+    await ledger.commit(first.reservation.id, 78)
+    answer = StoredAnswer(
+        200, (("Content-Type", "application/json"), ("X-Credits-Charged", "0.78")), b'{"a":1}'
+    )
+    assert await ledger.save_response(first.reservation.id, answer) is True
+    assert await ledger.save_response(first.reservation.id, answer) is False  # kept once
+    again = await ledger.authorize(api_key_finder(key), image_price, "t2", 60, claim)
+    assert again.reservation is None and again.replay == answer
+    assert (await ledger.get_account(account.id)).balance == 1000 - 78
+    await assert_books_balance(ledger, account.id)
+
+
+async def test_a_key_in_progress_is_a_conflict_and_another_request_under_it_is_invalid(
+    ledger: Ledger,
+) -> None:
+    account = await funded(ledger)
+    _, key = await ledger.create_api_key(account.id)
+    first = await ledger.authorize(
+        api_key_finder(key), image_price, "t1", 60, IdempotencyClaim("k", "a" * 64)
+    )
+    with pytest.raises(Conflict, match="in progress"):
+        await ledger.authorize(api_key_finder(key), image_price, "t2", 60, IdempotencyClaim("k", "a" * 64))
+    with pytest.raises(InvalidRequest, match="Idempotency-Key 'k' was already used with a different request"):
+        await ledger.authorize(api_key_finder(key), image_price, "t3", 60, IdempotencyClaim("k", "b" * 64))
+    assert (await ledger.get_account(account.id)).held == 78  # the refused ones held nothing
+    assert first.reservation is not None
+    await ledger.release(first.reservation.id)  # the first failed: the key is free again
+    retry = await ledger.authorize(
+        api_key_finder(key), image_price, "t4", 60, IdempotencyClaim("k", "b" * 64)
+    )
+    assert retry.reservation is not None
+
+
+async def test_keys_are_scoped_to_the_account(ledger: Ledger) -> None:
+    one, two = await funded(ledger), await funded(ledger)
+    (_, key_one), (_, key_two) = await ledger.create_api_key(one.id), await ledger.create_api_key(two.id)
+    claim = IdempotencyClaim("shared", "a" * 64)
+    a = await ledger.authorize(api_key_finder(key_one), image_price, "t", 60, claim)
+    b = await ledger.authorize(api_key_finder(key_two), image_price, "t", 60, claim)
+    assert a.reservation is not None and b.reservation is not None and a.reservation.id != b.reservation.id
+
+
+async def test_concurrent_requests_with_one_key_hold_once(database: Database, clock: FakeClock) -> None:
+    ledger = Ledger(database, clock=clock)
+    account = await funded(ledger)
+    _, key = await ledger.create_api_key(account.id)
+    claim = IdempotencyClaim("storm", "c" * 64)
+    outcomes = await asyncio.gather(
+        *(ledger.authorize(api_key_finder(key), image_price, "t", 60, claim) for _ in range(10)),
+        return_exceptions=True,
+    )
+    won = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(won) == 1
+    assert all(isinstance(o, Conflict) for o in outcomes if isinstance(o, BaseException))
+    assert (await ledger.get_account(account.id)).held == 78
+    await assert_books_balance(ledger, account.id)
+
+
+async def test_a_streamed_answer_is_never_replayed(ledger: Ledger) -> None:
+    account = await funded(ledger)
+    _, key = await ledger.create_api_key(account.id)
+    claim = IdempotencyClaim("stream", "d" * 64, streamed=True)
+    first = await ledger.authorize(api_key_finder(key), image_price, "t", 60, claim)
+    assert first.reservation is not None
+    await ledger.commit(first.reservation.id, 78)
+    with pytest.raises(Conflict, match="streamed answers are not replayed"):
+        await ledger.authorize(api_key_finder(key), image_price, "t", 60, claim)
+    assert (await ledger.get_account(account.id)).balance == 1000 - 78
+
+
+async def test_keys_expire_after_a_day_and_a_key_of_an_expired_hold_is_free(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    account = await funded(ledger)
+    _, key = await ledger.create_api_key(account.id)
+    claim = IdempotencyClaim("day", "e" * 64)
+    first = await ledger.authorize(api_key_finder(key), image_price, "t", 60, claim)
+    assert first.reservation is not None
+    await ledger.commit(first.reservation.id, 78)
+    await ledger.save_response(first.reservation.id, StoredAnswer(200, ()))
+    clock.advance(24 * 3600)
+    assert await ledger.expire_holds() == 0
+    rows = await ledger.db.run(lambda tx: tx.all("SELECT idem_key FROM idempotency_keys"), write=False)
+    assert rows == []  # swept
+    again = await ledger.authorize(api_key_finder(key), image_price, "t", 60, claim)
+    assert again.reservation is not None  # a new request under the old key
+    hold = await ledger.authorize(
+        api_key_finder(key), image_price, "t", 10, IdempotencyClaim("short", "f" * 64)
+    )
+    clock.advance(11)
+    assert await ledger.expire_holds() == 1  # the unpaid hold expires and frees its key
+    retry = await ledger.authorize(
+        api_key_finder(key), image_price, "t", 10, IdempotencyClaim("short", "f" * 64)
+    )
+    assert hold.reservation is not None and retry.reservation is not None
+    assert retry.reservation.id != hold.reservation.id
+
+
+async def test_bad_idempotency_keys_are_invalid_requests(ledger: Ledger) -> None:
+    account = await funded(ledger)
+    _, key = await ledger.create_api_key(account.id)
+    for bad in ("", "x" * 256, "tab\there", "caf\u00e9"):
+        with pytest.raises(InvalidRequest, match="Idempotency-Key"):
+            await ledger.authorize(api_key_finder(key), image_price, "t", 60, IdempotencyClaim(bad, "a" * 64))
+    assert (await ledger.get_account(account.id)).held == 0
