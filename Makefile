@@ -85,6 +85,7 @@ bench: gen $(STAMP) $(TTS_STAMP)
 	$(BIN)/python bench/tts.py
 	$(BIN)/python bench/music.py
 	$(BIN)/python bench/video.py
+	$(BIN)/python bench/ledger.py
 
 clean:
 	rm -rf kiln descriptors.binpb .pytest_cache .mypy_cache .ruff_cache

@@ -7,21 +7,19 @@ retry): that digest is the body's part of an ``Idempotency-Key`` fingerprint.
 
 from __future__ import annotations
 
-import hashlib
-
 from aiohttp import web
 
-from edge.keys import BODY_DIGEST
+from edge.keys import BODY_DIGEST, BodyDigest
 from services.common.errors import InvalidRequest
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
-def body_digest(request: web.Request) -> hashlib._Hash:
+def body_digest(request: web.Request) -> BodyDigest:
     """The running SHA-256 of the request's multipart parts (made on first use)."""
     digest = request.get(BODY_DIGEST)
     if digest is None:
-        digest = request[BODY_DIGEST] = hashlib.sha256()
+        digest = request[BODY_DIGEST] = BodyDigest()
     return digest
 
 

@@ -36,5 +36,19 @@ class PendingReleases:
 
 
 PENDING = web.AppKey("pending_releases", PendingReleases)
-#: SHA-256 of a multipart body's parts as they were read (the Idempotency-Key fingerprint).
-BODY_DIGEST = web.RequestKey("body_digest", hashlib._Hash)
+
+
+class BodyDigest:
+    """SHA-256 of a multipart body's parts as they were read (for the Idempotency-Key fingerprint)."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+
+    def update(self, data: bytes) -> None:
+        self._sha.update(data)
+
+    def digest(self) -> bytes:
+        return self._sha.digest()
+
+
+BODY_DIGEST = web.RequestKey("body_digest", BodyDigest)

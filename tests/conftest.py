@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from services.billing.ledger import Ledger
 from services.common.settings import DEFAULT_REGISTRY, Settings, load_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,7 +67,7 @@ premium_only = true
 class Mesh:
     settings: Settings
     url: str
-    ledger: object  # services.billing.ledger.Ledger on the same database
+    ledger: Ledger  # on the same database as the mesh's billing
     billing_port: int
     image_port: int
     segmentation_port: int
@@ -87,7 +88,6 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> AsyncIterator[Mesh]:
     from edge.app import create_runner
     from kiln_cli.main import free_port, spawn_service
-    from services.billing.ledger import Ledger
     from services.billing.server import create_service as create_billing
     from services.billing.store import Database
     from services.image_gen.server import create_service as create_image_gen
@@ -213,15 +213,15 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def balance(mesh: Mesh, account_id: str) -> int:
-    account = await mesh.ledger.get_account(account_id)  # type: ignore[attr-defined]
+    account = await mesh.ledger.get_account(account_id)
     return int(account.balance)
 
 
 async def new_customer(mesh: Mesh, credits: str = "100", *, premium: bool = False) -> Customer:
     """A fresh account with an API key and a grant of credits."""
     ledger = mesh.ledger
-    account = await ledger.create_account("test", premium=premium)  # type: ignore[attr-defined]
+    account = await ledger.create_account("test", premium=premium)
     if Decimal(credits) > 0:
-        await ledger.add_credits(account.id, Decimal(credits), kind="grant")  # type: ignore[attr-defined]
-    _, key = await ledger.create_api_key(account.id)  # type: ignore[attr-defined]
+        await ledger.add_credits(account.id, Decimal(credits), kind="grant")
+    _, key = await ledger.create_api_key(account.id)
     return Customer(account.id, key)

@@ -509,7 +509,8 @@ class Ledger:
     async def save_response(self, reservation_id: str, answer: StoredAnswer) -> bool:
         """Stores the answer of a committed request that claimed an idempotency key.
 
-        Returns False when there is nothing to store it for (no key, or already stored).
+        Returns False when there is nothing to store it for (no key, a streamed answer, or
+        already stored).
         """
         headers = json.dumps([list(pair) for pair in answer.headers])
 
@@ -519,7 +520,8 @@ class Ledger:
                 raise InvalidRequest(f"Reservation '{res.id}' is not committed; there is no answer to store.")
             return tx.execute(
                 "UPDATE idempotency_keys SET response_status = ?, response_headers = ?, response_body = ?,"
-                " response_media_id = ? WHERE reservation_id = ? AND response_status IS NULL",
+                " response_media_id = ? WHERE reservation_id = ? AND response_status IS NULL"
+                " AND streamed = FALSE",
                 (answer.status, headers, answer.body, answer.body_media_id, reservation_id),
             )
 
@@ -925,17 +927,24 @@ def _earlier_answer(tx: Tx, account_id: str, claim: IdempotencyClaim, now: int) 
     """The stored answer of the key's finished request; None when the key is free (or expired).
 
     Raises InvalidRequest for another request under the key, and Conflict while
-    its request runs or when its answer was streamed (never replayed).
+    its request runs or when its answer was streamed (never replayed). A key
+    whose hold ran out of time is free at once (the hold is expired here if the
+    sweep has not come yet).
     """
+    hold_columns = ", ".join("r." + column for column in _RESERVATION_COLUMNS.split(", "))
     row = tx.one(
         "SELECT k.fingerprint, k.streamed, k.response_status, k.response_headers, k.response_body,"
-        " k.response_media_id, k.expires_at_ms, r.state FROM idempotency_keys k"
+        f" k.response_media_id, k.expires_at_ms, {hold_columns} FROM idempotency_keys k"
         " JOIN reservations r ON r.id = k.reservation_id WHERE k.account_id = ? AND k.idem_key = ?",
         (account_id, claim.key),
     )
     if row is None:
         return None
-    fingerprint, streamed, status, headers, body, media_id, expires_at_ms, state = row
+    fingerprint, streamed, status, headers, body, media_id, expires_at_ms = row[:7]
+    hold = _reservation(row[7:])
+    if hold.state == "held" and hold.expires_at_ms <= now:
+        _expire(tx, [hold], now)  # frees the key too
+        return None
     if int(expires_at_ms) <= now:
         tx.execute(
             "DELETE FROM idempotency_keys WHERE account_id = ? AND idem_key = ?", (account_id, claim.key)
@@ -946,16 +955,16 @@ def _earlier_answer(tx: Tx, account_id: str, claim: IdempotencyClaim, now: int) 
             f"Idempotency-Key '{_quoted_key(claim.key)}' was already used with a different request "
             "(method, route, query or body); use a new key for a new request."
         )
-    if status is not None:
-        pairs = tuple((str(name), str(value)) for name, value in json.loads(headers or "[]"))
-        return StoredAnswer(int(status), pairs, bytes(body or b""), str(media_id or ""))
-    if state == "held":
+    if hold.state == "held":
         raise _in_progress(claim.key)
-    if bool(streamed):
+    if streamed:
         raise Conflict(
             f"The request with Idempotency-Key '{_quoted_key(claim.key)}' was answered as a stream; "
             "streamed answers are not replayed."
         )
+    if status is not None:
+        pairs = tuple((str(name), str(value)) for name, value in json.loads(headers or "[]"))
+        return StoredAnswer(int(status), pairs, bytes(body or b""), str(media_id or ""))
     raise Conflict(
         f"The request with Idempotency-Key '{_quoted_key(claim.key)}' was completed and charged, but its "
         "answer was not stored; use a new key to run it again."

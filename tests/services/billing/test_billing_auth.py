@@ -1,4 +1,8 @@
-"""Credentials to accounts: API keys, and JWTs signed with HS256, RS256 and ES256."""
+"""Credentials to accounts: API keys, and JWTs signed with HS256, RS256 and ES256.
+
+Every test that reads accounts runs on SQLite and on PostgreSQL (the ``ledger`` fixture),
+including the hot path: :meth:`Ledger.authorize` with the authenticator's finder.
+"""
 
 from __future__ import annotations
 
@@ -39,14 +43,14 @@ def ec_key() -> ec.EllipticCurvePrivateKey:
 
 
 @pytest.fixture
-async def account(sqlite_ledger: Ledger) -> AccountRecord:
-    return await sqlite_ledger.create_account("jwt-user", external_id="user-42")
+async def account(ledger: Ledger) -> AccountRecord:
+    return await ledger.create_account("jwt-user", external_id="user-42")
 
 
 @pytest.fixture
-def auth(sqlite_ledger: Ledger, rsa_key: Any, ec_key: Any) -> Authenticator:
+def auth(ledger: Ledger, rsa_key: Any, ec_key: Any) -> Authenticator:
     return Authenticator(
-        sqlite_ledger,
+        ledger,
         hs256_secret=SECRET,
         public_keys=[public_pem(rsa_key), public_pem(ec_key)],
         audience=AUDIENCE,
@@ -118,18 +122,16 @@ async def test_subject_may_be_the_account_id(auth: Authenticator, account: Accou
     assert (await auth.authenticate(bearer_token=token)).id == account.id
 
 
-async def test_leeway_accepts_a_token_that_just_expired(
-    sqlite_ledger: Ledger, account: AccountRecord
-) -> None:
-    lenient = Authenticator(sqlite_ledger, hs256_secret=SECRET, leeway_seconds=120)
+async def test_leeway_accepts_a_token_that_just_expired(ledger: Ledger, account: AccountRecord) -> None:
+    lenient = Authenticator(ledger, hs256_secret=SECRET, leeway_seconds=120)
     token = jwt.encode(claims(exp=int(time.time()) - 30), SECRET, algorithm="HS256")
     assert (await lenient.authenticate(bearer_token=token)).id == account.id
 
 
 async def test_audience_and_issuer_are_not_checked_when_not_configured(
-    sqlite_ledger: Ledger, account: AccountRecord
+    ledger: Ledger, account: AccountRecord
 ) -> None:
-    plain = Authenticator(sqlite_ledger, hs256_secret=SECRET)
+    plain = Authenticator(ledger, hs256_secret=SECRET)
     token = jwt.encode(claims(aud="elsewhere", iss="someone"), SECRET, algorithm="HS256")
     assert (await plain.authenticate(bearer_token=token)).id == account.id
 
@@ -178,19 +180,19 @@ async def test_alg_none_is_rejected(auth: Authenticator, account: AccountRecord)
 
 
 async def test_algorithm_without_a_configured_key_is_rejected(
-    sqlite_ledger: Ledger, account: AccountRecord, rsa_key: Any
+    ledger: Ledger, account: AccountRecord, rsa_key: Any
 ) -> None:
-    hs_only = Authenticator(sqlite_ledger, hs256_secret=SECRET)
+    hs_only = Authenticator(ledger, hs256_secret=SECRET)
     await assert_rejected(
         hs_only, jwt.encode(claims(), rsa_key, algorithm="RS256"), "'RS256' is not accepted"
     )
 
 
 async def test_hs256_token_signed_with_the_public_key_is_rejected(
-    sqlite_ledger: Ledger, account: AccountRecord, rsa_key: Any
+    ledger: Ledger, account: AccountRecord, rsa_key: Any
 ) -> None:
     # The classic algorithm-confusion attack: HS256 keyed with the RSA public key.
-    rs_only = Authenticator(sqlite_ledger, public_keys=[public_pem(rsa_key)])
+    rs_only = Authenticator(ledger, public_keys=[public_pem(rsa_key)])
     header = jwt.utils.base64url_encode(b'{"alg":"HS256","typ":"JWT"}').decode()
     body = jwt.utils.base64url_encode(json.dumps(claims()).encode()).decode()
     signature = hmac.new(public_pem(rsa_key), f"{header}.{body}".encode(), hashlib.sha256).digest()
@@ -211,6 +213,80 @@ async def test_token_without_exp_or_sub_is_rejected(auth: Authenticator, account
 async def test_malformed_token_is_rejected(auth: Authenticator, account: AccountRecord) -> None:
     await assert_rejected(auth, "not.a.token", "malformed")
     await assert_rejected(auth, "eyJhbGciOiJIUzI1NiJ9.e30.", "")
+
+
+# --- the hot path: Ledger.authorize finds the account, prices and holds in one transaction ---
+
+
+async def test_authorize_holds_on_the_account_each_credential_names(
+    auth: Authenticator, ledger: Ledger, account: AccountRecord, rsa_key: Any, ec_key: Any
+) -> None:
+    await ledger.add_credits(account.id, 10, kind="grant")
+    _, key = await ledger.create_api_key(account.id)
+    finders = [
+        auth.finder(api_key=key),
+        auth.finder(bearer_token=key),
+        auth.finder(bearer_token=jwt.encode(claims(), SECRET, algorithm="HS256")),
+        auth.finder(bearer_token=jwt.encode(claims(), rsa_key, algorithm="RS256")),
+        auth.finder(bearer_token=jwt.encode(claims(), ec_key, algorithm="ES256")),
+        auth.finder(bearer_token=jwt.encode(claims(sub=account.id), SECRET, algorithm="HS256")),
+    ]
+    priced: list[str] = []
+
+    def price(found: AccountRecord) -> list[int]:
+        priced.append(found.id)
+        return [78]
+
+    for n, finder in enumerate(finders, start=1):
+        outcome = await ledger.authorize(finder, price, f"trace-{n}", 60)
+        assert outcome.reservation is not None
+        assert (outcome.reservation.account_id, outcome.reservation.amount) == (account.id, 78)
+        assert outcome.reservation.request_id == f"trace-{n}"
+        assert (outcome.account.balance, outcome.account.held) == (1000 - 78 * n, 78 * n)
+    assert priced == [account.id] * len(finders)
+    assert await ledger.ledger_sum(account.id) == 1000 - 78 * len(finders)
+
+
+async def test_authorize_prices_for_the_account_the_credential_found(
+    auth: Authenticator, ledger: Ledger
+) -> None:
+    vip = await ledger.create_account("vip", premium=True, external_id="vip-1")
+    token = jwt.encode(claims(sub="vip-1"), SECRET, algorithm="HS256")
+    outcome = await ledger.authorize(
+        auth.finder(bearer_token=token), lambda found: [0 if found.premium else 78], "t", 60
+    )
+    assert outcome.reservation is not None
+    assert (outcome.reservation.account_id, outcome.reservation.amount) == (vip.id, 0)
+    assert (outcome.account.balance, outcome.account.held) == (0, 0)
+
+
+async def test_authorize_with_a_bad_credential_holds_nothing(
+    auth: Authenticator, ledger: Ledger, account: AccountRecord
+) -> None:
+    await ledger.add_credits(account.id, 10, kind="grant")
+    key_id, key = await ledger.create_api_key(account.id)
+    await ledger.revoke_api_key(key_id)
+    unknown_subject = jwt.encode(claims(sub="nobody"), SECRET, algorithm="HS256")
+    finders = [
+        auth.finder(api_key=key),
+        auth.finder(bearer_token=key),
+        auth.finder(api_key="sk-kiln-never-issued"),
+        auth.finder(bearer_token=unknown_subject),
+    ]
+
+    def price(found: AccountRecord) -> list[int]:
+        raise AssertionError(f"priced for {found.id} although the credential was refused")
+
+    for finder in finders:
+        with pytest.raises(AuthenticationFailed):
+            await ledger.authorize(finder, price, "r", 60)
+    # A JWT that fails its checks is refused before any database work.
+    with pytest.raises(AuthenticationFailed):
+        auth.finder(bearer_token=jwt.encode(claims(exp=int(time.time()) - 30), SECRET, algorithm="HS256"))
+    after = await ledger.get_account(account.id)
+    assert (after.balance, after.held) == (1000, 0)
+    count = await ledger.db.run(lambda tx: tx.one("SELECT COUNT(*) FROM reservations"), write=False)
+    assert count is not None and int(count[0]) == 0
 
 
 def test_unsupported_public_keys_are_refused_at_start(sqlite_ledger: Ledger) -> None:

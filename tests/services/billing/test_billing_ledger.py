@@ -545,6 +545,7 @@ async def test_a_streamed_answer_is_never_replayed(ledger: Ledger) -> None:
     first = await ledger.authorize(api_key_finder(key), image_price, "t", 60, claim)
     assert first.reservation is not None
     await ledger.commit(first.reservation.id, 78)
+    assert await ledger.save_response(first.reservation.id, StoredAnswer(200, ())) is False
     with pytest.raises(Conflict, match="streamed answers are not replayed"):
         await ledger.authorize(api_key_finder(key), image_price, "t", 60, claim)
     assert (await ledger.get_account(account.id)).balance == 1000 - 78
