@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from edge.responses import json_response
-from services.common.errors import ERROR_MAPPINGS, ErrorType, KilnError
+from services.common.errors import ErrorType, KilnError
 
 
 def envelope(message: str, error_type: ErrorType | str) -> dict[str, dict[str, str]]:
@@ -15,6 +15,4 @@ def envelope(message: str, error_type: ErrorType | str) -> dict[str, dict[str, s
 
 def error_response(err: KilnError, *, status: int | None = None) -> web.Response:
     """The HTTP response for a Kiln error (status from the shared mapping table)."""
-    return json_response(
-        envelope(err.message, err.error_type), status=status or ERROR_MAPPINGS[err.error_type].http_status
-    )
+    return json_response(envelope(err.message, err.error_type), status=status or err.mapping.http_status)

@@ -295,7 +295,7 @@ async def _save_answer(request: web.Request, hold: Hold, response: web.StreamRes
         else:
             stored.body = body
         await request.app[UPSTREAMS].billing.save_response(hold.reservation_id, stored, request[REQUEST_ID])
-    except (KilnError, OSError) as err:
+    except Exception as err:  # the request is done and charged: its answer goes out regardless
         log.error(
             "request %s: its answer could not be stored for its idempotency key: %s", request[REQUEST_ID], err
         )

@@ -27,6 +27,8 @@ MIME_EXTENSIONS: dict[str, str] = {
     "audio/opus": ".opus",
     "audio/aac": ".aac",
     "video/mp4": ".mp4",
+    # stored answers replayed for an Idempotency-Key (edge.flow)
+    "application/octet-stream": ".bin",
 }
 _EXTENSION_MIME = {ext: mime for mime, ext in MIME_EXTENSIONS.items()}
 #: Files up to this size are written on the event loop (see put_async).

@@ -98,15 +98,19 @@ class Books:
 
 
 async def books(ledger: Ledger, account_id: str) -> Books:
-    account = await ledger.get_account(account_id)
-    row = await ledger.db.run(
-        lambda tx: tx.one(
+    """The account's books, read in one transaction (a consistent snapshot)."""
+
+    def read(tx: Any) -> Books:
+        balance, held = tx.one("SELECT balance, held FROM accounts WHERE id = ?", (account_id,))
+        (ledger_sum,) = tx.one(
+            "SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE account_id = ?", (account_id,)
+        )
+        (open_holds,) = tx.one(
             "SELECT COUNT(*) FROM reservations WHERE account_id = ? AND state = 'held'", (account_id,)
-        ),
-        write=False,
-    )
-    assert row is not None
-    return Books(account.balance, account.held, await ledger.ledger_sum(account_id), int(row[0]))
+        )
+        return Books(int(balance), int(held), int(ledger_sum), int(open_holds))
+
+    return await ledger.db.run(read)
 
 
 async def settled_books(ledger: Ledger, account_id: str, *, seconds: float = 30.0) -> Books:

@@ -248,7 +248,7 @@ async def test_a_client_gone_in_the_middle_of_a_stream_is_not_charged(mesh: Mesh
 async def test_a_streamed_chat_is_committed_before_done(mesh: Mesh, http: aiohttp.ClientSession) -> None:
     customer = await new_customer(mesh, "0", premium=True)
     body = {
-        "model": "smollm2-135m-instruct",
+        "model": "Qwen/Qwen3.5-4B",  # the default chat model, served first
         "messages": [{"role": "user", "content": "Hi"}],
         "stream": True,
         "max_tokens": 4,
