@@ -38,6 +38,7 @@ as a 500. Never charged, answered 500, and charged again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -230,9 +231,18 @@ async def _authorize(
             key=key, fingerprint=await request_fingerprint(request), streamed=streamed
         )
     ttl = min(24 * 3600, math.ceil(settings.service_timeout_seconds) + HOLD_MARGIN_SECONDS)
-    auth = await request.app[UPSTREAMS].billing.authorize(
-        credential_from(request), usage, request[REQUEST_ID], ttl_seconds=ttl, idempotency=idempotency
+    call = asyncio.ensure_future(
+        request.app[UPSTREAMS].billing.authorize(
+            credential_from(request), usage, request[REQUEST_ID], ttl_seconds=ttl, idempotency=idempotency
+        )
     )
+    try:
+        auth = await asyncio.shield(call)
+    except asyncio.CancelledError:
+        # The client left while billing was holding: release the hold once it is known,
+        # rather than leave it until it expires.
+        call.add_done_callback(functools.partial(_release_late_hold, request))
+        raise
     if auth.HasField("replay"):
         return await _replay(request, auth.replay)
     return Hold(request, auth, claimed_key=idempotency is not None)
@@ -323,6 +333,15 @@ async def _commit(
     if reservation.state == billing_pb.RESERVATION_STATE_COMMITTED:
         return reservation
     raise UpstreamUnavailable("Billing did not confirm the charge; the request was not charged.")
+
+
+def _release_late_hold(request: web.Request, call: asyncio.Future[billing_pb.AuthorizeResponse]) -> None:
+    """Releases the hold of an Authorize whose request was cancelled while it ran."""
+    if call.cancelled() or call.exception() is not None:
+        return
+    auth = call.result()
+    if auth.HasField("reservation"):
+        request.app[PENDING].add(asyncio.ensure_future(_release(request, auth.reservation.id)))
 
 
 async def _release(request: web.Request, reservation_id: str) -> None:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the whole mesh, started in-process on loopback port 0.
+"""Shared fixtures: the whole mesh, started in-process on loopback port 0, once with billing
+on SQLite and once on PostgreSQL (the capability services are shared).
 
 Tracing goes to an in-memory exporter so tests can check that one request's
 spans from the edge, billing and image_gen share a trace.
@@ -7,6 +8,7 @@ spans from the edge, billing and image_gen share a trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 from collections.abc import AsyncIterator
@@ -78,6 +80,20 @@ class Mesh:
     video_port: int
 
 
+@dataclass
+class Capabilities:
+    """The capability services, started once per session; billing and the edge come per database."""
+
+    settings: Settings
+    image_port: int
+    segmentation_port: int
+    upscale_port: int
+    llm_port: int
+    tts_port: int
+    music_port: int
+    video_port: int
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny-model cache for the whole session (models are built once)."""
@@ -85,11 +101,10 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> AsyncIterator[Mesh]:
-    from edge.app import create_runner
+async def capabilities(
+    tmp_path_factory: pytest.TempPathFactory, model_cache: Path
+) -> AsyncIterator[Capabilities]:
     from kiln_cli.main import free_port, spawn_service
-    from services.billing.server import create_service as create_billing
-    from services.billing.store import Database
     from services.image_gen.server import create_service as create_image_gen
     from services.llm.server import create_service as create_llm
     from services.music.server import create_service as create_music
@@ -109,7 +124,6 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
         jwt_hs256_secret=JWT_SECRET,
         expiry_sweep_seconds=0.5,
     )
-    billing = await create_billing(settings, address="127.0.0.1:0")
     image_gen = await create_image_gen(settings, address="127.0.0.1:0")
     segmentation = await create_segmentation(settings, address="127.0.0.1:0")
     upscale = await create_upscale(settings, address="127.0.0.1:0")
@@ -131,7 +145,6 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
         },
     )
     try:
-        await billing.start()
         await image_gen.start()
         await segmentation.start()
         await upscale.start()
@@ -140,7 +153,6 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
         await video.start()
         settings = settings.model_copy(
             update={
-                "billing_address": f"127.0.0.1:{billing.port}",
                 "image_gen_address": f"127.0.0.1:{image_gen.port}",
                 "segmentation_address": f"127.0.0.1:{segmentation.port}",
                 "upscale_address": f"127.0.0.1:{upscale.port}",
@@ -150,30 +162,8 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
                 "video_address": f"127.0.0.1:{video.port}",
             }
         )
-        runner = create_runner(settings)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        url = f"http://127.0.0.1:{port}"
-        async with aiohttp.ClientSession() as session:
-            for _ in range(600):  # the tiny models build on first start
-                async with session.get(f"{url}/readyz") as response:
-                    if response.status == 200:
-                        break
-                await asyncio.sleep(0.1)
-            else:
-                raise RuntimeError("the mesh did not become ready")
-    except BaseException:
-        tts.kill()
-        raise
-    db = await Database.open(settings.resolved_database_url)
-    try:
-        yield Mesh(
+        yield Capabilities(
             settings,
-            url,
-            Ledger(db),
-            billing.port,
             image_gen.port,
             segmentation.port,
             upscale.port,
@@ -183,8 +173,6 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
             video.port,
         )
     finally:
-        await db.close()
-        await runner.cleanup()
         await image_gen.stop(1)
         await segmentation.stop(1)
         await upscale.stop(1)
@@ -193,7 +181,54 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> A
         await video.stop(1)
         tts.terminate()
         await asyncio.to_thread(tts.wait, 30)
-        await billing.stop(1)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+async def mesh(request: pytest.FixtureRequest, capabilities: Capabilities) -> AsyncIterator[Mesh]:
+    """The whole mesh: the capability services with billing and the edge, once on SQLite (the
+    embedded default) and once on PostgreSQL (a database made for the session)."""
+    from edge.app import create_runner
+    from services.billing.server import create_service as create_billing
+    from services.billing.store import Database
+    from tests.stack import postgres_database
+
+    async with contextlib.AsyncExitStack() as stack:
+        settings = capabilities.settings
+        if request.param == "postgresql":
+            settings = settings.model_copy(update={"database_url": stack.enter_context(postgres_database())})
+        billing = await create_billing(settings, address="127.0.0.1:0")
+        await billing.start()
+        stack.push_async_callback(billing.stop, 1)
+        settings = settings.model_copy(update={"billing_address": f"127.0.0.1:{billing.port}"})
+        runner = create_runner(settings)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(600):  # the tiny models build on first start
+                async with session.get(f"{url}/readyz") as response:
+                    if response.status == 200:
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError("the mesh did not become ready")
+        db = await Database.open(settings.resolved_database_url)
+        stack.push_async_callback(db.close)
+        yield Mesh(
+            settings,
+            url,
+            Ledger(db),
+            billing.port,
+            capabilities.image_port,
+            capabilities.segmentation_port,
+            capabilities.upscale_port,
+            capabilities.llm_port,
+            capabilities.tts_port,
+            capabilities.music_port,
+            capabilities.video_port,
+        )
 
 
 @dataclass

@@ -12,7 +12,7 @@ import contextlib
 import os
 import random
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -123,15 +123,22 @@ async def settled_books(ledger: Ledger, account_id: str, *, seconds: float = 30.
         await asyncio.sleep(0.1)
 
 
-async def wait_for_hold(ledger: Ledger, account_id: str, *, seconds: float = 60.0) -> None:
-    """Returns once the account has credits held (a request of it was authorized)."""
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, *, seconds: float = 60.0) -> None:
+    """Returns once ``check()`` is true; fails after ``seconds``."""
     deadline = asyncio.get_running_loop().time() + seconds
-    while True:
-        if (await books(ledger, account_id)).held > 0:
-            return
+    while not await check():
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"no hold appeared on {account_id} within {seconds} s")
+            raise AssertionError(f"{what} did not happen within {seconds} s")
         await asyncio.sleep(0.01)
+
+
+async def wait_for_hold(ledger: Ledger, account_id: str) -> None:
+    """Returns once the account has credits held (a request of it was authorized)."""
+
+    async def held() -> bool:
+        return (await books(ledger, account_id)).held > 0
+
+    await eventually(held, f"a hold on {account_id}")
 
 
 def units(credits_header: str) -> int:

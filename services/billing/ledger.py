@@ -552,6 +552,10 @@ class Ledger:
                 row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
                 assert row is not None
                 return _reservation(inserted), _account(row)
+            # The account row last: on PostgreSQL its lock is then held only for this
+            # statement and the commit, not across the inserts (one account's requests
+            # queue on that lock). A refusal rolls the ledger row back.
+            _ledger_row(tx, account_id, "hold", -amount, reservation_id, now, "")
             row = tx.one(
                 "UPDATE accounts SET balance = balance - ?, held = held + ? WHERE id = ? AND balance >= ?"
                 f" RETURNING {_ACCOUNT_COLUMNS}",
@@ -564,7 +568,6 @@ class Ledger:
                     "You do not have enough credits. "
                     f"Required: {format_credits(amount)}, Available: {format_credits(available)}"
                 )
-            _ledger_row(tx, account_id, "hold", -amount, reservation_id, now, "")
             return _reservation(inserted), _account(row)
 
         return hold
@@ -588,13 +591,15 @@ class Ledger:
         now = self.now_ms()
 
         def tx_fn(tx: Tx) -> tuple[ReservationRecord, KilnError | None]:
-            held = _read_reservation(tx, reservation_id)
-            if callable(price):
-                row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (held.account_id,))
-                assert row is not None
-                full = price(_account(row))
-            else:
-                full = price
+            found = tx.one(
+                f"SELECT {_prefixed('r', _RESERVATION_COLUMNS)}, {_prefixed('a', _ACCOUNT_COLUMNS)}"
+                " FROM reservations r JOIN accounts a ON a.id = r.account_id WHERE r.id = ?",
+                (reservation_id,),
+            )
+            if found is None:
+                raise _reservation_not_found(reservation_id)
+            held = _reservation(found[:7])
+            full = price(_account(found[7:])) if callable(price) else price
             if full < 0:
                 raise InvalidRequest(f"The amount to charge must not be negative, got {full}.")
             amount = min(full, held.amount)
@@ -900,6 +905,11 @@ def _expire(tx: Tx, holds: list[ReservationRecord], now: int) -> list[Reservatio
     return expired
 
 
+def _prefixed(alias: str, columns: str) -> str:
+    """``"id, name"`` -> ``"a.id, a.name"``: a column list for a join."""
+    return ", ".join(f"{alias}.{column}" for column in columns.split(", "))
+
+
 def _free_keys(tx: Tx, reservation_ids: list[str]) -> None:
     """Frees the idempotency keys of holds that ended unpaid: the request may be retried."""
     for reservation_id in reservation_ids:
@@ -931,10 +941,9 @@ def _earlier_answer(tx: Tx, account_id: str, claim: IdempotencyClaim, now: int) 
     whose hold ran out of time is free at once (the hold is expired here if the
     sweep has not come yet).
     """
-    hold_columns = ", ".join("r." + column for column in _RESERVATION_COLUMNS.split(", "))
     row = tx.one(
         "SELECT k.fingerprint, k.streamed, k.response_status, k.response_headers, k.response_body,"
-        f" k.response_media_id, k.expires_at_ms, {hold_columns} FROM idempotency_keys k"
+        f" k.response_media_id, k.expires_at_ms, {_prefixed('r', _RESERVATION_COLUMNS)} FROM idempotency_keys k"
         " JOIN reservations r ON r.id = k.reservation_id WHERE k.account_id = ? AND k.idem_key = ?",
         (account_id, claim.key),
     )

@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from services.llm.server import AUTO_CHAT_BATCH
 from tests.conftest import Mesh, balance, new_customer
 from tests.edge.images_util import b64, png_bytes
 
@@ -114,31 +115,95 @@ async def test_non_premium_accounts_get_the_contract_403(mesh: Mesh) -> None:
     await client.close()
 
 
-async def test_a_client_that_leaves_mid_stream_frees_the_slot(
+#: Tokens each abandoned stream asks for. Greedy SmolLM2 tells its "long story" in a loop
+#: until the limit (measured: 500 tokens, finish "length"), and a batched step of eight
+#: takes ~0.2 s on a 2-core CPU: were the slots never freed, a wave would hold them for
+#: some two minutes, far longer than ADMIT_SECONDS.
+ABANDONED_MAX_TOKENS = 600
+#: How long a wave of streams, or the request after them, may wait for a slot.
+ADMIT_SECONDS = 30
+
+
+async def reservations(mesh: Mesh, account_id: str) -> dict[str, tuple[str, int]]:
+    """request id -> (state, units charged) of the account's holds (a premium account
+    holds 0, so its holds show in no balance and no ledger row: only here)."""
+    ledger: Any = mesh.ledger
+    rows = await ledger.db.run(
+        lambda tx: tx.all(
+            "SELECT request_id, state, charged FROM reservations WHERE account_id = ?", (account_id,)
+        ),
+        write=False,
+    )
+    return {str(request_id): (str(state), int(charged)) for request_id, state, charged in rows}
+
+
+async def test_clients_that_leave_mid_stream_free_every_slot_and_are_not_charged(
     mesh: Mesh, http: aiohttp.ClientSession
 ) -> None:
+    slots = mesh.settings.batch_max_size or AUTO_CHAT_BATCH  # requests the llm service decodes at once
     customer = await new_customer(mesh, "5", premium=True)
+    before = await balance(mesh, customer.account_id)
     body = {
         "model": SMOL,
         "messages": [{"role": "user", "content": "Tell a long story."}],
         "stream": True,
-        "max_tokens": 400,
+        "max_tokens": ABANDONED_MAX_TOKENS,
+        "temperature": 0,
     }
-    async with http.post(mesh.url + CHAT, json=body, headers=customer.headers) as response:
-        assert response.status == 200
+
+    opened: list[aiohttp.ClientResponse] = []
+
+    async def open_stream(request_id: str) -> None:
+        headers = {**customer.headers, "X-Request-ID": request_id}
+        response = await http.post(mesh.url + CHAT, json=body, headers=headers)
+        opened.append(response)
+        assert response.status == 200, await response.text()
         assert response.headers["Content-Type"].startswith("text/event-stream")
-        await response.content.readline()
-        response.close()  # gone, mid-stream
-    await asyncio.sleep(0)
+        assert (await response.content.readline()).startswith(b"data: ")  # generating: it holds a slot
+
+    # Two waves that each take every slot: the second is only admitted if the first's
+    # abandoned streams gave their slots back.
+    abandoned = [f"abandoned-{wave}-{i}" for wave in range(2) for i in range(slots)]
+    try:
+        for wave in (abandoned[:slots], abandoned[slots:]):
+            try:
+                async with asyncio.timeout(ADMIT_SECONDS):
+                    await asyncio.gather(*(open_stream(request_id) for request_id in wave))
+            except TimeoutError:
+                raise AssertionError(
+                    f"{wave[0]}..{wave[-1]} were not all admitted within {ADMIT_SECONDS} s: "
+                    "abandoned streams still hold their slots"
+                ) from None
+            for response in opened:
+                response.close()  # gone, mid-stream
+    finally:
+        for response in opened:
+            response.close()
+
     short = {
         "model": SMOL,
         "messages": [{"role": "user", "content": "Say hi."}],
         "max_tokens": 3,
         "temperature": 0,
     }
-    async with http.post(mesh.url + CHAT, json=short, headers=customer.headers) as response:
-        assert response.status == 200
-        assert (await response.json())["choices"][0]["finish_reason"] == "length"
+    async with asyncio.timeout(ADMIT_SECONDS):
+        async with http.post(mesh.url + CHAT, json=short, headers=customer.headers) as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["choices"][0]["finish_reason"] == "length"
+
+    async with asyncio.timeout(ADMIT_SECONDS):  # the edge releases each hold once it sees the client gone
+        while True:
+            holds = await reservations(mesh, customer.account_id)
+            if all(state != "held" for state, _ in holds.values()):
+                break
+            await asyncio.sleep(0.1)
+    assert {request_id: holds[request_id] for request_id in abandoned} == {
+        request_id: ("released", 0) for request_id in abandoned
+    }
+    ledger: Any = mesh.ledger
+    assert (await ledger.get_account(customer.account_id)).held == 0
+    assert await balance(mesh, customer.account_id) == before
+    assert [entry.kind for entry in await ledger.ledger_entries(customer.account_id)] == ["grant"]
 
 
 BAD = [

@@ -58,8 +58,14 @@ def test_price_scales_with_steps_relative_to_the_reference(registry: Registry) -
 
 
 def test_price_multiplies_the_rounded_image_price_by_the_count(registry: Registry) -> None:
-    assert price_units(item(count=4), registry) == 4 * 78
-    assert price_units(item(count=0), registry) == 78
+    # 512x512 at 8 steps: 0.381072 credits -> 39 units per image; 3 images: 3 * 39 = 117
+    # (rounding the sum instead, 3 * 0.381072 = 1.143216 -> 115, would be wrong)
+    assert price_units(item(width=512, height=512, count=3), registry) == 117
+
+
+def test_a_count_of_zero_is_priced_as_one_image(registry: Registry) -> None:
+    # 512x512 at 8 steps: 39 units (see above)
+    assert price_units(item(width=512, height=512, count=0), registry) == 39
 
 
 def test_price_is_an_exact_integer(registry: Registry) -> None:
@@ -68,8 +74,16 @@ def test_price_is_an_exact_integer(registry: Registry) -> None:
     assert price_units(item(width=1792, height=1024), registry) == 117
 
 
-def test_aliases_are_priced_as_their_model(registry: Registry) -> None:
-    assert price_units(item(model="dall-e-3"), registry) == price_units(item(), registry)
+@pytest.mark.parametrize(
+    ("alias", "units"),
+    [
+        ("dall-e-3", 78),  # z-image-turbo, 1024x1024 at 8 steps: 0.774288 -> 78 units
+        ("flux-2-klein-4b", 50),  # FLUX.2-klein-4B: a flat 0.5 credits per image
+        ("facebook/sam3", 25),  # sam3: a flat 0.25 credits per image
+    ],
+)
+def test_aliases_are_priced_as_their_model(registry: Registry, alias: str, units: int) -> None:
+    assert price_units(item(model=alias), registry) == units
 
 
 def test_unknown_model_is_an_invalid_request_naming_the_supported_models(registry: Registry) -> None:
@@ -88,8 +102,14 @@ def test_nonsense_dimensions_are_invalid_requests(
         price_units(item(width=width, height=height, steps=steps, count=count), registry)
 
 
-def test_quote_lists_one_price_per_item(registry: Registry) -> None:
-    assert quote([item(), item(width=512, height=512, count=2)], registry, premium=False) == [78, 78]
+def test_quote_lists_each_items_own_price_in_order(registry: Registry) -> None:
+    items = [
+        item(),  # z-image-turbo 1024x1024, 8 steps: 0.774288 -> 78 units
+        item(width=512, height=512, count=3),  # 0.381072 -> 39 units per image, 3 images: 117
+        item(model="black-forest-labs/FLUX.2-klein-4B", steps=4, count=2),  # flat 0.5 credits, 2: 100
+        item(model="sam3", width=0, height=0, steps=0, count=3),  # 0.25 per image, 3 images: 75
+    ]
+    assert quote(items, registry, premium=False) == [78, 117, 100, 75]
 
 
 def test_premium_accounts_pay_nothing(registry: Registry) -> None:
