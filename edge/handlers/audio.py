@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -34,11 +35,12 @@ from edge.responses import json_response
 from edge.schemas import SPEECH_MODELS, SpeechRequest, VoiceCloneRequest, decode_base64_file, parse_body
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.tts.v1 import tts_service_pb2 as tts_pb
-from services.common.errors import InvalidRequest, ProcessingError
+from services.common.errors import InvalidRequest, KilnError, ProcessingError
 from services.common.media import encode_audio, wav_header
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_CLONE_MODEL, SPEECH, VOICE_CLONE
 
+log = logging.getLogger("kiln.edge")
 STREAMED = {"wav": "audio/wav", "pcm": "audio/pcm"}
 #: The contract's file name for cloned speech.
 CLONE_DISPOSITION = 'attachment; filename="cloned_voice.wav"'
@@ -73,10 +75,7 @@ async def create_speech(request: web.Request) -> web.StreamResponse:
             async with contextlib.aclosing(tts.synthesize(call)) as events:
                 rate = await _header(events)
                 response, last = await _stream(request, events, rate, body.response_format, price(hold))
-                await hold.settle(usage)  # before the last chunk
-                await response.write(last)
-                await response.write_eof()
-                return response
+                return await _end_stream(request, response, last, lambda: hold.settle(usage))
 
         return await billed_stream(request, usage, stream)
 
@@ -115,23 +114,52 @@ async def _stream(
     fmt: str,
     headers: dict[str, str],
     sent: list[bytes] | None = None,
-) -> tuple[web.StreamResponse, bytes]:
+) -> tuple[web.StreamResponse, bytes | None]:
     """Sends the PCM events as they arrive (after a "length unknown" WAV header for wav),
     one chunk behind, appending each chunk to ``sent`` when given. Returns the response
-    and the last chunk, which the caller writes once the charge is committed."""
+    and the last chunk, which :func:`_end_stream` writes once the charge is committed
+    (None: the speech service failed after the headers went out)."""
     response = web.StreamResponse(headers={**headers, "Content-Type": STREAMED[fmt]})
     await response.prepare(request)
     if fmt == "wav":
         await response.write(wav_header(rate))
     last = b""
-    async for event in events:
-        if event.HasField("pcm"):
-            if sent is not None:
-                sent.append(event.pcm)
-            if last:
-                await response.write(last)
-            last = event.pcm
+    try:
+        async for event in events:
+            if event.HasField("pcm"):
+                if sent is not None:
+                    sent.append(event.pcm)
+                if last:
+                    await response.write(last)
+                last = event.pcm
+    except KilnError as err:
+        log.warning("speech stream %s failed after its headers: %s", request[REQUEST_ID], err.message)
+        return response, None
     return response, last
+
+
+async def _end_stream(
+    request: web.Request,
+    response: web.StreamResponse,
+    last: bytes | None,
+    settle: Callable[[], Awaitable[int]],
+) -> web.StreamResponse:
+    """Charges (``settle``), then writes the last chunk and ends the answer. When the stream
+    broke or the charge failed, the connection is cut instead: audio has no in-band error,
+    and a chunked answer without its end tells the client it failed. Nothing is charged then
+    (:func:`~edge.flow.billed_stream` releases the hold)."""
+    if last is not None:
+        try:
+            await settle()
+        except KilnError as err:
+            log.warning("speech stream %s not charged: %s", request[REQUEST_ID], err.message)
+        else:
+            await response.write(last)
+            await response.write_eof()
+            return response
+    if request.transport is not None:
+        request.transport.close()
+    return response
 
 
 async def list_voices(request: web.Request) -> web.Response:
@@ -179,11 +207,11 @@ async def clone_voice(request: web.Request) -> web.StreamResponse:
                 rate = await _header(events)  # the service checks everything before its header
                 pcm: list[bytes] = []
                 response, last = await _stream(request, events, rate, "wav", headers | price(hold), sent=pcm)
-                # The file is stored and the charge committed before the last chunk.
-                await hold.settle(usage, files=[await wav_file(pcm, rate)])
-                await response.write(last)
-                await response.write_eof()
-                return response
+
+                async def settle() -> int:  # the file is stored, then the charge committed
+                    return await hold.settle(usage, files=[await wav_file(pcm, rate)])
+
+                return await _end_stream(request, response, last, settle)
 
         return await billed_stream(request, usage, stream)
 
