@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import os
 from collections.abc import AsyncIterator
@@ -66,21 +67,6 @@ premium_only = true
 
 
 @dataclass
-class Mesh:
-    settings: Settings
-    url: str
-    ledger: Ledger  # on the same database as the mesh's billing
-    billing_port: int
-    image_port: int
-    segmentation_port: int
-    upscale_port: int
-    llm_port: int
-    tts_port: int
-    music_port: int
-    video_port: int
-
-
-@dataclass
 class Capabilities:
     """The capability services, started once per session; billing and the edge come per database."""
 
@@ -92,6 +78,15 @@ class Capabilities:
     tts_port: int
     music_port: int
     video_port: int
+
+
+@dataclass
+class Mesh(Capabilities):
+    """The capability services with billing and the edge in front."""
+
+    url: str
+    ledger: Ledger  # on the same database as the mesh's billing
+    billing_port: int
 
 
 @pytest.fixture(scope="session")
@@ -216,19 +211,8 @@ async def mesh(request: pytest.FixtureRequest, capabilities: Capabilities) -> As
                 raise RuntimeError("the mesh did not become ready")
         db = await Database.open(settings.resolved_database_url)
         stack.push_async_callback(db.close)
-        yield Mesh(
-            settings,
-            url,
-            Ledger(db),
-            billing.port,
-            capabilities.image_port,
-            capabilities.segmentation_port,
-            capabilities.upscale_port,
-            capabilities.llm_port,
-            capabilities.tts_port,
-            capabilities.music_port,
-            capabilities.video_port,
-        )
+        fields = {f.name: getattr(capabilities, f.name) for f in dataclasses.fields(Capabilities)}
+        yield Mesh(**fields | {"settings": settings}, url=url, ledger=Ledger(db), billing_port=billing.port)
 
 
 @dataclass

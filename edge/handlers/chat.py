@@ -98,8 +98,8 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
 
         async def stream(hold: Hold) -> web.StreamResponse:
             proto = await _to_proto(request, body, spec.id)
-            events = request.app[UPSTREAMS].llm.chat(proto)
-            return await _stream(request, body, events, completion_id, created, hold, usage)
+            async with contextlib.aclosing(request.app[UPSTREAMS].llm.chat(proto)) as events:
+                return await _stream(request, body, events, completion_id, created, hold, usage)
 
         return await billed_stream(request, usage, stream)
 
@@ -151,21 +151,9 @@ async def _stream(
     hold: Hold,
     usage: list[billing_pb.Usage],
 ) -> web.StreamResponse:
-    """Writes each event as it arrives; a client that left ends the iteration, and closing
-    the iterator cancels the gRPC call (the model stops at its next token)."""
-    async with contextlib.aclosing(events):
-        return await _write_stream(request, body, events, completion_id, created, hold, usage)
-
-
-async def _write_stream(
-    request: web.Request,
-    body: ChatCompletionRequest,
-    events: Any,
-    completion_id: str,
-    created: int,
-    hold: Hold,
-    usage: list[billing_pb.Usage],
-) -> web.StreamResponse:
+    """Writes each event as it arrives and charges when the model ends, before the last
+    bytes. A client that left ends the iteration; the caller closes the iterator, which
+    cancels the gRPC call (the model stops at its next token)."""
     # The first event (the model, or an error such as a too-long prompt) comes before the headers.
     first = await anext(events)
     model = first.start.model if first.HasField("start") else ""
