@@ -611,14 +611,9 @@ class Ledger:
             )
             if row is not None:
                 res = _reservation(row)
-                if res.amount:
-                    tx.execute(
-                        "UPDATE accounts SET held = held - ?, balance = balance + ? WHERE id = ?",
-                        (res.amount, res.amount - amount, res.account_id),
-                    )
-                    _ledger_row(tx, res.account_id, "release", res.amount, res.id, now, "settled by commit")
-                if amount:
-                    _ledger_row(tx, res.account_id, "charge", -amount, res.id, now, "")
+                entries = [("release", res.amount, "settled by commit")] if res.amount else []
+                entries += [("charge", -amount, "")] if amount else []
+                _ledger_rows(tx, res.account_id, res.id, now, entries)
                 for record in media:
                     tx.execute(
                         f"INSERT INTO media_records (account_id, reservation_id, {_MEDIA_COLUMNS})"
@@ -639,6 +634,11 @@ class Ledger:
                             record.size_bytes,
                             now,
                         ),
+                    )
+                if res.amount:  # the account row last (its lock is held for this and the commit only)
+                    tx.execute(
+                        "UPDATE accounts SET held = held - ?, balance = balance + ? WHERE id = ?",
+                        (res.amount, res.amount - amount, res.account_id),
                     )
                 return res, None
             res = _read_reservation(tx, reservation_id)
@@ -858,10 +858,23 @@ def subject_finder(sub: str, unknown: Callable[[], AuthenticationFailed]) -> Acc
 def _ledger_row(
     tx: Tx, account_id: str, kind: str, amount: int, reservation_id: str | None, now: int, note: str
 ) -> None:
+    _ledger_rows(tx, account_id, reservation_id, now, [(kind, amount, note)])
+
+
+def _ledger_rows(
+    tx: Tx, account_id: str, reservation_id: str | None, now: int, entries: list[tuple[str, int, str]]
+) -> None:
+    """Writes (kind, amount, note) rows of one account in one statement."""
+    if not entries:
+        return
+    values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(entries))
+    params = [
+        p for kind, amount, note in entries for p in (account_id, kind, amount, reservation_id, now, note)
+    ]
     tx.execute(
         "INSERT INTO ledger_entries (account_id, kind, amount, reservation_id, created_at_ms, note)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (account_id, kind, amount, reservation_id, now, note),
+        f" VALUES {values}",
+        params,
     )
 
 
