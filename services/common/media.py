@@ -375,14 +375,29 @@ class DecodedAudio:
         return self.samples.mean(axis=1, dtype="float32")
 
 
+#: Most channels an uploaded audio file may have (read from its header, before decoding):
+#: 7.1, the largest layout FFmpeg downmixes without a channel map.
+MAX_AUDIO_CHANNELS = 8
+#: Most bytes of float samples one decoded upload may need: channels kept (at most 2)
+#: x rate x the route's longest duration x 4, checked from the header before decoding.
+MAX_DECODED_AUDIO_BYTES = 512 * 1024 * 1024
+
+
 def decode_audio(data: bytes, *, max_seconds: float, max_bytes: int, field: str = "audio") -> DecodedAudio:
     """Decodes an untrusted audio file (WAV, FLAC, MP3, Ogg Vorbis/Opus, AAC...) with PyAV.
 
     The one place where uploaded audio is opened. Refuses with
     :class:`InvalidRequest`, naming ``field``: more than ``max_bytes`` bytes,
-    data that is not audio, a file without a single sample, and audio longer
-    than ``max_seconds`` (decoding stops as soon as the limit is passed, so a
-    long file costs no more than the limit). Blocking: run it on a worker thread.
+    data that is not audio, more than :data:`MAX_AUDIO_CHANNELS` channels or a
+    header whose sample rate x ``max_seconds`` would decode to more than
+    :data:`MAX_DECODED_AUDIO_BYTES` (both before decoding), a file without
+    a single sample, and audio longer than ``max_seconds`` (decoding stops as
+    soon as the limit is passed, so a long file costs no more than the limit).
+    More than two channels are downmixed to stereo by FFmpeg as they decode (every
+    caller wants mono or stereo; memory stays 2 x rate x seconds). Samples are
+    converted to packed (interleaved) float: PyAV's planar frames of more than 8
+    channels carry a plane too many, and reading them crashed the process (a 7.1
+    FLAC did). Blocking: run it on a worker thread.
     """
     import av
     import numpy as np
@@ -399,14 +414,23 @@ def decode_audio(data: bytes, *, max_seconds: float, max_bytes: int, field: str 
             if not container.streams.audio:
                 raise InvalidRequest(f"'{field}' holds no audio stream")
             stream = container.streams.audio[0]
-            # Planar float, (channels, samples), whatever the source's sample format.
-            to_float = av.AudioResampler(format="fltp")
+            channels, header_rate = int(stream.codec_context.channels), int(stream.codec_context.sample_rate)
+            if channels > MAX_AUDIO_CHANNELS:
+                raise InvalidRequest(
+                    f"'{field}' has {channels} channels; at most {MAX_AUDIO_CHANNELS} are accepted"
+                )
+            if min(channels, 2) * header_rate * max_seconds * 4 > MAX_DECODED_AUDIO_BYTES:
+                raise InvalidRequest(
+                    f"'{field}' is sampled at {header_rate} Hz: too much audio to decode for {max_seconds:g} seconds"
+                )
+            # Packed float, one plane of (samples x channels), whatever the source's format.
+            to_float = av.AudioResampler(format="flt", layout="stereo" if channels > 2 else None)
             for decoded in container.decode(stream):
                 rate = rate or int(decoded.sample_rate)
                 for frame in to_float.resample(decoded):
                     array = frame.to_ndarray().astype(np.float32, copy=False)
-                    chunks.append(array.reshape(len(frame.layout.channels), -1))
-                    frames += chunks[-1].shape[1]
+                    chunks.append(array.reshape(-1, len(frame.layout.channels)))
+                    frames += chunks[-1].shape[0]
                 if frames > max_seconds * rate:
                     raise InvalidRequest(f"'{field}' is longer than the limit of {max_seconds:g} seconds")
     except InvalidRequest:
@@ -415,7 +439,7 @@ def decode_audio(data: bytes, *, max_seconds: float, max_bytes: int, field: str 
         raise InvalidRequest(f"'{field}' is not a readable audio file (WAV, FLAC, MP3 or Ogg)") from exc
     if not frames:
         raise InvalidRequest(f"'{field}' contains no audio samples")
-    samples = np.concatenate(chunks, axis=1).T
+    samples = np.concatenate(chunks, axis=0)
     return DecodedAudio(samples=np.ascontiguousarray(np.clip(samples, -1.0, 1.0)), sample_rate=rate)
 
 

@@ -220,3 +220,26 @@ async def test_progress_streams_as_server_sent_events(mesh: Mesh, http: aiohttp.
     async with http.get(result["url"]) as stored:
         assert decoded(await stored.read())[1:] == (2, pytest.approx(1.0, abs=HOP / RATE))
     assert await balance(mesh, customer.account_id) == 400
+
+
+async def test_a_7_1_flac_source_is_covered_and_the_mesh_keeps_answering(
+    mesh: Mesh, http: aiohttp.ClientSession
+) -> None:
+    """An 8-channel FLAC once crashed every service of the process (a PyAV decode bug)."""
+    import io
+
+    import numpy as np
+    import soundfile
+
+    buf = io.BytesIO()
+    soundfile.write(buf, np.zeros((48000, 8), dtype=np.float32), 48000, format="FLAC")
+    customer = await new_customer(mesh, "5")
+    form = aiohttp.FormData()
+    form.add_field("audio", buf.getvalue(), filename="surround.flac", content_type="audio/flac")
+    form.add_field("prompt", "ambient")
+    form.add_field("seed", "1")
+    covered = await post(http, mesh, customer, "/v1/music/cover", data=form)
+    assert len(wav_samples(covered)) > 0
+    async with http.get(mesh.url + "/healthz") as health:
+        assert health.status == 200
+    assert await balance(mesh, customer.account_id) == 400

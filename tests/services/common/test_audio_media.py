@@ -137,3 +137,58 @@ def test_decode_audio_stops_at_the_duration_limit() -> None:
     ten_minutes = encode_audio(b"\0\0" * 8000 * 600, 8000, "wav")[0]
     with pytest.raises(InvalidRequest, match="longer than the limit of 60 seconds"):
         decode_audio(ten_minutes, max_seconds=60, max_bytes=len(ten_minutes))
+
+
+def _multichannel(channels: int, fmt: str, rate: int = 48000, frames: int = 4800) -> tuple[bytes, np.ndarray]:
+    import soundfile
+
+    samples = ((np.arange(frames * channels).reshape(frames, channels) % 200) / 1000).astype(np.float32)
+    buf = io.BytesIO()
+    soundfile.write(buf, samples, rate, format=fmt, subtype="PCM_24")
+    return buf.getvalue(), samples
+
+
+_DECODE_IN_A_CHILD = """
+import sys, numpy as np
+from services.common.media import decode_audio
+data = sys.stdin.buffer.read()
+decoded = decode_audio(data, max_seconds=5, max_bytes=1 << 24)
+sys.stdout.buffer.write(np.ascontiguousarray(decoded.samples, dtype=np.float32).tobytes())
+"""
+
+
+@pytest.mark.parametrize(
+    ("channels", "fmt"), [(c, "FLAC") for c in range(1, 9)] + [(c, "WAV") for c in (3, 8)]
+)
+def test_decode_audio_reads_every_channel_count_without_crashing(channels: int, fmt: str) -> None:
+    """A 7.1 FLAC once killed the process (PyAV's planar frames of 8+ channels); decoded in a
+    child process here, so a crash fails this test instead of the whole run. Mono and stereo
+    come back exactly; more channels are downmixed to stereo."""
+    import subprocess
+    import sys
+
+    data, expected = _multichannel(channels, fmt)
+    child = subprocess.run(
+        [sys.executable, "-c", _DECODE_IN_A_CHILD], input=data, capture_output=True, timeout=120
+    )
+    assert child.returncode == 0, child.stderr.decode()[-500:]
+    kept = min(channels, 2)
+    decoded = np.frombuffer(child.stdout, dtype=np.float32).reshape(-1, kept)
+    assert decoded.shape == (expected.shape[0], kept)
+    if channels <= 2:
+        assert float(np.abs(decoded - expected).max()) < 1e-4
+    else:  # a downmix of non-silent channels: not silent, and within range
+        assert 0.01 < float(np.abs(decoded).max()) <= 1.0
+
+
+@pytest.mark.parametrize("channels", [9, 12, 16, 32, 64])
+def test_decode_audio_refuses_more_than_8_channels_before_decoding(channels: int) -> None:
+    data, _ = _multichannel(channels, "WAV")
+    with pytest.raises(InvalidRequest, match=f"has {channels} channels; at most 8 are accepted"):
+        decode_audio(data, max_seconds=5, max_bytes=1 << 24)
+
+
+def test_an_8_channel_384_khz_flac_is_refused_from_its_header() -> None:
+    data, _ = _multichannel(8, "FLAC", rate=384000, frames=384000)  # 1 s of it: small on disk
+    with pytest.raises(InvalidRequest, match="sampled at 384000 Hz: too much audio to decode for 600"):
+        decode_audio(data, max_seconds=600, max_bytes=1 << 24)
