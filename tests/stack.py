@@ -98,19 +98,20 @@ class Books:
 
 
 async def books(ledger: Ledger, account_id: str) -> Books:
-    """The account's books, read in one transaction (a consistent snapshot)."""
-
-    def read(tx: Any) -> Books:
-        balance, held = tx.one("SELECT balance, held FROM accounts WHERE id = ?", (account_id,))
-        (ledger_sum,) = tx.one(
-            "SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE account_id = ?", (account_id,)
-        )
-        (open_holds,) = tx.one(
-            "SELECT COUNT(*) FROM reservations WHERE account_id = ? AND state = 'held'", (account_id,)
-        )
-        return Books(int(balance), int(held), int(ledger_sum), int(open_holds))
-
-    return await ledger.db.run(read)
+    """The account's books, read by one statement (one snapshot, also under PostgreSQL's
+    READ COMMITTED, where each statement of a transaction sees a new one)."""
+    row = await ledger.db.run(
+        lambda tx: tx.one(
+            "SELECT a.balance, a.held,"
+            " (SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE account_id = a.id),"
+            " (SELECT COUNT(*) FROM reservations WHERE account_id = a.id AND state = 'held')"
+            " FROM accounts a WHERE a.id = ?",
+            (account_id,),
+        ),
+        write=False,
+    )
+    assert row is not None
+    return Books(*(int(value) for value in row))
 
 
 async def settled_books(ledger: Ledger, account_id: str, *, seconds: float = 30.0) -> Books:

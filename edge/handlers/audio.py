@@ -35,7 +35,7 @@ from edge.responses import json_response
 from edge.schemas import SPEECH_MODELS, SpeechRequest, VoiceCloneRequest, decode_base64_file, parse_body
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.tts.v1 import tts_service_pb2 as tts_pb
-from services.common.errors import InvalidRequest, KilnError, ProcessingError
+from services.common.errors import InvalidRequest, KilnError, ProcessingError, quoted
 from services.common.media import encode_audio, wav_header
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_CLONE_MODEL, SPEECH, VOICE_CLONE
@@ -51,7 +51,9 @@ async def create_speech(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     body = parse_body(SpeechRequest, await request.read())
     if body.model not in SPEECH_MODELS:
-        raise InvalidRequest(f"Invalid model ID '{body.model}'. Supported models: {', '.join(SPEECH_MODELS)}")
+        raise InvalidRequest(
+            f"Invalid model ID '{quoted(body.model)}'. Supported models: {', '.join(SPEECH_MODELS)}"
+        )
     if not body.input.strip():
         raise InvalidRequest("'input' must not be empty")
     if len(body.input) > settings.max_speech_chars:
@@ -62,7 +64,7 @@ async def create_speech(request: web.Request) -> web.StreamResponse:
         names = ", ".join(
             name for spec in registry.for_capability(SPEECH) for name in (spec.id, *spec.aliases)
         )
-        raise InvalidRequest(f"Invalid voice '{body.voice}'. Supported voices: {names}")
+        raise InvalidRequest(f"Invalid voice '{quoted(body.voice)}'. Supported voices: {names}")
     call = tts_pb.SynthesizeRequest(
         text=body.input, voice=voice.id, speed=body.speed, request_id=request[REQUEST_ID]
     )

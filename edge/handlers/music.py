@@ -42,7 +42,7 @@ from edge.schemas import (
 )
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.music.v1 import music_service_pb2 as music_pb
-from services.common.errors import InvalidRequest, KilnError, ProcessingError
+from services.common.errors import InvalidRequest, KilnError, ProcessingError, quoted
 from services.common.media import encode_audio
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_MUSIC_MODEL, MUSIC
@@ -120,7 +120,9 @@ async def _run(
     started = time.perf_counter()
     as_json = request.query.get("response_format", "binary")
     if as_json not in ("binary", "json"):
-        raise InvalidRequest(f"Invalid value for 'response_format': '{as_json}' (use 'binary' or 'json')")
+        raise InvalidRequest(
+            f"Invalid value for 'response_format': '{quoted(as_json)}' (use 'binary' or 'json')"
+        )
     usage = [billing_pb.Usage(music=billing_pb.MusicUsage(model=model))]
 
     progress = ProgressEvents(request)  # Accept: text/event-stream: progress, then the description

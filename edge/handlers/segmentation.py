@@ -27,7 +27,7 @@ from edge.responses import json_response
 from edge.schemas import BackgroundRemovalForm, SegmentationForm, parse_form
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.segmentation.v1 import segmentation_service_pb2 as seg_pb
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, ProcessingError, quoted
 from services.common.media import probe_image
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec
@@ -237,7 +237,7 @@ async def remove_video_background(request: web.Request) -> web.StreamResponse:
                         return error_response(InvalidRequest(message), status=413)
                     await session.send_chunk(chunk)
             elif part.name in fields:
-                raise InvalidRequest(f"The field '{part.name}' is given more than once")
+                raise InvalidRequest(f"The field '{quoted(part.name)}' is given more than once")
             else:
                 fields[part.name] = await part.text()
                 note_part(request, part.name, None, fields[part.name].encode())
@@ -252,7 +252,7 @@ async def remove_video_background(request: web.Request) -> web.StreamResponse:
         await session.finish_upload()
         event = await session.next_event()
         if not event.HasField("probe"):
-            raise InvalidRequest("The video could not be read.")
+            raise ProcessingError("The segmentation service answered out of order.")
         frames = event.probe.frames
 
         output = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)

@@ -43,7 +43,7 @@ from edge.responses import ProgressEvents, json_response
 from edge.schemas import ImageToVideoForm, parse_form
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.video.v1 import video_service_pb2 as video_pb
-from services.common.errors import InvalidRequest, KilnError, ProcessingError
+from services.common.errors import InvalidRequest, KilnError, ProcessingError, quoted
 from services.common.media import probe_image
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_VIDEO_MODEL, IMAGE_TO_VIDEO
@@ -161,12 +161,14 @@ async def list_user_videos(request: web.Request) -> web.Response:
         raise InvalidRequest(f"'offset' must not be negative, not {offset}")
     sort_by = query.get("sortBy", "newest")
     if sort_by not in SORTS:
-        raise InvalidRequest(f"Invalid value for 'sortBy': '{sort_by}'. Use one of: {', '.join(SORTS)}")
+        raise InvalidRequest(
+            f"Invalid value for 'sortBy': '{quoted(sort_by)}'. Use one of: {', '.join(SORTS)}"
+        )
     field, descending = SORTS[sort_by]
     order = query.get("sortOrder")
     if order is not None:
         if order not in ("asc", "desc"):
-            raise InvalidRequest(f"Invalid value for 'sortOrder': '{order}'. Use 'asc' or 'desc'")
+            raise InvalidRequest(f"Invalid value for 'sortOrder': '{quoted(order)}'. Use 'asc' or 'desc'")
         descending = order == "desc"
     listing = await request.app[UPSTREAMS].billing.list_media(
         billing_pb.ListMediaRequest(

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
-from services.common.errors import InvalidRequest, PremiumRequired
+from services.common.errors import InvalidRequest, PremiumRequired, quoted
 from services.common.money import UNITS_PER_CREDIT
 from services.common.registry import ModelSpec, Registry
 
@@ -63,7 +63,7 @@ def _model(registry: Registry, model_id: str) -> ModelSpec:
     spec = registry.get(model_id) if model_id else None
     if spec is None:
         supported = ", ".join(m.id for m in registry.models)
-        raise InvalidRequest(f"Invalid model ID '{model_id}'. Supported models: {supported}")
+        raise InvalidRequest(f"Invalid model ID '{quoted(model_id)}'. Supported models: {supported}")
     return spec
 
 

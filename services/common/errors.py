@@ -49,19 +49,17 @@ ERROR_MAPPINGS: dict[ErrorType, ErrorMapping] = {
     ErrorType.MAINTENANCE: ErrorMapping("UNAVAILABLE", 503),
 }
 
-#: The error type assumed for a gRPC status that carries no ErrorInfo.
-GRPC_CODE_FALLBACK: dict[str, ErrorType] = {
-    "INVALID_ARGUMENT": ErrorType.INVALID_REQUEST,
-    "OUT_OF_RANGE": ErrorType.INVALID_REQUEST,
-    "UNAUTHENTICATED": ErrorType.AUTHENTICATION,
-    "PERMISSION_DENIED": ErrorType.PREMIUM_REQUIRED,
-    "NOT_FOUND": ErrorType.NOT_FOUND,
-    "RESOURCE_EXHAUSTED": ErrorType.RATE_LIMIT,
-    "FAILED_PRECONDITION": ErrorType.INVALID_REQUEST,
-}
-
 MAINTENANCE_MESSAGE = "We're in maintenance mode now. Please try again later"
 AUTHENTICATION_MESSAGE = "Authentication failed. Provide a valid API Key in the 'X-API-Key' header or log in."
+
+
+#: Characters of a caller's value that an error message quotes back.
+QUOTED_INPUT_CHARS = 100
+
+
+def quoted(value: str, limit: int = QUOTED_INPUT_CHARS) -> str:
+    """A caller's value for an error message: at most ``limit`` characters (then "...")."""
+    return value if len(value) <= limit else value[:limit] + "..."
 
 
 class KilnError(Exception):

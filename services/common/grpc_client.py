@@ -7,7 +7,6 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from services.common.errors import (
-    GRPC_CODE_FALLBACK,
     ErrorType,
     KilnError,
     ProcessingError,
@@ -30,7 +29,14 @@ def create_channel(address: str, *, max_message_bytes: int = 64 * 1024 * 1024) -
 
 
 def error_from_rpc(err: grpc.aio.AioRpcError) -> KilnError:
-    """The Kiln error a failed call carries (its ErrorInfo reason), or a generic one."""
+    """The Kiln error a failed call carries (its ErrorInfo reason), or a generic one.
+
+    Every Kiln service sends an ErrorInfo with its errors. A status without one was
+    made by the transport (a message or metadata over its limit, a broken stream, an
+    unknown method): a fault of the mesh, never of the caller, so a 500
+    ``processing_error`` whatever its code (a RESOURCE_EXHAUSTED from gRPC is not rate
+    limiting, nor an INVALID_ARGUMENT from it a bad request).
+    """
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
     if status is not None:
         for detail in status.details:
@@ -44,7 +50,4 @@ def error_from_rpc(err: grpc.aio.AioRpcError) -> KilnError:
     code = err.code()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return UpstreamUnavailable()
-    fallback = GRPC_CODE_FALLBACK.get(code.name)
-    if fallback is not None:
-        return error_from_type(fallback, err.details() or fallback.value)
     return ProcessingError("Internal error while processing the request.")

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, quoted
 
 DEFAULT_IMAGE_MODEL = "z-image-turbo"
 DEFAULT_EDIT_MODEL = "black-forest-labs/FLUX.2-klein-4B"
@@ -206,7 +206,7 @@ class Registry:
         spec = self._by_name.get((name or default).lower())
         if spec is None or not spec.serves(capability):
             supported = ", ".join(m.id for m in self.for_capability(capability))
-            raise InvalidRequest(f"Invalid model ID '{name}'. Supported models: {supported}")
+            raise InvalidRequest(f"Invalid model ID '{quoted(name or '')}'. Supported models: {supported}")
         return spec
 
     def style(self, style_id: str) -> StylePreset:

@@ -68,7 +68,7 @@ from services.common.engine import (
     ensure_tiny_model_directory,
 )
 from services.common.engine import build_engine_pool as build_pool
-from services.common.errors import InvalidRequest, ProcessingError
+from services.common.errors import InvalidRequest, ProcessingError, quoted
 from services.common.registry import CHAT, DEFAULT_CHAT_MODEL, ModelSpec, Registry
 from services.llm.batching import (
     DecodeLoop,
@@ -293,7 +293,9 @@ class ChatEngine(RegistryEngine[ChatRequest, ChatEvent]):
             raise InvalidRequest("'messages' must not be empty")
         for message in request.messages:
             if message.role not in ROLES:
-                raise InvalidRequest(f"Invalid role '{message.role}'. Supported roles: {', '.join(ROLES)}")
+                raise InvalidRequest(
+                    f"Invalid role '{quoted(message.role)}'. Supported roles: {', '.join(ROLES)}"
+                )
 
     async def run(
         self, request: ChatRequest, *, request_id: str = ""

@@ -27,7 +27,7 @@ import grpc
 from kiln.llm.v1 import llm_service_pb2 as pb
 from kiln.llm.v1 import llm_service_pb2_grpc as pb_grpc
 from services.common.engine import EnginePool
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, quoted
 from services.common.media import decode_image
 from services.common.registry import CHAT, DEFAULT_CHAT_MODEL, MAX_SEED, Registry
 from services.llm.batching import LENGTH, Delta, Finished, Sampling, Started
@@ -128,7 +128,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         for number, message in enumerate(request.messages, 1):
             if message.role not in ROLES:
                 raise InvalidRequest(
-                    f"Invalid role '{message.role}' in message {number}. Supported roles: {', '.join(ROLES)}"
+                    f"Invalid role '{quoted(message.role)}' in message {number}. Supported roles: {', '.join(ROLES)}"
                 )
             parts: list[str | bytes] = []
             for part in message.content:

@@ -89,7 +89,7 @@ from services.common.engine import (
     StepControl,
     build_engine_pool,
 )
-from services.common.errors import InvalidRequest, ProcessingError
+from services.common.errors import InvalidRequest, ProcessingError, quoted
 from services.common.media import AUDIO_LAYOUTS
 from services.common.registry import DEFAULT_MUSIC_MODEL, MAX_SEED, MUSIC, ModelSpec, Registry
 from services.music.tiny import ensure_tiny_ace_step
@@ -118,6 +118,10 @@ INSTRUMENTAL_LYRICS = "[Instrumental]"
 #: Time signature units accepted (the lower number), and the most beats per bar.
 TIME_SIGNATURE_UNITS = (1, 2, 4, 8, 16, 32)
 MAX_BEATS_PER_BAR = 16
+
+#: Longest key_scale / time_signature / vocal_language accepted: checked before any
+#: pattern runs (the patterns backtrack on long runs of spaces).
+MAX_CONDITION_CHARS = 32
 
 _KEY_SCALE = re.compile(r"^\s*([A-Ga-g])\s*([#b\u266f\u266d]?)\s+(major|minor)\s*$", re.IGNORECASE)
 _TIME_SIGNATURE = re.compile(r"^\s*(\d{1,3})\s*/\s*(\d{1,3})\s*$")
@@ -160,10 +164,10 @@ def parse_key_scale(value: str) -> str | None:
     """ "C Major" / "f# minor" / "Bb MAJOR" -> "C major" / "F# minor" / "Bb major"; None when empty."""
     if not value.strip():
         return None
-    found = _KEY_SCALE.match(value)
+    found = _KEY_SCALE.match(value) if len(value) <= MAX_CONDITION_CHARS else None
     if found is None:
         raise InvalidRequest(
-            f"Invalid key_scale '{value}': use a note A-G with an optional '#' or 'b' and 'major' or "
+            f"Invalid key_scale '{quoted(value)}': use a note A-G with an optional '#' or 'b' and 'major' or "
             "'minor', e.g. 'C Major' or 'F# minor'"
         )
     note, accidental, mode = found.groups()
@@ -175,10 +179,10 @@ def parse_time_signature(value: str) -> str | None:
     """ "4/4" -> "4/4"; None when empty."""
     if not value.strip():
         return None
-    found = _TIME_SIGNATURE.match(value)
+    found = _TIME_SIGNATURE.match(value) if len(value) <= MAX_CONDITION_CHARS else None
     units = ", ".join(map(str, TIME_SIGNATURE_UNITS))
     message = (
-        f"Invalid time_signature '{value}': use beats/unit with 1 to {MAX_BEATS_PER_BAR} beats and a unit "
+        f"Invalid time_signature '{quoted(value)}': use beats/unit with 1 to {MAX_BEATS_PER_BAR} beats and a unit "
         f"of {units}, e.g. '4/4', '3/4' or '6/8'"
     )
     if found is None:
@@ -212,9 +216,9 @@ def music_conditions(
     if bpm is not None and not MIN_BPM <= bpm <= MAX_BPM:
         raise InvalidRequest(f"'bpm' must be between {MIN_BPM} and {MAX_BPM}, not {bpm}")
     language = vocal_language.strip().lower() or DEFAULT_VOCAL_LANGUAGE
-    if language != "unknown" and not _LANGUAGE.match(language):
+    if language != "unknown" and (len(language) > MAX_CONDITION_CHARS or not _LANGUAGE.match(language)):
         raise InvalidRequest(
-            f"Invalid vocal_language '{vocal_language}': use an ISO 639 language code such as 'en', 'zh' "
+            f"Invalid vocal_language '{quoted(vocal_language)}': use an ISO 639 language code such as 'en', 'zh' "
             "or 'ja', or 'unknown'"
         )
     return MusicConditions(

@@ -47,7 +47,7 @@ from services.common.engine import (
     StepControl,
     ensure_tiny_model_directory,
 )
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, quoted
 from services.common.registry import ModelSpec
 from services.tts.engines import DEFAULT_MAX_CHARS, SpeechChunk, SpeechDone, pcm_of, stream_pcm
 
@@ -360,7 +360,7 @@ class CloneEngine(RegistryEngine[CloneRequest, SpeechChunk | SpeechDone]):
         language = language.strip() or DEFAULT_LANGUAGE
         if language.lower() != "auto" and language.lower() not in self.languages:
             raise InvalidRequest(
-                f"Unsupported language '{language}'. Supported languages: {', '.join(self.language_names())}"
+                f"Unsupported language '{quoted(language)}'. Supported languages: {', '.join(self.language_names())}"
             )
         return language
 

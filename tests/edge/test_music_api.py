@@ -243,3 +243,16 @@ async def test_a_7_1_flac_source_is_covered_and_the_mesh_keeps_answering(
     async with http.get(mesh.url + "/healthz") as health:
         assert health.status == 200
     assert await balance(mesh, customer.account_id) == 400
+
+
+async def test_a_huge_key_scale_is_a_short_400_that_costs_nothing(
+    mesh: Mesh, http: aiohttp.ClientSession
+) -> None:
+    customer = await new_customer(mesh, "5")
+    body = {"prompt": "calm piano", "duration": 1.0, "key_scale": "C" + " " * 20_000 + "x"}
+    async with http.post(mesh.url + GENERATE, json=body, headers=customer.headers) as response:
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert error["type"] == "invalid_request_error" and "key_scale" in error["message"]
+    assert len(error["message"]) < 300
+    assert await balance(mesh, customer.account_id) == 500

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -200,3 +201,15 @@ def test_conform_audio_copies_mono_and_resamples() -> None:
     stereo = song(0.5).astype(np.float32) / 32768
     kept = conform_audio(stereo, RATE, sample_rate=RATE, channels=2)
     assert np.array_equal(kept, stereo.T)
+
+
+@pytest.mark.parametrize(
+    ("parse", "field"),
+    [(parse_key_scale, "key_scale"), (parse_time_signature, "time_signature")],
+)
+def test_a_long_value_is_refused_before_any_pattern_and_quoted_short(parse: Any, field: str) -> None:
+    """'C' + 20,000 spaces + 'x' once froze the event loop (a backtracking pattern) and its
+    echo overflowed the gRPC error metadata."""
+    with pytest.raises(InvalidRequest, match=field) as info:
+        parse("C" + " " * 20_000 + "x")
+    assert len(info.value.message) < 300
