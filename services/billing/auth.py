@@ -9,8 +9,12 @@
   picks the algorithm and every configured key of it is tried (key rotation).
   ``exp`` and ``sub`` are required; ``aud`` and ``iss`` are checked when
   configured; ``nbf`` and ``iat`` when present; clock skew is
-  ``settings.jwt_leeway_seconds``. The subject is an account's external id,
-  or its id.
+  ``settings.jwt_leeway_seconds``. A token may live at most
+  ``settings.jwt_max_lifetime_seconds`` (``exp`` minus ``iat``, or minus now
+  without ``iat``). An HS256 secret shorter than 32 bytes is refused at start
+  (RFC 7518 asks for a key as long as the hash). The subject is an account's
+  external id, or the id of an account that has no external id (an account
+  bound to an external subject is never found by its internal id).
 
 Every failure is ``authentication_error`` with the contract's message; for
 JWTs the reason is appended.
@@ -18,6 +22,7 @@ JWTs the reason is appended.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,8 @@ from services.common.settings import Settings
 
 #: Longest credential accepted (a guard against abuse, far above any real token).
 MAX_CREDENTIAL_CHARS = 8192
+#: Shortest HS256 secret accepted, in bytes (the size of the SHA-256 output).
+MIN_HS256_SECRET_BYTES = 32
 
 
 def _failed(reason: str) -> AuthenticationFailed:
@@ -65,13 +72,19 @@ class Authenticator:
         audience: str | None = None,
         issuer: str | None = None,
         leeway_seconds: float = 0,
+        max_lifetime_seconds: float = 24 * 3600,
     ) -> None:
         self.ledger = ledger
         self.audience = audience
         self.issuer = issuer
         self.leeway = leeway_seconds
+        self.max_lifetime = max_lifetime_seconds
         self._keys: dict[str, list[Any]] = {}
         if hs256_secret:
+            if len(hs256_secret.encode()) < MIN_HS256_SECRET_BYTES:
+                raise ValueError(
+                    f"the HS256 secret for JWTs must be at least {MIN_HS256_SECRET_BYTES} bytes long"
+                )
             self._keys["HS256"] = [hs256_secret.encode()]
         for index, pem in enumerate(public_keys):
             alg, key = load_public_key(pem, source=f"JWT public key #{index + 1}")
@@ -87,6 +100,7 @@ class Authenticator:
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
             leeway_seconds=settings.jwt_leeway_seconds,
+            max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
         )
 
     @property
@@ -171,5 +185,11 @@ class Authenticator:
             sub = claims.get("sub")
             if not isinstance(sub, str) or not sub:
                 raise _failed("invalid subject")
+            issued = claims.get("iat")
+            start = (
+                issued if isinstance(issued, int | float) and not isinstance(issued, bool) else time.time()
+            )
+            if float(claims["exp"]) - float(start) > self.max_lifetime + self.leeway:
+                raise _failed("token lifetime too long")
             return claims
         raise _failed("bad signature")

@@ -838,8 +838,12 @@ def api_key_finder(key: str) -> AccountFinder:
 
 
 def _account_by_subject(tx: Tx, sub: str) -> AccountRecord | None:
+    """The account whose external id is ``sub``, else the account with id ``sub`` that has no
+    external id (one bound to an external subject is never found by its internal id)."""
     row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE external_id = ?", (sub,))
-    row = row or tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (sub,))
+    row = row or tx.one(
+        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ? AND external_id IS NULL", (sub,)
+    )
     return _account(row) if row is not None else None
 
 

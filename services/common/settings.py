@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     jwt_audience: str | None = Field(None, description="Required `aud` of JWTs, when set.")
     jwt_issuer: str | None = Field(None, description="Required `iss` of JWTs, when set.")
     jwt_leeway_seconds: int = Field(0, description="Clock skew allowed on exp/nbf.")
+    jwt_max_lifetime_seconds: int = Field(
+        24 * 3600, gt=0, description="Longest lifetime of a JWT accepted (exp minus iat, or minus now)."
+    )
 
     # --- demo account created by `kiln up` ---
     demo_api_key: str | None = Field(None, description="Fixed demo API key; a new one is made when unset.")

@@ -117,9 +117,12 @@ async def test_es256_token_is_verified_with_the_configured_public_key(
     assert (await auth.authenticate(bearer_token=token)).id == account.id
 
 
-async def test_subject_may_be_the_account_id(auth: Authenticator, account: AccountRecord) -> None:
-    token = jwt.encode(claims(sub=account.id), SECRET, algorithm="HS256")
-    assert (await auth.authenticate(bearer_token=token)).id == account.id
+async def test_subject_may_be_the_id_of_an_account_without_an_external_subject(
+    auth: Authenticator, ledger: Ledger
+) -> None:
+    plain = await ledger.create_account("plain")
+    token = jwt.encode(claims(sub=plain.id), SECRET, algorithm="HS256")
+    assert (await auth.authenticate(bearer_token=token)).id == plain.id
 
 
 async def test_leeway_accepts_a_token_that_just_expired(ledger: Ledger, account: AccountRecord) -> None:
@@ -229,7 +232,6 @@ async def test_authorize_holds_on_the_account_each_credential_names(
         auth.finder(bearer_token=jwt.encode(claims(), SECRET, algorithm="HS256")),
         auth.finder(bearer_token=jwt.encode(claims(), rsa_key, algorithm="RS256")),
         auth.finder(bearer_token=jwt.encode(claims(), ec_key, algorithm="ES256")),
-        auth.finder(bearer_token=jwt.encode(claims(sub=account.id), SECRET, algorithm="HS256")),
     ]
     priced: list[str] = []
 
@@ -293,3 +295,37 @@ def test_unsupported_public_keys_are_refused_at_start(sqlite_ledger: Ledger) -> 
     p384 = ec.generate_private_key(ec.SECP384R1())
     with pytest.raises(ValueError, match="P-256"):
         Authenticator(sqlite_ledger, public_keys=[public_pem(p384)])
+
+
+# --- hardening ---
+
+
+@pytest.mark.parametrize("secret", ["", "x" * 31])
+def test_an_hs256_secret_shorter_than_32_bytes_is_refused_at_start(ledger: Ledger, secret: str) -> None:
+    if not secret:  # no secret: HS256 is simply off
+        assert "HS256" not in Authenticator(ledger, hs256_secret=secret).algorithms
+        return
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        Authenticator(ledger, hs256_secret=secret)
+
+
+async def test_a_token_living_longer_than_the_maximum_is_refused(
+    auth: Authenticator, account: AccountRecord
+) -> None:
+    now = int(time.time())
+    long_lived = jwt.encode(claims(iat=now, exp=now + 24 * 3600 + 60), SECRET, algorithm="HS256")
+    await assert_rejected(auth, long_lived, "token lifetime too long")
+    without_iat = jwt.encode(claims(iat=None, exp=now + 30 * 24 * 3600), SECRET, algorithm="HS256")
+    await assert_rejected(auth, without_iat, "token lifetime too long")
+    day = jwt.encode(claims(iat=now, exp=now + 24 * 3600), SECRET, algorithm="HS256")
+    assert (await auth.authenticate(bearer_token=day)).id == account.id
+
+
+async def test_an_account_bound_to_an_external_subject_is_not_found_by_its_internal_id(
+    auth: Authenticator, account: AccountRecord, ledger: Ledger
+) -> None:
+    by_id = jwt.encode(claims(sub=account.id), SECRET, algorithm="HS256")
+    await assert_rejected(auth, by_id, "unknown subject")
+    unbound = await ledger.create_account("no-subject")
+    token = jwt.encode(claims(sub=unbound.id), SECRET, algorithm="HS256")
+    assert (await auth.authenticate(bearer_token=token)).id == unbound.id

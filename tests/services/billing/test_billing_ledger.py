@@ -60,8 +60,10 @@ async def test_new_account_starts_empty_and_can_be_read_back(ledger: Ledger) -> 
     assert account.balance == 0 and account.held == 0 and not account.premium
     assert await ledger.get_account(account.id) == account
     assert await ledger.find_account_by_subject("auth0|alice") == account
-    assert await ledger.find_account_by_subject(account.id) == account
+    assert await ledger.find_account_by_subject(account.id) is None  # bound to its external subject
     assert await ledger.find_account_by_subject("someone-else") is None
+    unbound = await ledger.create_account("bob")
+    assert await ledger.find_account_by_subject(unbound.id) == unbound
 
 
 async def test_unknown_account_is_not_found(ledger: Ledger) -> None:
