@@ -58,6 +58,7 @@ from services.common.errors import (
     InvalidRequest,
     KilnError,
     NotFound,
+    quoted,
 )
 from services.common.money import UNITS_PER_CREDIT, format_credits
 
@@ -69,8 +70,6 @@ MAX_REQUEST_ID_CHARS = 200
 #: Idempotency-Key: 1 to 255 printable ASCII characters, kept this long.
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
-#: Characters of a key quoted back in an error message.
-_QUOTED_KEY_CHARS = 64
 #: Upper bound of one purchase or grant (a typo guard), in credits.
 MAX_CREDITS_PER_ADD = Decimal(10) ** 12
 MAINTENANCE_FLAG = "maintenance"
@@ -934,7 +933,8 @@ def _free_keys(tx: Tx, reservation_ids: list[str]) -> None:
 
 
 def _quoted_key(key: str) -> str:
-    return key if len(key) <= _QUOTED_KEY_CHARS else key[:_QUOTED_KEY_CHARS] + "..."
+    """A key quoted back in an error message (64 characters at most)."""
+    return quoted(key, 64)
 
 
 def _check_idempotency_key(key: str) -> None:
