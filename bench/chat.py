@@ -108,12 +108,11 @@ async def direct_ttft(stub: Any, runs: int) -> float:
     return statistics.median(times)
 
 
-async def part_direct(address: str, *, total_tokens: int, runs: int) -> dict[str, float]:
-    import grpc
-
+async def part_direct(address: str, token: str, *, total_tokens: int, runs: int) -> dict[str, float]:
     from kiln.llm.v1 import llm_service_pb2_grpc as pb_grpc
+    from services.common.grpc_client import create_channel
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with create_channel(address, token=token) as channel:
         stub = pb_grpc.LlmServiceStub(channel)
         await stream(stub, request("Hi", max_tokens=8, seed=0))  # warm-up
         ttft = await direct_ttft(stub, runs)
@@ -162,10 +161,10 @@ async def edge_ttft(edge_url: str, key: str, runs: int) -> float | str:
 
 async def part_edge(runs: int, api_key: str | None) -> dict[str, Any]:
     import aiohttp
-    import grpc
 
     from bench.mesh import running_mesh, wait_ready
     from kiln.llm.v1 import llm_service_pb2_grpc as pb_grpc
+    from services.common.grpc_client import create_channel
 
     # one torch thread: with two, OpenMP's spinning threads starve the gRPC ones (see part 1)
     with running_mesh("single", {"KILN_TORCH_THREADS": "1"}) as info:
@@ -177,7 +176,7 @@ async def part_edge(runs: int, api_key: str | None) -> dict[str, Any]:
         through_edge = await edge_ttft(edge_url, api_key or info["premium_key"], runs)
         if isinstance(through_edge, str):
             return {"skipped": through_edge}
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{info['llm']}") as channel:
+        async with create_channel(f"127.0.0.1:{info['llm']}", token=info["mesh_token"]) as channel:
             direct = await direct_ttft(pb_grpc.LlmServiceStub(channel), runs)
     return {
         "edge_ttft_ms": through_edge * 1000,
@@ -208,7 +207,10 @@ async def serve_llm(data_dir: Path) -> None:
     service = await create_service(settings, address="127.0.0.1:0", registry=registry, pool=pool)
     await service.start()
     await pool.wait_loaded()  # SmolLM2 included
-    print(json.dumps({"port": service.port}), flush=True)
+    from services.common.mesh_auth import mesh_secret, mesh_token
+
+    token = mesh_token(mesh_secret(settings), "bench")
+    print(json.dumps({"port": service.port, "mesh_token": token}), flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
@@ -253,8 +255,12 @@ def main() -> None:
     )
     try:
         assert child.stdout is not None
-        port = json.loads(child.stdout.readline())["port"]
-        direct = asyncio.run(part_direct(f"127.0.0.1:{port}", total_tokens=args.tokens, runs=args.runs))
+        served = json.loads(child.stdout.readline())
+        direct = asyncio.run(
+            part_direct(
+                f"127.0.0.1:{served['port']}", served["mesh_token"], total_tokens=args.tokens, runs=args.runs
+            )
+        )
     finally:
         child.terminate()
         child.wait(timeout=60)

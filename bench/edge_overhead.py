@@ -97,10 +97,10 @@ async def _client(
     info: dict[str, object], n: int, warmup: int, concurrency: int = 4, seconds: float = 10.0
 ) -> None:
     import aiohttp
-    import grpc
 
     from kiln.image.v1 import image_service_pb2 as image_pb
     from kiln.image.v1 import image_service_pb2_grpc as image_grpc
+    from services.common.grpc_client import create_channel
 
     edge = f"http://127.0.0.1:{info['edge']}"
     headers = {"X-API-Key": str(info["key"])}
@@ -111,7 +111,7 @@ async def _client(
     )
     async with (
         aiohttp.ClientSession() as http,
-        grpc.aio.insecure_channel(f"127.0.0.1:{info['image_gen']}") as ch,
+        create_channel(f"127.0.0.1:{info['image_gen']}", token=str(info["mesh_token"])) as ch,
     ):
         stub = image_grpc.ImageServiceStub(ch)
         await wait_ready(http, edge)

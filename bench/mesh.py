@@ -39,6 +39,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
     from services.billing.ledger import Ledger
     from services.billing.store import Database
     from services.common.grpc_server import GrpcService
+    from services.common.mesh_auth import mesh_secret, mesh_token
     from services.common.settings import load_settings
 
     settings = load_settings(data_dir=data_dir)
@@ -108,6 +109,8 @@ async def serve_child(data_dir: Path, split: bool) -> None:
         "llm": int(addresses["llm"].rsplit(":", 1)[1]),
         "key": key,
         "premium_key": premium_key,
+        # the mesh credential of a backend calling the services directly (see mesh_auth)
+        "mesh_token": mesh_token(mesh_secret(settings), "bench"),
         # which process runs what (for memory readings): the edge is always this one
         "pids": {
             **{name: os.getpid() for name in ("edge", *names)},

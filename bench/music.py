@@ -64,10 +64,9 @@ def _source_song(seconds: float, rate: int) -> bytes:
 
 
 async def bench(cache_dir: Path, *, durations: list[float], runs: int, threads: int) -> None:
-    import grpc
-
     from kiln.music.v1 import music_service_pb2 as pb
     from kiln.music.v1 import music_service_pb2_grpc as pb_grpc
+    from services.common.grpc_client import mesh_channel
     from services.common.registry import DEFAULT_MUSIC_MODEL, load_registry
     from services.common.settings import Settings
     from services.music.engines import MusicEngine, build_music_pool
@@ -83,10 +82,9 @@ async def bench(cache_dir: Path, *, durations: list[float], runs: int, threads: 
     engine = pool.get(DEFAULT_MUSIC_MODEL)
     assert isinstance(engine, MusicEngine)
     spec = registry.resolve(None, "music", DEFAULT_MUSIC_MODEL)
-    options = [("grpc.max_receive_message_length", settings.grpc_max_message_bytes)]
     speeds: dict[float, float] = {}
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}", options=options) as channel:
+        async with mesh_channel(f"127.0.0.1:{service.port}", settings, "bench") as channel:
             stub = pb_grpc.MusicServiceStub(channel)
             print(
                 f"{spec.id} ({spec.weights} weights, {engine.sample_rate} Hz, {engine.channels} ch), "

@@ -119,10 +119,9 @@ def bench_backends(cache_dir: Path, *, size: int, repeats: int, threads: int) ->
 async def bench_batching(
     cache_dir: Path, method: str, *, batching: bool, size: int, requests: int, concurrency: int, threads: int
 ) -> dict[str, float]:
-    import grpc
-
     from kiln.upscale.v1 import upscale_service_pb2 as pb
     from kiln.upscale.v1 import upscale_service_pb2_grpc as pb_grpc
+    from services.common.grpc_client import mesh_channel
     from services.common.registry import load_registry
     from services.common.settings import Settings
     from services.upscale.engines import build_engine_pool
@@ -149,7 +148,7 @@ async def bench_batching(
     latencies: list[float] = []
     sizes: list[int] = []
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        async with mesh_channel(f"127.0.0.1:{service.port}", settings, "bench") as channel:
             stub = pb_grpc.UpscaleServiceStub(channel)
             await stub.UpscaleImage(
                 pb.UpscaleImageRequest(image=images[0], method=method), wait_for_ready=True

@@ -60,10 +60,9 @@ def input_png(width: int = 832, height: int = 480) -> bytes:
 
 
 async def bench_throughput(cache_dir: Path, *, frames: int, steps: int, repeats: int, threads: int) -> None:
-    import grpc
-
     from kiln.video.v1 import video_service_pb2 as pb
     from kiln.video.v1 import video_service_pb2_grpc as pb_grpc
+    from services.common.grpc_client import mesh_channel
     from services.common.registry import load_registry
     from services.common.settings import Settings
     from services.video.engines import build_engine_pool
@@ -83,7 +82,7 @@ async def bench_throughput(cache_dir: Path, *, frames: int, steps: int, repeats:
     )
     walls: list[float] = []
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        async with mesh_channel(f"127.0.0.1:{service.port}", settings, "bench") as channel:
             stub = pb_grpc.VideoServiceStub(channel)
             for run in range(repeats):
                 request = pb.GenerateVideoRequest(

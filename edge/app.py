@@ -10,8 +10,9 @@ from aiohttp import web
 from edge.clients import Upstreams
 from edge.keys import MEDIA, PENDING, REGISTRY, SETTINGS, UPSTREAMS, PendingReleases
 from edge.media_store import LocalMediaStore
-from edge.middlewares import error_envelope, request_context
-from edge.routes import setup_routes
+from edge.middlewares import AUTHENTICATED_ROUTES, credential_first, error_envelope, request_context
+from edge.retention import DISK_GUARD, DiskGuard, retention_ctx
+from edge.routes import ROUTES, setup_routes
 from services.common.registry import Registry, load_registry
 from services.common.settings import Settings
 
@@ -30,12 +31,15 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     """The edge application; gRPC channels open on startup and close on cleanup."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[request_context, error_envelope],
+        middlewares=[request_context, error_envelope, credential_first],
     )
     app[SETTINGS] = settings
+    app[AUTHENTICATED_ROUTES] = frozenset((r.method, r.path) for r in ROUTES if r.authenticated)
     app[REGISTRY] = registry or load_registry(settings.registry_path)
     app[MEDIA] = LocalMediaStore(settings.resolved_media_root)
+    app[DISK_GUARD] = DiskGuard.from_settings(settings)
     app.cleanup_ctx.append(_upstreams)
+    app.cleanup_ctx.append(retention_ctx)  # media retention (edge.retention), after the upstreams
     setup_routes(app)
     return app
 
@@ -48,6 +52,14 @@ def create_runner(settings: Settings, **kwargs: Any) -> web.AppRunner:
     Graceful shutdown (``runner.cleanup()``, which ``kiln`` runs on SIGTERM): the
     listener closes, in-flight requests get ``grace_seconds`` to finish, the rest are
     cancelled (their holds released), and only then do the gRPC channels close.
+    Slow clients: a connection gets ``http_header_timeout_seconds`` to send a request's
+    complete headers, from its start or the end of its previous request (aiohttp's keep-alive
+    timer, which runs from the connection's start and is not reset by header bytes; an idle
+    keep-alive connection is closed after it too); header lines, fields and count keep
+    aiohttp's limits (8190 bytes, 8190 bytes, 128). Bodies are timed as they are read
+    (``edge.forms.BodyClock``).
+
     ``kwargs`` go to :class:`aiohttp.web.AppRunner`."""
     kwargs.setdefault("shutdown_timeout", settings.grace_seconds)
+    kwargs.setdefault("keepalive_timeout", settings.http_header_timeout_seconds)
     return web.AppRunner(create_app(settings), handler_cancellation=True, **kwargs)

@@ -29,7 +29,8 @@ from kiln.upscale.v1 import upscale_service_pb2_grpc as upscale_grpc
 from kiln.video.v1 import video_service_pb2 as video_pb
 from kiln.video.v1 import video_service_pb2_grpc as video_grpc
 from services.common.errors import ProcessingError
-from services.common.grpc_client import create_channel, error_from_rpc
+from services.common.grpc_client import error_from_rpc, mesh_channel
+from services.common.mesh_auth import EDGE
 from services.common.registry import GenerationParams
 from services.common.settings import Settings
 
@@ -138,6 +139,14 @@ class BillingClient:
     ) -> billing_pb.ListMediaResponse:
         return await _call(
             self._stub.ListMedia(request, timeout=self._timeout, metadata=_metadata(request_id))
+        )
+
+    async def sweep_media(
+        self, request: billing_pb.SweepMediaRequest, request_id: str
+    ) -> billing_pb.SweepMediaResponse:
+        """Media retention (``edge.retention``): expires records, finds files never paid for."""
+        return await _call(
+            self._stub.SweepMedia(request, timeout=self._timeout, metadata=_metadata(request_id))
         )
 
     async def release(self, reservation_id: str, request_id: str) -> None:
@@ -400,10 +409,7 @@ class Upstreams:
             "music": settings.music_address,
             "video": settings.video_address,
         }
-        channels = {
-            name: create_channel(address, max_message_bytes=settings.grpc_max_message_bytes)
-            for name, address in addresses.items()
-        }
+        channels = {name: mesh_channel(address, settings, EDGE) for name, address in addresses.items()}
         timeout = settings.service_timeout_seconds
         return cls(
             channels=channels,

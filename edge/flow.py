@@ -8,8 +8,11 @@ The order is fixed here, not in the handlers::
       -> commit (billing prices the usage the work reports, capped at the hold)
       -> answer (built from the result and the charge billing decided)
 
-On any failure or cancellation before the commit, the hold is released. A
-crash between the two billing calls costs nothing either: the hold expires.
+On any failure or cancellation before the commit, the hold is released and
+the files stored for it are deleted. A crash between the two billing calls
+costs nothing either: the hold expires (and the retention sweep of
+``edge.retention`` deletes the files, which have no record). Before anything
+is held, the disk guard refuses new work with a 503 while the disk is nearly full.
 The edge never computes an amount: it reports *usage* (images made, frames
 where the object was found, ...) and billing prices it.
 
@@ -50,6 +53,7 @@ from typing import Generic, TypeVar
 from aiohttp import web
 
 from edge.keys import BODY_DIGEST, MEDIA, PENDING, REQUEST_ID, SETTINGS, UPSTREAMS
+from edge.retention import DISK_GUARD, OUTPUT_KIND
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from services.common.errors import (
     AuthenticationFailed,
@@ -126,6 +130,8 @@ class Hold:
     #: What billing charged, once committed.
     charged: int | None = None
     store_seconds: float = 0.0
+    #: Media ids stored for this request: deleted again when it is released (never paid for).
+    stored: list[str] = field(default_factory=list)
     _released: bool = field(default=False, repr=False)
 
     @property
@@ -140,6 +146,8 @@ class Hold:
     ) -> int:
         """Stores ``files``, then commits ``usage`` (with ``records``); returns what billing charged.
 
+        Every file is recorded with the charge (those without a record of the handler's as
+        ``OUTPUT_KIND``), so the retention sweep (``edge.retention``) knows it was paid for.
         Streamed answers call it before their last bytes; :func:`billed` calls it for the others.
         """
         if self.charged is not None:
@@ -148,20 +156,41 @@ class Hold:
         started = time.perf_counter()
         for file in files:
             await store.put_async(file.data, file.mime_type, file.media_id)
+            self.stored.append(file.media_id)
         self.store_seconds = time.perf_counter() - started
+        recorded = {record.media_id for record in records}
+        records = [
+            *records,
+            *(
+                billing_pb.MediaRecord(
+                    media_id=file.media_id,
+                    kind=OUTPUT_KIND,
+                    mime_type=file.mime_type,
+                    size_bytes=len(file.data),
+                )
+                for file in files
+                if file.media_id not in recorded
+            ),
+        ]
         reservation = await _commit(self.request, self.reservation_id, usage, records)
         self.charged = reservation.charged_hundredths
         return self.charged
 
     async def release(self) -> None:
-        """Returns the hold unless it was committed (shielded: it finishes even when the
-        request is cancelled; the edge's shutdown waits for it)."""
+        """Returns the hold unless it was committed, then deletes the files stored for it
+        (shielded: it finishes even when the request is cancelled; the edge's shutdown waits
+        for it). Files of a hold whose release failed are left to the retention sweep."""
         if self.charged is not None or self._released:
             return
         self._released = True
-        task = asyncio.ensure_future(_release(self.request, self.reservation_id))
+        task = asyncio.ensure_future(self._release_and_discard())
         self.request.app[PENDING].add(task)
         await asyncio.shield(task)
+
+    async def _release_and_discard(self) -> None:
+        if await _released(self.request, self.reservation_id) and self.stored:
+            store = self.request.app[MEDIA]
+            await asyncio.to_thread(lambda: [store.delete(media_id) for media_id in self.stored])
 
 
 async def billed(
@@ -217,6 +246,7 @@ async def _authorize(
 ) -> Hold | web.Response:
     """The hold for ``usage``, or the stored answer of the idempotency key's earlier request."""
     settings = request.app[SETTINGS]
+    request.app[DISK_GUARD].check()  # a 503 before anything is held while the disk is nearly full
     key = request.headers.get(IDEMPOTENCY_HEADER)
     idempotency = None
     if key is not None:  # billing checks the key (one rule for the edge and direct callers)
@@ -338,7 +368,14 @@ def _release_late_hold(request: web.Request, call: asyncio.Future[billing_pb.Aut
 
 
 async def _release(request: web.Request, reservation_id: str) -> None:
+    await _released(request, reservation_id)
+
+
+async def _released(request: web.Request, reservation_id: str) -> bool:
+    """Releases a hold; False (logged) when billing did not confirm it."""
     try:
         await request.app[UPSTREAMS].billing.release(reservation_id, request[REQUEST_ID])
     except KilnError as err:  # the hold expires on its own; say so and go on
         log.warning("release of %s failed (%s); it will expire", reservation_id, err.message)
+        return False
+    return True

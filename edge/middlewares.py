@@ -1,4 +1,11 @@
-"""Request id, tracing and the error envelope, for every route."""
+"""Request id, tracing and the error envelope, for every route; the credential before the body.
+
+An error answered before its request's body was all received (a 401 from
+:func:`credential_first`, a 413 or 408 from ``edge.forms``, a form refused part
+way) closes the connection without reading the rest: the client gets the answer,
+and the edge does not spend the remaining upload's bandwidth (aiohttp would
+otherwise read and discard it for up to ten seconds).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,9 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract
 
 from edge.errors import envelope, error_response
-from edge.keys import REQUEST_ID, SETTINGS
+from edge.flow import credential_from
+from edge.forms import BodyRefused
+from edge.keys import REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
 from services.common.errors import ErrorType, InvalidRequest, KilnError, NotFound, ProcessingError
 
@@ -23,6 +32,8 @@ _tracer = trace.get_tracer("kiln.edge")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: (method, route path) of the routes that need a credential (set by ``edge.app`` from the route table).
+AUTHENTICATED_ROUTES = web.AppKey("authenticated_routes", frozenset[tuple[str, str]])
 
 
 @web.middleware
@@ -47,7 +58,38 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         span.set_attribute("http.response.status_code", response.status)
         response.headers["X-Request-ID"] = request_id
         await _maybe_gzip(request, response)
+        if response.status >= 400 and request.body_exists and not request.content.is_eof():
+            await _answer_and_close(request, response)
         return response
+
+
+async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Sends ``response`` and closes the connection without reading the rest of the body."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+
+
+@web.middleware
+async def credential_first(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Routes that need a credential refuse a request without one (401) before the handler
+    runs; a body larger than ``max_unauthenticated_body_bytes``, or of unknown length, is
+    read only once billing has accepted the credential (Authenticate: the hold comes later,
+    with the price). Smaller bodies are read and checked first; Authorize then checks the
+    credential with the hold, as before."""
+    resource = request.match_info.route.resource
+    route = (request.method, resource.canonical if resource is not None else "")
+    if route in request.app[AUTHENTICATED_ROUTES]:
+        credential = credential_from(request)
+        if request.body_exists and not _small_body(request):
+            await request.app[UPSTREAMS].billing.authenticate(credential, request[REQUEST_ID])
+    return await handler(request)
+
+
+def _small_body(request: web.Request) -> bool:
+    length = request.content_length
+    return length is not None and length <= request.app[SETTINGS].max_unauthenticated_body_bytes
 
 
 #: JSON bodies smaller than this are sent as they are.
@@ -92,6 +134,8 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     except KilnError as err:
         return error_response(err)
+    except BodyRefused as refused:
+        return error_response(InvalidRequest(refused.message), status=refused.status)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].max_body_bytes
         return error_response(

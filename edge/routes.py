@@ -1,15 +1,41 @@
-"""The route table: the router and the OpenAPI document are both built from it."""
+"""The route table: the router and the OpenAPI document are both built from it.
+
+Each route lists every status it can answer and, for each, the body by media
+type (a pydantic model from :mod:`edge.response_models`, or a JSON schema for
+files and event streams); ``tests/edge/test_schemathesis.py`` fuzzes the
+server from the document and checks every answer against it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from aiohttp import web
 from pydantic import BaseModel
 
 from edge.handlers import audio, chat, images, media, music, segmentation, system, upscale, video
+from edge.response_models import (
+    BINARY,
+    EVENT_STREAM,
+    Account,
+    BatchImagesResponse,
+    ChatCompletion,
+    CloneLanguages,
+    ErrorResponse,
+    GeneratedVideo,
+    Health,
+    ImagesResponse,
+    ModelList,
+    MusicDescription,
+    Readiness,
+    SegmentationResponse,
+    StyleList,
+    UpscaleResponse,
+    VideoList,
+    VoiceList,
+)
 from edge.responses import json_response
 from edge.schemas import (
     BackgroundRemovalForm,
@@ -29,6 +55,27 @@ from edge.schemas import (
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: A body's schema: a pydantic model, or a JSON schema (files, event streams).
+Schema: TypeAlias = type[BaseModel] | Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One status a route answers: what it means, and its body per media type (none: no body)."""
+
+    description: str
+    content: Mapping[str, Schema] = field(default_factory=dict)
+
+
+def _error(description: str) -> Answer:
+    return Answer(description, {"application/json": ErrorResponse})
+
+
+def _ok(description: str = "Success", /, **content: Schema) -> Answer:
+    """A 200 whose bodies are given as ``json=``, ``sse=`` or a media type spelled with
+    underscores (``image_png=``)."""
+    names = {"json": "application/json", "sse": "text/event-stream"}
+    return Answer(description, {names.get(k, k.replace("_", "/", 1)): v for k, v in content.items()})
 
 
 @dataclass(frozen=True)
@@ -42,19 +89,43 @@ class Route:
     form: type[BaseModel] | None = None
     files: tuple[str, ...] = ()
     authenticated: bool = True
-    responses: dict[int, str] = field(default_factory=dict)
+    responses: Mapping[int, Answer] = field(default_factory=dict)
+    #: Query parameters: name -> JSON schema.
+    query: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
-_PAID = {
-    200: "Success",
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "insufficient_credits",
-    403: "premium_required",
-    413: "Request body too large",
-    500: "processing_error",
-    503: "maintenance_mode",
+#: What every paid route can answer besides its 200.
+_PAID_ERRORS: dict[int, Answer] = {
+    400: _error("invalid_request_error: a bad parameter, model or file"),
+    401: _error("authentication_error: no or an unknown credential"),
+    402: _error("insufficient_credits"),
+    403: _error("premium_required"),
+    409: _error("invalid_request_error: a request with this Idempotency-Key is in progress"),
+    413: _error("invalid_request_error: the request body is larger than the limit"),
+    500: _error("processing_error"),
+    503: _error("maintenance_mode, or the disk is too full for new work"),
 }
+_IMAGE_FILES = {"image/png": BINARY, "image/jpeg": BINARY, "image/webp": BINARY}
+_AUDIO_FILES = {f"audio/{kind}": BINARY for kind in ("wav", "pcm", "mpeg", "opus", "aac", "flac")}
+#: ``Accept: text/event-stream``: ``progress`` events, then ``result`` (the JSON body) or ``error``.
+_PROGRESS = {"text/event-stream": EVENT_STREAM}
+
+
+_MEDIA_FILES = {**_IMAGE_FILES, **_AUDIO_FILES, "video/mp4": BINARY, "video/webm": BINARY}
+
+
+def _paid(ok: Answer) -> dict[int, Answer]:
+    return {200: ok, **_PAID_ERRORS}
+
+
+_MUSIC = _paid(
+    Answer(
+        "The audio file; its description with ?response_format=json; progress events, then the "
+        "description, with Accept: text/event-stream",
+        {**_AUDIO_FILES, "application/json": MusicDescription, **_PROGRESS},
+    )
+)
+_MUSIC_QUERY = {"response_format": {"type": "string", "enum": ["binary", "json"], "default": "binary"}}
 
 ROUTES: tuple[Route, ...] = (
     Route(
@@ -63,7 +134,12 @@ ROUTES: tuple[Route, ...] = (
         images.create_generation,
         "Generate images from a text prompt (OpenAI-compatible).",
         body=ImageGenerationRequest,
-        responses=_PAID,
+        responses=_paid(
+            Answer(
+                "The images (JSON), or the file itself with return_binary",
+                {"application/json": ImagesResponse, **_IMAGE_FILES},
+            )
+        ),
     ),
     Route(
         "POST",
@@ -71,7 +147,7 @@ ROUTES: tuple[Route, ...] = (
         images.create_generation_batch,
         "Generate up to 5 image requests at once; the cost is the sum, reserved once.",
         body=BatchImageGenerationRequest,
-        responses=_PAID,
+        responses=_paid(_ok("Each request's images or its error, in order", json=BatchImagesResponse)),
     ),
     Route(
         "POST",
@@ -81,7 +157,12 @@ ROUTES: tuple[Route, ...] = (
         body=ImageEditRequest,
         form=ImageEditForm,
         files=("image", "image[]", "mask"),
-        responses=_PAID,
+        responses=_paid(
+            Answer(
+                "The images (JSON), or the file itself with return_binary",
+                {"application/json": ImagesResponse, **_IMAGE_FILES},
+            )
+        ),
     ),
     Route(
         "POST",
@@ -92,7 +173,12 @@ ROUTES: tuple[Route, ...] = (
         "stored and listed in X-Mask-Candidates, or returned as JSON with Accept: application/json.",
         form=SegmentationForm,
         files=("file",),
-        responses=_PAID,
+        responses=_paid(
+            Answer(
+                "segmented_image.png, or every candidate as JSON (Accept: application/json)",
+                {"image/png": BINARY, "application/json": SegmentationResponse},
+            )
+        ),
     ),
     Route(
         "POST",
@@ -101,7 +187,7 @@ ROUTES: tuple[Route, ...] = (
         "Keep the object a prompt names; answers background_removed.png, RGBA, the input's size.",
         form=BackgroundRemovalForm,
         files=("file",),
-        responses=_PAID,
+        responses=_paid(_ok("background_removed.png", image_png=BINARY)),
     ),
     Route(
         "POST",
@@ -112,7 +198,8 @@ ROUTES: tuple[Route, ...] = (
         "(X-Frames-Processed, X-Frames-Charged).",
         form=BackgroundRemovalForm,
         files=("file",),
-        responses={**_PAID, 413: "Video larger than KILN_MAX_VIDEO_BYTES"},
+        responses=_paid(_ok("background_removed_video.webm", video_webm=BINARY))
+        | {413: _error("invalid_request_error: the video is larger than KILN_MAX_VIDEO_BYTES")},
     ),
     Route(
         "POST",
@@ -121,7 +208,7 @@ ROUTES: tuple[Route, ...] = (
         "Upscale an image: realesrgan_2x, realesrgan_4x, realesrgan_4x_anime (real Real-ESRGAN weights), "
         "swin2sr or lanczos; priced by method and output pixels.",
         body=UpscaleRequest,
-        responses=_PAID,
+        responses=_paid(_ok(json=UpscaleResponse)),
     ),
     Route(
         "POST",
@@ -129,7 +216,12 @@ ROUTES: tuple[Route, ...] = (
         chat.create_chat_completion,
         "Chat with vision (OpenAI's schema; stream: true for server-sent events). Premium only, free.",
         body=ChatCompletionRequest,
-        responses=_PAID,
+        responses=_paid(
+            Answer(
+                "A chat.completion, or chat.completion.chunk events then [DONE] with stream: true",
+                {"application/json": ChatCompletion, "text/event-stream": EVENT_STREAM},
+            )
+        ),
     ),
     Route(
         "POST",
@@ -137,7 +229,9 @@ ROUTES: tuple[Route, ...] = (
         audio.create_speech,
         "Speak a text (OpenAI's audio.speech): Piper's real 'joe' voice; wav and pcm stream as produced.",
         body=SpeechRequest,
-        responses=_PAID,
+        responses=_paid(
+            Answer("The speech in response_format (wav and pcm streamed as produced)", _AUDIO_FILES)
+        ),
     ),
     Route(
         "POST",
@@ -147,7 +241,7 @@ ROUTES: tuple[Route, ...] = (
         "(cloned_voice.wav), streamed as it is synthesized with stream: true and stored for Range "
         "requests at Content-Location. 1 credit, premium free.",
         body=VoiceCloneRequest,
-        responses=_PAID,
+        responses=_paid(_ok("cloned_voice.wav", audio_wav=BINARY)),
     ),
     Route(
         "GET",
@@ -155,7 +249,10 @@ ROUTES: tuple[Route, ...] = (
         audio.clone_languages,
         "The languages /v1/audio/clone speaks (from the loaded voice-cloning model).",
         authenticated=False,
-        responses={200: "Success"},
+        responses={
+            200: _ok(json=CloneLanguages),
+            500: _error("processing_error: the tts service is unreachable"),
+        },
     ),
     Route(
         "POST",
@@ -165,7 +262,8 @@ ROUTES: tuple[Route, ...] = (
         "vocal_language, duration, instrumental, audio_format, seed. Answers the audio file, or JSON "
         "with its media URL with ?response_format=json. 1 credit, premium free.",
         body=MusicGenerateRequest,
-        responses=_PAID,
+        responses=_MUSIC,
+        query=_MUSIC_QUERY,
     ),
     Route(
         "POST",
@@ -176,7 +274,8 @@ ROUTES: tuple[Route, ...] = (
         body=MusicCoverRequest,
         form=MusicCoverRequest,
         files=("audio",),
-        responses=_PAID,
+        responses=_MUSIC,
+        query=_MUSIC_QUERY,
     ),
     Route(
         "POST",
@@ -187,7 +286,8 @@ ROUTES: tuple[Route, ...] = (
         body=MusicRepaintRequest,
         form=MusicRepaintRequest,
         files=("audio",),
-        responses=_PAID,
+        responses=_MUSIC,
+        query=_MUSIC_QUERY,
     ),
     Route(
         "POST",
@@ -198,7 +298,12 @@ ROUTES: tuple[Route, ...] = (
         "JSON answer and added to the caller's video library. 1 credit, premium free.",
         form=ImageToVideoForm,
         files=("image",),
-        responses=_PAID,
+        responses=_paid(
+            Answer(
+                "The video's description; progress events with Accept: text/event-stream",
+                {"application/json": GeneratedVideo, **_PROGRESS},
+            )
+        ),
     ),
     Route(
         "GET",
@@ -206,7 +311,19 @@ ROUTES: tuple[Route, ...] = (
         video.list_user_videos,
         "The caller's own videos: limit (1-100, 20), offset, sortBy (newest, oldest or a field), "
         "sortOrder (asc, desc); with the total count. Free.",
-        responses={200: "Success", 400: "Bad parameters", 401: "Not authenticated"},
+        query={
+            "limit": {"type": "integer", "minimum": 1, "maximum": video.MAX_PAGE, "default": 20},
+            "offset": {"type": "integer", "minimum": 0, "default": 0},
+            "sortBy": {"type": "string", "enum": list(video.SORTS), "default": "newest"},
+            "sortOrder": {"type": "string", "enum": ["asc", "desc"]},
+        },
+        responses={
+            200: _ok(json=VideoList),
+            400: _error("invalid_request_error: bad paging or sorting"),
+            401: _error("authentication_error"),
+            500: _error("processing_error"),
+            503: _error("maintenance_mode"),
+        },
     ),
     Route(
         "GET",
@@ -214,7 +331,7 @@ ROUTES: tuple[Route, ...] = (
         audio.list_voices,
         "The voices /v1/audio/speech speaks with.",
         authenticated=False,
-        responses={200: "Success"},
+        responses={200: _ok(json=VoiceList)},
     ),
     Route(
         "GET",
@@ -222,7 +339,7 @@ ROUTES: tuple[Route, ...] = (
         images.list_styles,
         "The style presets that `style_preset` accepts.",
         authenticated=False,
-        responses={200: "Success"},
+        responses={200: _ok(json=StyleList)},
     ),
     Route(
         "GET",
@@ -230,7 +347,13 @@ ROUTES: tuple[Route, ...] = (
         media.get_media,
         "Fetch a stored media file (public, cacheable, conditional GET).",
         authenticated=False,
-        responses={200: "The file", 304: "Not modified", 404: "not_found_error"},
+        responses={
+            200: Answer("The file", _MEDIA_FILES),
+            206: Answer("The requested Range of the file", _MEDIA_FILES),
+            304: Answer("Not modified (If-None-Match / If-Modified-Since)"),
+            404: _error("not_found_error"),
+            416: Answer("Range not satisfiable"),
+        },
     ),
     Route(
         "GET",
@@ -238,78 +361,118 @@ ROUTES: tuple[Route, ...] = (
         system.list_models,
         "List models with aliases, limits, defaults and price formula.",
         authenticated=False,
-        responses={200: "Success"},
+        responses={200: _ok(json=ModelList)},
     ),
     Route(
         "GET",
         "/v1/account",
         system.get_account,
         "The caller's account and balance (authenticated, free).",
-        responses={200: "Success", 401: "authentication_error", 503: "maintenance_mode"},
+        responses={
+            200: _ok(json=Account),
+            401: _error("authentication_error"),
+            500: _error("processing_error"),
+            503: _error("maintenance_mode"),
+        },
     ),
-    Route("GET", "/healthz", system.healthz, "Liveness.", authenticated=False, responses={200: "Alive"}),
+    Route(
+        "GET",
+        "/healthz",
+        system.healthz,
+        "Liveness.",
+        authenticated=False,
+        responses={200: _ok("Alive", json=Health)},
+    ),
     Route(
         "GET",
         "/readyz",
         system.readyz,
         "Readiness: billing and image_gen reachable and serving.",
         authenticated=False,
-        responses={200: "Ready", 503: "Not ready"},
+        responses={
+            200: _ok("Ready", json=Readiness),
+            503: Answer("Not ready", {"application/json": Readiness}),
+        },
     ),
 )
 
 
-def openapi_document() -> dict[str, Any]:
-    """OpenAPI 3.1 for every route, request bodies from the pydantic models."""
-    schemas: dict[str, Any] = {
-        "Error": {
-            "type": "object",
-            "properties": {
-                "error": {
-                    "type": "object",
-                    "properties": {"message": {"type": "string"}, "type": {"type": "string"}},
-                    "required": ["message", "type"],
-                }
-            },
-        }
+def _schema(schema: Schema, schemas: dict[str, Any]) -> dict[str, Any]:
+    """A body's schema for the document: a model becomes a ``$ref`` (its definitions go into
+    ``schemas``); a JSON schema is used as it is."""
+    if not isinstance(schema, type):
+        return dict(schema)
+    body = schema.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+    schemas.update(body.pop("$defs", {}))
+    schemas[schema.__name__] = body
+    return {"$ref": f"#/components/schemas/{schema.__name__}"}
+
+
+def _responses(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
+    return {
+        str(code): {"description": answer.description}
+        | (
+            {"content": {media: {"schema": _schema(body, schemas)} for media, body in answer.content.items()}}
+            if answer.content
+            else {}
+        )
+        for code, answer in sorted(route.responses.items())
     }
+
+
+def _parameters(route: Route) -> list[dict[str, Any]]:
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in route.path.replace("}", "{").split("{")[1::2]
+    ]
+    parameters += [
+        {"name": name, "in": "query", "required": False, "schema": dict(schema)}
+        for name, schema in route.query.items()
+    ]
+    return parameters
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 for every route: request bodies from the request models, every status
+    each route answers with its body (response models, files and event streams)."""
+    schemas: dict[str, Any] = {}
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:
         operation: dict[str, Any] = {
             "summary": route.summary,
             "operationId": route.handler.__name__,
-            "responses": {
-                str(code): {"description": text}
-                | (
-                    {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-                    if code >= 400
-                    else {}
-                )
-                for code, text in route.responses.items()
-            },
+            "responses": _responses(route, schemas),
         }
-        if "{media_id}" in route.path:
-            operation["parameters"] = [
-                {"name": "media_id", "in": "path", "required": True, "schema": {"type": "string"}}
-            ]
+        if parameters := _parameters(route):
+            operation["parameters"] = parameters
         content: dict[str, Any] = {}
         for media_type, model in (("application/json", route.body), ("multipart/form-data", route.form)):
             if model is None:
                 continue
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(schema.pop("$defs", {}))
+            name = model.__name__
             if media_type == "multipart/form-data":
-                for name in route.files:
-                    schema["properties"][name] = {"type": "string", "format": "binary"}
-            schemas[model.__name__] = schema
-            content[media_type] = {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+                schema["properties"] = dict(schema["properties"])
+                for file in route.files:
+                    schema["properties"][file] = BINARY
+                if route.body is model:  # one model for both: the form's files are binary, not base64
+                    name += "Form"
+            schemas[name] = schema
+            content[media_type] = {"schema": {"$ref": f"#/components/schemas/{name}"}}
         if content:
             operation["requestBody"] = {"required": True, "content": content}
         if route.authenticated:
             operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
         paths.setdefault(route.path, {})[route.method.lower()] = operation
     paths["/openapi.json"] = {
-        "get": {"summary": "This document.", "responses": {"200": {"description": "OK"}}}
+        "get": {
+            "summary": "This document.",
+            "operationId": "openapi",
+            "responses": {
+                "200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+            },
+        }
     }
     return {
         "openapi": "3.1.0",

@@ -5,6 +5,15 @@ with OpenAI's message ("Unrecognized request argument supplied: x") rather than
 silently dropped. A few OpenAI fields that change nothing here (``user``,
 ``quality``, ``style``) are accepted and ignored, so clients written for
 OpenAI keep working.
+
+Every string field has a length bound (:data:`Name`, :data:`Text`,
+:data:`ChatText`, :data:`Data`), which pydantic-core checks as it reads the
+string, before any other check on it (there are no "before" validators here);
+lists are bounded too. The bounds are far above what any setting allows (the
+settings, e.g. ``max_prompt_chars``, are checked later, with their own
+messages): they only keep hostile sizes away from everything after parsing.
+Files sent as base64 are bounded by the request body limit and checked in
+linear time.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,6 +40,25 @@ from services.common.registry import (
 from services.common.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
+#: The largest value of a protobuf int32 field: counts that travel as one are bounded by it.
+INT32_MAX = 2**31 - 1
+
+#: Ids, names and options (model, size, voice, language, ...).
+NAME_CHARS = 256
+#: Prompts, lyrics, texts to speak (the settings allow a few thousand characters).
+TEXT_CHARS = 32 * 1024
+#: One chat message's text (a long context, still far below 1 MiB).
+CHAT_TEXT_CHARS = 256 * 1024
+#: A file as base64 or a data: URL (the request body limit applies first).
+DATA_CHARS = 128 * 1024 * 1024
+Name = Annotated[str, Field(max_length=NAME_CHARS)]
+Text = Annotated[str, Field(max_length=TEXT_CHARS)]
+ChatText = Annotated[str, Field(max_length=CHAT_TEXT_CHARS)]
+Data = Annotated[str, Field(max_length=DATA_CHARS)]
+#: Lists: far above what the checks after parsing allow (4 images, 5 requests, 4 stops).
+MAX_LIST_ITEMS = 64
+MAX_CHAT_MESSAGES = 4096
+MAX_CHAT_PARTS = 256
 
 EDITS_ONLY_FIELDS = ("image", "mask", "input_images")
 MAX_BATCH_REQUESTS = 5
@@ -45,10 +73,10 @@ class ImageOptions(_Body):
 
     width: int | None = Field(None, description="Output width in pixels (with height).")
     height: int | None = Field(None, description="Output height in pixels (with width).")
-    aspect_ratio: str | None = Field(
+    aspect_ratio: Name | None = Field(
         None, description=f"One of {', '.join(ASPECT_RATIOS)}; with `resolution` (1K by default)."
     )
-    resolution: str | None = Field(
+    resolution: Name | None = Field(
         None, description=f"Resolution tier, the long side: {', '.join(RESOLUTIONS)} ({RESOLUTIONS})."
     )
     format: Literal["png", "jpeg", "webp"] | None = Field(
@@ -65,14 +93,14 @@ class ImageOptions(_Body):
     )
     variants: int | None = Field(None, description="Number of images (1-4); another name for n.")
     n: int | None = Field(None, description="OpenAI's name for the number of images.")
-    style_preset: str | None = Field(None, description="A style preset id from GET /v1/images/styles.")
+    style_preset: Name | None = Field(None, description="A style preset id from GET /v1/images/styles.")
     response_format: Literal["url", "b64_json"] | None = Field(
         None, description="Return only `url` or only `b64_json`; both when omitted."
     )
     # Accepted for OpenAI compatibility; no effect.
-    user: str | None = None
-    quality: str | None = None
-    style: str | None = None
+    user: Name | None = None
+    quality: Name | None = None
+    style: Name | None = None
 
     def output(self) -> dict[str, Any]:
         """The registry keyword arguments these options decide."""
@@ -93,17 +121,17 @@ class ImageOptions(_Body):
 class ImageGenerationRequest(ImageOptions):
     """``POST /v1/images/generations``."""
 
-    model: str | None = Field(
+    model: Name | None = Field(
         None, min_length=1, description='Model id or alias; "z-image-turbo" by default.'
     )
-    prompt: str = Field(description="Text description for image generation.")
-    negative_prompt: str | None = Field(
+    prompt: Text = Field(description="Text description for image generation.")
+    negative_prompt: Text | None = Field(
         None,
         description='Things to avoid; default "blurry, distorted, low quality, bad anatomy, text, '
         'watermark, signature".',
     )
-    image_size: str | None = Field(None, description='One of the supported sizes; "1024x1024" by default.')
-    size: str | None = Field(None, description="OpenAI's name for image_size.")
+    image_size: Name | None = Field(None, description='One of the supported sizes; "1024x1024" by default.')
+    size: Name | None = Field(None, description="OpenAI's name for image_size.")
     seed: int | None = Field(None, description="Random seed for reproducible results.")
     batch_size: int | None = Field(None, description="Number of images to generate (1 by default).")
     num_inference_steps: int | None = Field(None, description="Inference steps (8 by default).")
@@ -152,29 +180,31 @@ class BatchImageGenerationRequest(_Body):
     """``POST /v1/images/generations/batch``."""
 
     requests: list[ImageGenerationRequest] = Field(
-        description=f"Image generation requests (1 to {MAX_BATCH_REQUESTS})."
+        max_length=MAX_LIST_ITEMS, description=f"Image generation requests (1 to {MAX_BATCH_REQUESTS})."
     )
 
 
 class ImageEditRequest(ImageOptions):
     """``POST /v1/images/edits`` as JSON (the contract's body)."""
 
-    model: str | None = Field(
+    model: Name | None = Field(
         None,
         min_length=1,
         description='"black-forest-labs/FLUX.2-klein-4B" (distilled, the default) or '
         '"black-forest-labs/FLUX.2-klein-base-4B" (base).',
     )
-    prompt: str = Field(description="Text description for the edit.")
-    negative_prompt: str | None = Field(
+    prompt: Text = Field(description="Text description for the edit.")
+    negative_prompt: Text | None = Field(
         None, description='Things to avoid; "blurry, distorted, low quality".'
     )
-    input_images: list[str] = Field(description="1 to 4 images: base64, or data: URLs.")
-    mask: str | None = Field(None, description="Optional mask (base64): transparent pixels are repainted.")
+    input_images: list[Data] = Field(
+        max_length=MAX_LIST_ITEMS, description="1 to 4 images: base64, or data: URLs."
+    )
+    mask: Data | None = Field(None, description="Optional mask (base64): transparent pixels are repainted.")
     match_image_size: Literal[0, 1] = Field(
         0, description="0 = use the given size, 1 = match the first input image."
     )
-    size: str | None = Field(None, description="One of the supported sizes (OpenAI).")
+    size: Name | None = Field(None, description="One of the supported sizes (OpenAI).")
     num_steps: int | None = Field(None, description="Inference steps: 4 distilled / 50 base by default.")
     guidance: float | None = Field(None, description="Guidance scale: 1.0 distilled / 4.0 base by default.")
     seed: int | None = Field(None, description="Random seed for reproducible results.")
@@ -190,17 +220,17 @@ class ImageEditForm(ImageOptions):
 
     model_config = ConfigDict(extra="forbid", strict=False)
 
-    model: str | None = Field(None, min_length=1)
-    prompt: str
-    negative_prompt: str | None = None
-    size: str | None = None
+    model: Name | None = Field(None, min_length=1)
+    prompt: Text
+    negative_prompt: Text | None = None
+    size: Name | None = None
     seed: int | None = None
     num_steps: int | None = None
     guidance: float | None = None
     match_image_size: bool = False
     # OpenAI gpt-image fields that change nothing here.
-    background: str | None = None
-    input_fidelity: str | None = None
+    background: Name | None = None
+    input_fidelity: Name | None = None
     output_compression: int | None = None
     partial_images: int | None = None
     stream: bool | None = None
@@ -333,21 +363,21 @@ class _Form(BaseModel):
 class SegmentationForm(_Form):
     """``POST /v1/images/segmentations`` (multipart, with a ``file`` upload)."""
 
-    prompt: str = Field("", description="What to segment; optional when point_coords are given.")
-    point_coords: str | None = Field(None, description="JSON [[x, y], ...] in the image's pixels.")
-    point_labels: str | None = Field(None, description="JSON [1, 0, ...]: 1 foreground, 0 background.")
+    prompt: Text = Field("", description="What to segment; optional when point_coords are given.")
+    point_coords: Text | None = Field(None, description="JSON [[x, y], ...] in the image's pixels.")
+    point_labels: Text | None = Field(None, description="JSON [1, 0, ...]: 1 foreground, 0 background.")
     multimask_output: bool = Field(False, description="Up to 3 candidate masks (with points only).")
     output: Literal["cutout", "mask"] = Field(
         "cutout", description="cutout: the object on transparency; mask: a grey mask (255 inside)."
     )
-    model: str | None = Field(None, min_length=1, description='"sam3" by default.')
+    model: Name | None = Field(None, min_length=1, description='"sam3" by default.')
 
 
 class BackgroundRemovalForm(_Form):
     """``POST /v1/images/remove-background`` and ``/v1/videos/remove-background`` (multipart)."""
 
-    prompt: str = Field(description="The object to keep; everything else becomes transparent.")
-    model: str | None = Field(None, min_length=1, description='"sam3" by default.')
+    prompt: Text = Field(description="The object to keep; everything else becomes transparent.")
+    model: Name | None = Field(None, min_length=1, description='"sam3" by default.')
 
 
 def parse_form(model: type[M], fields: dict[str, str]) -> M:
@@ -362,8 +392,8 @@ def parse_form(model: type[M], fields: dict[str, str]) -> M:
 class UpscaleRequest(_Body):
     """``POST /v1/images/upscale``."""
 
-    image: str = Field(description="The image: base64, or a data: URL.")
-    method: str = Field(
+    image: Data = Field(description="The image: base64, or a data: URL.")
+    method: Name = Field(
         description="realesrgan_2x, realesrgan_4x, realesrgan_4x_anime, swin2sr or lanczos (GET /v1/models)."
     )
     scale: int | None = Field(
@@ -377,17 +407,17 @@ class UpscaleRequest(_Body):
     response_format: Literal["url", "b64_json"] | None = Field(
         None, description="Return only `url` or only `b64_json`; both when omitted."
     )
-    user: str | None = None
+    user: Name | None = None
 
 
 class ImageUrl(_Body):
-    url: str = Field(description="A data: URL or an https:// URL of a PNG, JPEG or WebP image.")
+    url: Data = Field(description="A data: URL or an https:// URL of a PNG, JPEG or WebP image.")
     detail: Literal["auto", "low", "high"] | None = None
 
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: ChatText
 
 
 class ImagePart(_Body):
@@ -399,8 +429,10 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="developer is taken as system (OpenAI's newer name)."
     )
-    content: str | list[TextPart | ImagePart] = Field(description="A string, or text and image_url parts.")
-    name: str | None = None
+    content: ChatText | Annotated[list[TextPart | ImagePart], Field(max_length=MAX_CHAT_PARTS)] = Field(
+        description="A string, or text and image_url parts."
+    )
+    name: Name | None = None
 
 
 class StreamOptions(_Body):
@@ -410,20 +442,24 @@ class StreamOptions(_Body):
 class ChatCompletionRequest(_Body):
     """``POST /v1/chat/completions`` (OpenAI's chat schema)."""
 
-    model: str | None = Field(
+    model: Name | None = Field(
         None, min_length=1, description='A chat model id or alias; "Qwen/Qwen3.5-4B" by default.'
     )
-    messages: list[ChatMessage] = Field(description="The conversation.")
+    messages: list[ChatMessage] = Field(max_length=MAX_CHAT_MESSAGES, description="The conversation.")
     temperature: float | None = Field(None, ge=0, le=2, description="0 to 2; 0 is greedy.")
     top_p: float | None = Field(None, ge=0, le=1, description="Nucleus sampling, 0 to 1.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX, description="Most tokens to generate.")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=INT32_MAX, description="OpenAI's newer name for max_tokens."
+    )
     stream: bool = Field(False, description="Stream chat.completion.chunk events (text/event-stream).")
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, description="Random seed for sampling.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop sequences.")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Random seed for sampling.")
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_LIST_ITEMS)] | None = Field(
+        None, description="Up to 4 stop sequences."
+    )
     n: int | None = Field(None, description="Only 1 is supported.")
-    user: str | None = None
+    user: Name | None = None
 
     def answer_limit(self) -> int | None:
         return _one_of(max_tokens=self.max_tokens, max_completion_tokens=self.max_completion_tokens)
@@ -442,27 +478,27 @@ SPEECH_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "piper")
 class SpeechRequest(_Body):
     """``POST /v1/audio/speech`` (OpenAI's schema)."""
 
-    model: str = Field(description=f"One of {', '.join(SPEECH_MODELS)}; all are served by the voice.")
-    input: str = Field(description="The text to speak (at most 4096 characters).")
-    voice: str = Field(description="A voice from GET /v1/audio/voices (OpenAI's voice names are aliases).")
+    model: Name = Field(description=f"One of {', '.join(SPEECH_MODELS)}; all are served by the voice.")
+    input: Text = Field(description="The text to speak (at most 4096 characters).")
+    voice: Name = Field(description="A voice from GET /v1/audio/voices (OpenAI's voice names are aliases).")
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = Field(
         "mp3", description="The audio format (mp3 by default, as OpenAI's)."
     )
     speed: float = Field(1.0, ge=0.25, le=4.0, description="Speaking rate, 0.25 to 4.0.")
-    instructions: str | None = Field(None, description="Accepted for OpenAI compatibility; no effect.")
+    instructions: Text | None = Field(None, description="Accepted for OpenAI compatibility; no effect.")
     stream_format: Literal["audio"] | None = Field(None, description="Only 'audio' (raw audio) is supported.")
 
 
 class VoiceCloneRequest(_Body):
     """``POST /v1/audio/clone`` (the contract's schema, plus ``seed``)."""
 
-    text: str = Field(description="The text to synthesize using the cloned voice.")
-    ref_audio: str = Field(
+    text: Text = Field(description="The text to synthesize using the cloned voice.")
+    ref_audio: Data = Field(
         description="Base64 encoded reference audio file (WAV recommended; FLAC, MP3 and Ogg too), "
         "or a data: URL; at most 60 seconds."
     )
-    ref_text: str = Field(description="The text spoken in the reference audio (must match it).")
-    language: str = Field(
+    ref_text: Text = Field(description="The text spoken in the reference audio (must match it).")
+    language: Name = Field(
         "English", description="Language of the synthesized speech (GET /v1/audio/clone/languages)."
     )
     stream: bool = Field(
@@ -484,23 +520,27 @@ class MusicOptions(_Body):
     ranges) and its messages name these fields.
     """
 
-    prompt: str = Field(description="The style: genre, instruments, mood, vocals.")
-    lyrics: str = Field(
+    prompt: Text = Field(description="The style: genre, instruments, mood, vocals.")
+    lyrics: Text = Field(
         "", description='Lyrics with section tags ("[verse]", "[chorus]"); empty when instrumental.'
     )
-    bpm: int | None = Field(None, description="Beats per minute, 30 to 300; the model chooses when absent.")
-    key_scale: str = Field(
+    bpm: int | None = Field(
+        None, ge=30, le=300, description="Beats per minute, 30 to 300; the model chooses when absent."
+    )
+    key_scale: Name = Field(
         "", description='Key and scale, e.g. "C Major", "F# minor"; the model chooses when empty.'
     )
-    time_signature: str = Field("", description='e.g. "4/4", "3/4", "6/8"; the model chooses when empty.')
-    vocal_language: str = Field("", description='ISO 639 code of the lyrics ("en" when empty).')
+    time_signature: Name = Field("", description='e.g. "4/4", "3/4", "6/8"; the model chooses when empty.')
+    vocal_language: Name = Field("", description='ISO 639 code of the lyrics ("en" when empty).')
     instrumental: bool = Field(False, description="No vocals.")
     audio_format: Literal["wav", "mp3", "flac", "opus", "aac"] = Field(
         "wav", description="The output format."
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed and inputs, same audio.")
-    num_inference_steps: int | None = Field(None, description="Denoising steps (8 by default, at most 50).")
-    model: str | None = Field(None, min_length=1, description='"ace-step-v1.5" by default.')
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=INT32_MAX, description="Denoising steps (8 by default, at most 50)."
+    )
+    model: Name | None = Field(None, min_length=1, description='"ace-step-v1.5" by default.')
 
 
 class MusicGenerateRequest(MusicOptions):
@@ -512,7 +552,7 @@ class MusicGenerateRequest(MusicOptions):
 class MusicCoverRequest(MusicOptions):
     """``POST /v1/music/cover``: JSON with base64 ``audio``, or multipart with an ``audio`` file."""
 
-    audio: str | None = Field(
+    audio: Data | None = Field(
         None, description="The source song, base64 or a data: URL (WAV, MP3, FLAC, Ogg, AAC); 1 to 600 s."
     )
     audio_cover_strength: float | None = Field(
@@ -523,7 +563,7 @@ class MusicCoverRequest(MusicOptions):
 class MusicRepaintRequest(MusicOptions):
     """``POST /v1/music/repaint``: JSON with base64 ``audio``, or multipart with an ``audio`` file."""
 
-    audio: str | None = Field(None, description="The source song, base64 or a data: URL; 1 to 600 s.")
+    audio: Data | None = Field(None, description="The source song, base64 or a data: URL; 1 to 600 s.")
     start: float = Field(description="Where the region to regenerate starts, in seconds (0 or more).")
     end: float | None = Field(
         None, description="Where it ends, in seconds (the end of the song when absent)."
@@ -533,10 +573,12 @@ class MusicRepaintRequest(MusicOptions):
 class ImageToVideoForm(_Form):
     """``POST /v1/images/img2video`` (multipart, with an ``image`` file)."""
 
-    prompt: str = Field(description="How the picture should move.")
-    negative_prompt: str | None = Field(None, description="What to avoid.")
-    num_frames: int | None = Field(None, description="Frames, 4k+1 (81 by default: 5 s at 16 fps).")
-    num_steps: int | None = Field(None, description="Denoising steps (4 by default).")
+    prompt: Text = Field(description="How the picture should move.")
+    negative_prompt: Text | None = Field(None, description="What to avoid.")
+    num_frames: int | None = Field(
+        None, ge=1, le=INT32_MAX, description="Frames, 4k+1 (81 by default: 5 s at 16 fps)."
+    )
+    num_steps: int | None = Field(None, ge=1, le=INT32_MAX, description="Denoising steps (4 by default).")
     resolution: Literal["480p", "720p", "1080p"] = Field(
         "480p", description="Output tier; the aspect is kept."
     )
@@ -545,6 +587,6 @@ class ImageToVideoForm(_Form):
         None, ge=0, le=2**63 - 1, description="Random seed (drawn and returned when absent)."
     )
     guidance_scale: float | None = Field(None, description="Classifier-free guidance (the model's default).")
-    model: str | None = Field(
+    model: Name | None = Field(
         None, min_length=1, description="The image-to-video model (the default when absent)."
     )

@@ -2,8 +2,8 @@
 
 Two listeners:
 
-* **public** (``--public-port``, 8080): a front proxy for the HTTP edge. No
-  route timeout (streams, long generations), request ids generated or kept.
+* **public** (``--public-port``, 8080): a front proxy for the HTTP edge,
+  request ids generated or kept.
 * **services** (``--services-port``, 8081, bound to ``--services-host``,
   127.0.0.1 by default): the capability services for an operator's own
   backends, as gRPC (routed by service name) and as JSON over HTTP through
@@ -19,6 +19,19 @@ Every gRPC cluster is health-checked with the standard gRPC health service.
 The transcoder needs the protos as a descriptor set: :func:`build_descriptor_set`
 compiles it (imports included) with grpcio-tools.
 
+Slow clients and timeouts (:func:`_timeouts`): both listeners give a request
+``KILN_HTTP_HEADER_TIMEOUT_SECONDS`` to send its headers
+(``request_headers_timeout``), close a connection idle for that long
+(``idle_timeout``) and a stream silent for ``stream_idle_timeout``. Each public
+route's timeout is sized for what it runs: a paid POST gets the capability
+call's deadline (``KILN_SERVICE_TIMEOUT_SECONDS``) plus the hold's margin, and
+may be silent for the whole call (a JSON answer comes at the end); media
+downloads have no total (large files, Range) but must keep moving; the rest
+(listings, health, the account) get a minute. Envoy's route timeout starts
+once the request is received, so an upload's own time is the edge's
+``BodyClock``'s to police (Envoy streams bodies through). The services'
+routes get the call deadline too (billing: its own).
+
 The config is JSON, which Envoy reads like YAML (``envoy -c kiln-envoy.json``);
 ``envoy --mode validate -c ...`` checks it without starting.
 """
@@ -29,6 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from services.common.settings import Settings
+
+#: Time a request may take past the capability call's deadline (upload hand-off, billing,
+#: storing the result); the edge's credit holds use the same margin.
+CALL_MARGIN_SECONDS = 120
+#: Total and silence of the routes that run no capability (listings, health, the account).
+QUICK_ROUTE_SECONDS = 60
+#: Longest silence of a media download (no total: files may be large, Range requests).
+MEDIA_IDLE_SECONDS = 60
 
 #: The capability services: (settings address field, full gRPC service name).
 SERVICES: tuple[tuple[str, str], ...] = (
@@ -98,7 +119,64 @@ def _cluster(name: str, address: str, *, grpc: bool) -> dict[str, Any]:
     return cluster
 
 
-def _manager(name: str, routes: list[dict[str, Any]], filters: list[dict[str, Any]]) -> dict[str, Any]:
+def _seconds(value: float) -> str:
+    """A protobuf Duration in JSON (``"1.5s"``)."""
+    return f"{value:g}s"
+
+
+def _timeouts(settings: Settings) -> dict[str, Any]:
+    """The connection manager's slow-client limits (see the module docstring)."""
+    header = _seconds(settings.http_header_timeout_seconds)
+    return {
+        "request_headers_timeout": header,
+        "common_http_protocol_options": {"idle_timeout": header},
+        "stream_idle_timeout": _seconds(QUICK_ROUTE_SECONDS),
+    }
+
+
+def _route_timeouts(total: float, idle: float) -> dict[str, str]:
+    """A route's ``timeout`` (0: none) and ``idle_timeout``."""
+    return {"timeout": _seconds(total), "idle_timeout": _seconds(idle)}
+
+
+def _public_routes(settings: Settings) -> list[dict[str, Any]]:
+    """The front proxy's routes, each with timeouts sized for what it runs."""
+    from edge.routes import ROUTES
+
+    call = settings.service_timeout_seconds
+    paid = sorted({route.path for route in ROUTES if route.method == "POST"})
+    return [
+        *(
+            {
+                "match": {"path": path},
+                "route": {"cluster": "edge", **_route_timeouts(call + CALL_MARGIN_SECONDS, call)},
+            }
+            for path in paid
+        ),
+        {
+            "match": {"prefix": "/v1/media/"},
+            "route": {"cluster": "edge", **_route_timeouts(0, MEDIA_IDLE_SECONDS)},
+        },
+        {
+            "match": {"prefix": "/"},
+            "route": {"cluster": "edge", **_route_timeouts(QUICK_ROUTE_SECONDS, QUICK_ROUTE_SECONDS)},
+        },
+    ]
+
+
+def _service_timeouts(settings: Settings, name: str) -> dict[str, str]:
+    """A gRPC service route's deadline: billing's calls are short, a capability's as long as
+    the edge waits for it (server streams may be silent between messages for all of it)."""
+    if name == BILLING[0]:
+        seconds = settings.billing_timeout_seconds * 3
+        return _route_timeouts(seconds, seconds)
+    call = settings.service_timeout_seconds
+    return _route_timeouts(call + CALL_MARGIN_SECONDS, call)
+
+
+def _manager(
+    name: str, routes: list[dict[str, Any]], filters: list[dict[str, Any]], settings: Settings
+) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
@@ -107,7 +185,7 @@ def _manager(name: str, routes: list[dict[str, Any]], filters: list[dict[str, An
             "stat_prefix": name,
             "generate_request_id": True,
             "preserve_external_request_id": True,
-            "stream_idle_timeout": "0s",
+            **_timeouts(settings),
             "route_config": {
                 "name": name,
                 "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}],
@@ -147,11 +225,7 @@ def render_envoy_config(
     """The Envoy bootstrap for the mesh that ``settings`` describe (see the module docstring)."""
     exposed = [*SERVICES, BILLING] if expose_billing else list(SERVICES)
     edge_address = f"{settings.http_host}:{settings.http_port}"
-    public = _manager(
-        "public",
-        [{"match": {"prefix": "/"}, "route": {"cluster": "edge", "timeout": "0s"}}],
-        [],
-    )
+    public = _manager("public", _public_routes(settings), [], settings)
     transcoder = {
         "name": "envoy.filters.http.grpc_json_transcoder",
         "typed_config": {
@@ -173,10 +247,14 @@ def render_envoy_config(
     services = _manager(
         "services",
         [
-            {"match": {"prefix": f"/{service}/"}, "route": {"cluster": name, "timeout": "0s"}}
+            {
+                "match": {"prefix": f"/{service}/"},
+                "route": {"cluster": name, **_service_timeouts(settings, name)},
+            }
             for name, service in exposed
         ],
         [transcoder],
+        settings,
     )
     clusters = [_cluster("edge", edge_address, grpc=False)]
     clusters += [_cluster(name, getattr(settings, f"{name}_address"), grpc=True) for name, _ in exposed]

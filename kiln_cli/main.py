@@ -93,16 +93,14 @@ def _split_address(address: str) -> tuple[str, int]:
 def check_ports(settings: Settings, services: tuple[str, ...]) -> None:
     """Fails with a clear message when a port we need is already in use."""
     wanted = {
-        "billing": (_split_address(settings.billing_address), "KILN_BILLING_ADDRESS"),
-        "image_gen": (_split_address(settings.image_gen_address), "KILN_IMAGE_GEN_ADDRESS"),
-        "segmentation": (_split_address(settings.segmentation_address), "KILN_SEGMENTATION_ADDRESS"),
-        "upscale": (_split_address(settings.upscale_address), "KILN_UPSCALE_ADDRESS"),
-        "llm": (_split_address(settings.llm_address), "KILN_LLM_ADDRESS"),
-        "tts": (_split_address(settings.tts_address), "KILN_TTS_ADDRESS"),
-        "music": (_split_address(settings.music_address), "KILN_MUSIC_ADDRESS"),
-        "video": (_split_address(settings.video_address), "KILN_VIDEO_ADDRESS"),
-        "edge": ((settings.http_host, settings.http_port), "KILN_HTTP_PORT"),
+        name: (
+            _split_address(settings.bind_address(getattr(settings, f"{name}_address"))),
+            f"KILN_{name.upper()}_ADDRESS",
+        )
+        for name in SERVICES
+        if name != "edge"
     }
+    wanted["edge"] = ((settings.http_host, settings.http_port), "KILN_HTTP_PORT")
     for name in services:
         (host, port), variable = wanted[name]
         if port == 0:
@@ -372,6 +370,25 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    """Prints the mesh token of an identity (for grpcurl or a backend calling the services)."""
+    from services.common.mesh_auth import EDGE, MeshSecretError, mesh_secret, mesh_token
+
+    if args.identity == EDGE and not args.edge:
+        print(
+            "kiln: the 'edge' identity may move money (billing's Authorize, Commit, ...); "
+            "give backends another identity, or pass --edge if you mean it",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        print(mesh_token(mesh_secret(settings), args.identity))
+    except (MeshSecretError, ValueError) as exc:
+        print(f"kiln: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
     from services.billing.admin import run_admin
 
@@ -421,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--services-port", type=int, default=8081, help="gRPC and transcoded JSON")
     envoy.add_argument("--expose-billing", action="store_true", help="also route kiln.billing.v1")
     envoy.set_defaults(func=cmd_envoy_config)
+    token = commands.add_parser(
+        "token", help="print the mesh credential of an identity (grpcurl, backends calling services)"
+    )
+    token.add_argument("identity", help="who calls: 1-32 of a-z, 0-9 and '-' (e.g. operator)")
+    token.add_argument("--edge", action="store_true", help="allow the edge's own identity")
+    token.set_defaults(func=cmd_token)
     admin = commands.add_parser("admin", help="accounts, API keys, credits, maintenance mode")
     add_admin_commands(admin.add_subparsers(dest="admin_command", required=True))
     admin.set_defaults(func=cmd_admin)

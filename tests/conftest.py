@@ -41,6 +41,9 @@ _provider.add_span_processor(SimpleSpanProcessor(SPANS))
 trace.set_tracer_provider(_provider)
 
 JWT_SECRET = "test-secret-for-hs256-tokens-0123456789"
+#: The `aud` and `iss` every JWT of the mesh must carry (required when JWTs are enabled).
+JWT_AUDIENCE = "kiln-tests"
+JWT_ISSUER = "https://issuer.kiln.test"
 
 #: A registry with the shipped models plus a premium-only one (for 403 tests).
 PREMIUM_MODEL = """
@@ -117,6 +120,8 @@ async def capabilities(
         max_body_bytes=256 * 1024,
         max_input_image_pixels=1024 * 1024,
         jwt_hs256_secret=JWT_SECRET,
+        jwt_audience=JWT_AUDIENCE,
+        jwt_issuer=JWT_ISSUER,
         expiry_sweep_seconds=0.5,
     )
     image_gen = await create_image_gen(settings, address="127.0.0.1:0")

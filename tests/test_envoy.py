@@ -20,6 +20,8 @@ from kiln.tts.v1 import tts_service_pb2 as tts_pb
 from kiln.tts.v1 import tts_service_pb2_grpc as tts_grpc
 from kiln_cli.envoy import build_descriptor_set, render_envoy_config
 from kiln_cli.main import free_port
+from services.common.grpc_client import create_channel
+from services.common.mesh_auth import mesh_secret, mesh_token
 from tests.conftest import Mesh, new_customer
 
 ENVOY = shutil.which("envoy", path=str(Path(sys.executable).parent))
@@ -30,6 +32,12 @@ class Envoy:
     public: str
     services: str
     services_port: int
+    #: The services listener passes the caller's mesh credential through to the services.
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +90,10 @@ async def envoy(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.1)
-        yield Envoy(f"http://127.0.0.1:{public_port}", f"http://127.0.0.1:{services_port}", services_port)
+        token = mesh_token(mesh_secret(mesh.settings), "backend")
+        yield Envoy(
+            f"http://127.0.0.1:{public_port}", f"http://127.0.0.1:{services_port}", services_port, token
+        )
     finally:
         process.terminate()
         await process.wait()
@@ -98,17 +109,19 @@ async def test_the_front_proxy_serves_the_edge(envoy: Envoy, mesh: Mesh, http: a
 
 
 async def test_services_answer_json_through_the_transcoder(envoy: Envoy, http: aiohttp.ClientSession) -> None:
-    async with http.get(envoy.services + "/v1/voices") as response:
+    async with http.get(envoy.services + "/v1/voices", headers=envoy.auth) as response:
         assert response.status == 200
         voices = {voice["id"] for voice in (await response.json())["voices"]}
     assert {"piper-joe", "qwen3-tts-base"} <= voices
-    async with http.get(envoy.services + "/v1/musicModels") as response:
+    async with http.get(envoy.services + "/v1/musicModels", headers=envoy.auth) as response:
         assert response.status == 200
         assert (await response.json())["models"][0]["id"] == "ace-step-v1.5"
 
 
 async def test_a_server_stream_comes_back_as_a_json_array(envoy: Envoy, http: aiohttp.ClientSession) -> None:
-    async with http.post(envoy.services + "/v1/speech:synthesize", json={"text": "Hello there."}) as response:
+    async with http.post(
+        envoy.services + "/v1/speech:synthesize", json={"text": "Hello there."}, headers=envoy.auth
+    ) as response:
         assert response.status == 200
         events = await response.json()
     assert events[0]["header"]["sample_rate"] == 22050
@@ -118,16 +131,29 @@ async def test_a_server_stream_comes_back_as_a_json_array(envoy: Envoy, http: ai
 
 
 async def test_grpc_errors_become_http_statuses(envoy: Envoy, http: aiohttp.ClientSession) -> None:
-    async with http.post(envoy.services + "/v1/speech:synthesize", json={"text": ""}) as response:
+    async with http.post(
+        envoy.services + "/v1/speech:synthesize", json={"text": ""}, headers=envoy.auth
+    ) as response:
         # A stream that fails before its first message: an empty array, the status in headers.
         assert response.status == 400 and await response.json() == []
         assert response.headers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
         assert "must not be empty" in response.headers["grpc-message"]
-    async with http.post(envoy.services + "/v1/billing:quote", json={}) as response:
+    async with http.post(envoy.services + "/v1/billing:quote", json={}, headers=envoy.auth) as response:
         assert response.status == 404  # billing is not exposed by default
 
 
 async def test_grpc_clients_are_routed_by_service(envoy: Envoy) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{envoy.services_port}") as channel:
+    async with create_channel(f"127.0.0.1:{envoy.services_port}", token=envoy.token) as channel:
         reply = await tts_grpc.TtsServiceStub(channel).ListVoices(tts_pb.ListVoicesRequest())
     assert "piper-joe" in {voice.id for voice in reply.voices}
+
+
+async def test_callers_without_the_mesh_credential_are_refused_through_envoy(
+    envoy: Envoy, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(envoy.services + "/v1/voices") as response:
+        assert response.status == 401  # the transcoder's mapping of UNAUTHENTICATED
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{envoy.services_port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await tts_grpc.TtsServiceStub(channel).ListVoices(tts_pb.ListVoicesRequest())
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

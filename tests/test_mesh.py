@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from services.common.mesh_auth import mesh_secret, mesh_token
 from tests.conftest import SPANS, Mesh, new_customer
 
 
@@ -45,6 +46,8 @@ def _grpcurl() -> str:
 
 async def test_reflection_lists_every_service_to_grpcurl(mesh: Mesh) -> None:
     grpcurl = _grpcurl()
+    # the documented line: grpcurl -plaintext -H "authorization: Bearer $(kiln token operator)" ...
+    auth = ["-H", f"authorization: Bearer {mesh_token(mesh_secret(mesh.settings), 'operator')}"]
     for port, service in (
         (mesh.billing_port, "kiln.billing.v1.BillingService"),
         (mesh.image_port, "kiln.image.v1.ImageService"),
@@ -57,7 +60,7 @@ async def test_reflection_lists_every_service_to_grpcurl(mesh: Mesh) -> None:
     ):
         result = await asyncio.to_thread(
             subprocess.run,
-            [grpcurl, "-plaintext", f"127.0.0.1:{port}", "list"],
+            [grpcurl, "-plaintext", *auth, f"127.0.0.1:{port}", "list"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -67,7 +70,7 @@ async def test_reflection_lists_every_service_to_grpcurl(mesh: Mesh) -> None:
         assert {service, "grpc.health.v1.Health"} <= listed
         described = await asyncio.to_thread(
             subprocess.run,
-            [grpcurl, "-plaintext", f"127.0.0.1:{port}", "describe", service],
+            [grpcurl, "-plaintext", *auth, f"127.0.0.1:{port}", "describe", service],
             capture_output=True,
             text=True,
             timeout=60,

@@ -30,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from edge.flow import Charge, Done, Hold, MediaFile, billed, billed_stream, credential_from
+from edge.forms import read_body
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
 from edge.schemas import SPEECH_MODELS, SpeechRequest, VoiceCloneRequest, decode_base64_file, parse_body
@@ -49,7 +50,7 @@ CLONE_DISPOSITION = 'attachment; filename="cloned_voice.wav"'
 async def create_speech(request: web.Request) -> web.StreamResponse:
     credential_from(request)
     settings = request.app[SETTINGS]
-    body = parse_body(SpeechRequest, await request.read())
+    body = parse_body(SpeechRequest, await read_body(request))
     if body.model not in SPEECH_MODELS:
         raise InvalidRequest(
             f"Invalid model ID '{quoted(body.model)}'. Supported models: {', '.join(SPEECH_MODELS)}"
@@ -182,7 +183,7 @@ async def list_voices(request: web.Request) -> web.Response:
 async def clone_voice(request: web.Request) -> web.StreamResponse:
     """``POST /v1/audio/clone``: the text in the reference recording's voice, as WAV."""
     credential_from(request)
-    body = parse_body(VoiceCloneRequest, await request.read())
+    body = parse_body(VoiceCloneRequest, await read_body(request))
     ref_audio = decode_base64_file(body.ref_audio, "ref_audio")
     call = tts_pb.CloneVoiceRequest(
         text=body.text,

@@ -3,8 +3,10 @@
 Flow: check the body -> Authorize (billing refuses non-premium accounts with
 the contract's premium_required message; premium use is reserved and
 committed, at the price billing decides, 0 for premium, so every use is
-recorded) -> fetch ``image_url`` images (data: or public https:// only) ->
-stream the llm service's deltas. With ``stream: true`` each delta is written
+recorded) -> fetch ``image_url`` images (data: or public https:// only; at
+most ``max_chat_images``, counted with the body before Authorize; all fetched
+together under one deadline, every redirect hop checked: :mod:`edge.fetch`;
+a failure is a 400 and the hold is released) -> stream the llm service's deltas. With ``stream: true`` each delta is written
 as a ``chat.completion.chunk`` the moment it arrives, and the charge is
 committed when the model ends, before the finish chunk and ``[DONE]``; an
 error after the headers went out is sent as an error event (and nothing is
@@ -22,8 +24,9 @@ from typing import Any
 from aiohttp import web
 
 from edge.errors import envelope
-from edge.fetch import fetch_image, image_session
+from edge.fetch import ImageFetcher
 from edge.flow import Charge, Done, Hold, billed, billed_stream, credential_from
+from edge.forms import read_body
 from edge.keys import REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import SSE_HEADERS, json_response, sse_event
 from edge.schemas import ChatCompletionRequest, ImagePart, parse_body
@@ -35,32 +38,50 @@ from services.common.registry import CHAT, DEFAULT_CHAT_MODEL
 
 log = logging.getLogger("kiln.edge")
 FINISH = {llm_pb.FINISH_REASON_STOP: "stop", llm_pb.FINISH_REASON_LENGTH: "length"}
-#: Image URLs: most bytes and seconds per fetch.
-IMAGE_FETCH_TIMEOUT_SECONDS = 10.0
+
+
+def _image_urls(body: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """Each image part's ``(name, url)``, in order."""
+    return [
+        (f"messages[{m_index}].content[{p_index}]", part.image_url.url)
+        for m_index, message in enumerate(body.messages)
+        if not isinstance(message.content, str)
+        for p_index, part in enumerate(message.content)
+        if isinstance(part, ImagePart)
+    ]
+
+
+def _check_image_count(body: ChatCompletionRequest, most: int) -> None:
+    """At most ``most`` images per request (``max_chat_images``): counted before anything is fetched."""
+    count = len(_image_urls(body))
+    if count > most:
+        raise InvalidRequest(f"Too many images: {count}; a chat request may carry at most {most}")
 
 
 async def _to_proto(request: web.Request, body: ChatCompletionRequest, model: str) -> llm_pb.ChatRequest:
     settings = request.app[SETTINGS]
+    # Every image first (counted by create_chat_completion before Authorize; data: decoded,
+    # https:// fetched concurrently under one deadline).
+    async with ImageFetcher(
+        deadline_seconds=settings.chat_image_fetch_seconds,
+        max_bytes=settings.max_input_image_bytes,
+        max_total_bytes=settings.max_body_bytes,  # no more than the body could have carried
+        allow=settings.fetch_allow_networks,
+    ) as fetcher:
+        images = iter(await fetcher.fetch_all(_image_urls(body)))
     messages: list[llm_pb.ChatMessage] = []
-    async with image_session(timeout_seconds=IMAGE_FETCH_TIMEOUT_SECONDS) as session:
-        for m_index, message in enumerate(body.messages):
-            role = "system" if message.role == "developer" else message.role
-            parts: list[llm_pb.ContentPart] = []
-            if isinstance(message.content, str):
-                parts.append(llm_pb.ContentPart(text=message.content))
-            else:
-                for p_index, part in enumerate(message.content):
-                    if isinstance(part, ImagePart):
-                        data = await fetch_image(
-                            session,
-                            part.image_url.url,
-                            max_bytes=settings.max_input_image_bytes,
-                            name=f"messages[{m_index}].content[{p_index}]",
-                        )
-                        parts.append(llm_pb.ContentPart(image=llm_pb.ImageInput(data=data)))
-                    else:
-                        parts.append(llm_pb.ContentPart(text=part.text))
-            messages.append(llm_pb.ChatMessage(role=role, content=parts))
+    for message in body.messages:
+        role = "system" if message.role == "developer" else message.role
+        parts: list[llm_pb.ContentPart] = []
+        if isinstance(message.content, str):
+            parts.append(llm_pb.ContentPart(text=message.content))
+        else:
+            for part in message.content:
+                if isinstance(part, ImagePart):
+                    parts.append(llm_pb.ContentPart(image=llm_pb.ImageInput(data=next(images))))
+                else:
+                    parts.append(llm_pb.ContentPart(text=part.text))
+        messages.append(llm_pb.ChatMessage(role=role, content=parts))
     proto = llm_pb.ChatRequest(
         model=model, messages=messages, stop=body.stops(), request_id=request[REQUEST_ID]
     )
@@ -83,12 +104,13 @@ def _usage(end: llm_pb.ChatEnd) -> dict[str, int]:
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     credential_from(request)
-    body = parse_body(ChatCompletionRequest, await request.read())
+    body = parse_body(ChatCompletionRequest, await read_body(request))
     if body.n not in (None, 1):
         raise InvalidRequest("Only n=1 is supported")
     if not body.messages:
         raise InvalidRequest("'messages' must hold at least one message")
     body.stops()
+    _check_image_count(body, request.app[SETTINGS].max_chat_images)
     spec = request.app[REGISTRY].resolve(body.model, CHAT, DEFAULT_CHAT_MODEL)
     usage = [billing_pb.Usage(chat=billing_pb.ChatUsage(model=spec.id))]
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -134,7 +156,9 @@ async def _collect(events: Any, completion_id: str, created: int) -> dict[str, A
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": "".join(text)},
+                # OpenAI's required refusal and logprobs: always null here.
+                "message": {"role": "assistant", "content": "".join(text), "refusal": None},
+                "logprobs": None,
                 "finish_reason": FINISH.get(end.finish_reason, "stop"),
             }
         ],
@@ -166,7 +190,7 @@ async def _stream(
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
 
     await response.write(sse_event(chunk({"role": "assistant", "content": ""})))

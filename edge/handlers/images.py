@@ -19,7 +19,7 @@ from aiohttp import web
 
 from edge.errors import envelope
 from edge.flow import Charge, Done, MediaFile, billed
-from edge.forms import FORM_TYPES, note_form
+from edge.forms import FORM_TYPES, read_body, read_form
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
 from edge.schemas import (
@@ -154,7 +154,7 @@ async def _respond(
 
 async def create_generation(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    body = parse_body(ImageGenerationRequest, await request.read())
+    body = parse_body(ImageGenerationRequest, await read_body(request))
     params = body.to_params(request.app[REGISTRY], max_prompt_chars=request.app[SETTINGS].max_prompt_chars)
     return await _respond(request, params, body, started)
 
@@ -169,7 +169,7 @@ async def create_edit(request: web.Request) -> web.StreamResponse:
         params = form.to_params(registry, settings, inputs=inputs, mask=mask)
         options = form
     else:
-        body = parse_body(ImageEditRequest, await request.read())
+        body = parse_body(ImageEditRequest, await read_body(request))
         params = body.to_params(registry, settings)
         options = body
     return await _respond(request, params, options, started)
@@ -177,34 +177,17 @@ async def create_edit(request: web.Request) -> web.StreamResponse:
 
 async def _read_edit_form(request: web.Request) -> tuple[ImageEditForm, list[bytes], bytes]:
     """OpenAI's edit form: ``image`` / ``image[]`` files, an optional ``mask`` file, text fields."""
-    try:
-        form = await request.post()
-    except ValueError as exc:
-        raise InvalidRequest(f"The multipart body could not be read: {exc}") from None
-    note_form(request, form)
-    inputs: list[bytes] = []
-    mask = b""
-    fields: dict[str, str] = {}
-    for name, value in form.items():
-        if isinstance(value, web.FileField):
-            if name in IMAGE_FIELDS:
-                inputs.append(value.file.read())
-            elif name == MASK_FIELD:
-                mask = value.file.read()
-            else:
-                raise InvalidRequest(f"Unexpected file field '{name}'; images go in 'image' or 'image[]'")
-        elif name in IMAGE_FIELDS or name == MASK_FIELD:
-            raise InvalidRequest(f"'{name}' must be a file upload")
-        elif name in fields:
-            raise InvalidRequest(f"The field '{name}' is given more than once")
-        else:
-            fields[name] = str(value)
-    return parse_form(ImageEditForm, fields), inputs, mask
+    form = await read_form(request, files=(*IMAGE_FIELDS, MASK_FIELD))
+    inputs = [data for name, data in form.files if name in IMAGE_FIELDS]
+    masks = [data for name, data in form.files if name == MASK_FIELD]
+    if len(masks) > 1:
+        raise InvalidRequest(f"The field '{MASK_FIELD}' is given more than once")
+    return parse_form(ImageEditForm, form.fields), inputs, masks[0] if masks else b""
 
 
 async def create_generation_batch(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    body = parse_body(BatchImageGenerationRequest, await request.read())
+    body = parse_body(BatchImageGenerationRequest, await read_body(request))
     if not 1 <= len(body.requests) <= MAX_BATCH_REQUESTS:
         raise InvalidRequest(f"'requests' must hold between 1 and {MAX_BATCH_REQUESTS} requests")
     settings, registry = request.app[SETTINGS], request.app[REGISTRY]

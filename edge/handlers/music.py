@@ -27,7 +27,7 @@ from aiohttp import web
 
 from edge.errors import envelope
 from edge.flow import Charge, Done, MediaFile, billed, credential_from
-from edge.forms import FORM_TYPES, read_upload_form
+from edge.forms import FORM_TYPES, read_body, read_upload_form
 from edge.handlers.images import media_base, timing_entry
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, UPSTREAMS
 from edge.responses import ProgressEvents, json_response
@@ -53,7 +53,7 @@ SourceT = TypeVar("SourceT", MusicCoverRequest, MusicRepaintRequest)
 
 async def generate(request: web.Request) -> web.StreamResponse:
     credential_from(request)
-    body = parse_body(MusicGenerateRequest, await request.read())
+    body = parse_body(MusicGenerateRequest, await read_body(request))
     call = music_pb.GenerateMusicRequest(**_common(request, body))
     if body.duration is not None:
         call.duration_seconds = body.duration
@@ -86,7 +86,7 @@ async def _with_source(request: web.Request, model: type[SourceT]) -> tuple[Sour
             request, field="audio", what="the source song as an audio file"
         )
         return parse_form(model, fields), audio
-    body = parse_body(model, await request.read())
+    body = parse_body(model, await read_body(request))
     if not body.audio:
         raise InvalidRequest("Missing required parameter: 'audio' (the source song, base64 or a file upload)")
     return body, decode_base64_file(body.audio, "audio")

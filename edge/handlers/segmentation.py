@@ -11,23 +11,28 @@ file (memory stays flat) so that the frame counts can go in the headers.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import functools
 import json
+import logging
+import math
 import tempfile
 import time
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
-from edge.errors import error_response
-from edge.flow import Charge, Done, MediaFile, billed, credential_from
-from edge.forms import body_digest, note_part, read_upload_form
-from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
+from edge.clients import VideoSession
+from edge.flow import HOLD_MARGIN_SECONDS, Charge, Done, MediaFile, billed, credential_from
+from edge.forms import BodyRefused, FormReader, body_digest, note_part, read_upload_form
+from edge.keys import MEDIA, PENDING, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
 from edge.schemas import BackgroundRemovalForm, SegmentationForm, parse_form
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.segmentation.v1 import segmentation_service_pb2 as seg_pb
-from services.common.errors import InvalidRequest, ProcessingError, quoted
+from services.common.errors import InvalidRequest, KilnError, ProcessingError, quoted
 from services.common.media import probe_image
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec
@@ -36,7 +41,60 @@ from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, M
 CHUNK_BYTES = 256 * 1024
 #: Output kept in memory up to this size, then in a temporary file.
 SPOOL_BYTES = 8 * 1024 * 1024
+log = logging.getLogger("kiln.edge")
 OUTPUTS = {"cutout": seg_pb.SEGMENTATION_OUTPUT_CUTOUT, "mask": seg_pb.SEGMENTATION_OUTPUT_MASK}
+
+
+class EntryHold:
+    """The hold a video upload needs before its first byte goes to the service: the least the
+    request can cost (one frame), so an account that cannot pay gets its 402 before the
+    service reads anything. It is released when the hold of the whole video (priced from
+    the probe) replaces it, or when the request ends first (also when cancelled: the
+    release is shielded and the edge's shutdown waits for it)."""
+
+    def __init__(self, request: web.Request, reservation_id: str) -> None:
+        self.request = request
+        self.reservation_id = reservation_id
+        self._released = False
+
+    @classmethod
+    async def place(
+        cls, request: web.Request, credential: billing_pb.Credential, usage: billing_pb.Usage
+    ) -> EntryHold:
+        settings = request.app[SETTINGS]
+        ttl = min(24 * 3600, math.ceil(settings.service_timeout_seconds) + HOLD_MARGIN_SECONDS)
+        call = asyncio.ensure_future(
+            request.app[UPSTREAMS].billing.authorize(
+                credential, [usage], request[REQUEST_ID], ttl_seconds=ttl
+            )
+        )
+        try:
+            auth = await asyncio.shield(call)
+        except asyncio.CancelledError:  # the client left while billing held: release it once known
+            call.add_done_callback(functools.partial(_release_late, request))
+            raise
+        return cls(request, auth.reservation.id)
+
+    async def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        task = asyncio.ensure_future(_release(self.request, self.reservation_id))
+        self.request.app[PENDING].add(task)
+        await asyncio.shield(task)
+
+
+async def _release(request: web.Request, reservation_id: str) -> None:
+    try:
+        await request.app[UPSTREAMS].billing.release(reservation_id, request[REQUEST_ID])
+    except KilnError as err:  # the hold expires on its own
+        log.warning("release of %s failed (%s); it will expire", reservation_id, err.message)
+
+
+def _release_late(request: web.Request, call: asyncio.Future[billing_pb.AuthorizeResponse]) -> None:
+    if not call.cancelled() and call.exception() is None:
+        task = asyncio.ensure_future(_release(request, call.result().reservation.id))
+        request.app[PENDING].add(task)
 
 
 def _usage(spec: ModelSpec, frames: int) -> billing_pb.Usage:
@@ -211,37 +269,46 @@ async def remove_image_background(request: web.Request) -> web.StreamResponse:
 
 async def remove_video_background(request: web.Request) -> web.StreamResponse:
     """A WebM (VP9 with alpha) ``background_removed_video.webm``; see the module docstring."""
-    credential_from(request)
+    credential = credential_from(request)
     settings = request.app[SETTINGS]
     if request.content_type != "multipart/form-data":
         raise InvalidRequest("Send the video as multipart/form-data with a 'file' field.")
-    reader = await request.multipart()
-    session = request.app[UPSTREAMS].segmentation.video(request[REQUEST_ID])
+    # The form's limits count for the whole request; the video has its own (413 above it).
+    reader = FormReader(request, max_bytes=settings.max_video_bytes + settings.max_body_bytes)
+    session: VideoSession | None = None
+    entry: EntryHold | None = None
     try:
         fields: dict[str, str] = {}
         uploaded = 0
         digest = body_digest(request)
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or not part.name:
-                raise InvalidRequest("Every part of the form needs a name")
-            if part.name == "file":
-                if part.filename is None:
-                    raise InvalidRequest("'file' must be a file upload")
-                note_part(request, part.name, part.filename, b"")
-                while chunk := await part.read_chunk(CHUNK_BYTES):
-                    digest.update(chunk)
-                    uploaded += len(chunk)
-                    if uploaded > settings.max_video_bytes:
-                        limit = settings.max_video_bytes
-                        message = f"The video is larger than the limit of {limit} bytes."
-                        return error_response(InvalidRequest(message), status=413)
-                    await session.send_chunk(chunk)
-            elif part.name in fields:
-                raise InvalidRequest(f"The field '{quoted(part.name)}' is given more than once")
-            else:
-                fields[part.name] = await part.text()
-                note_part(request, part.name, None, fields[part.name].encode())
-        if not uploaded:
+        async with contextlib.aclosing(reader.parts()) as parts:
+            async for part in parts:
+                name = part.name or ""
+                if name == "file":
+                    if not part.filename:
+                        raise InvalidRequest("'file' must be a file upload")
+                    if session is not None:
+                        raise InvalidRequest("The field 'file' is given more than once")
+                    # Nothing reaches the service before a hold is placed: the least this
+                    # request can cost (one frame) is held until the probe prices the video.
+                    usage = _usage(_model(request, fields.get("model")), 1)
+                    entry = await EntryHold.place(request, credential, usage)
+                    session = request.app[UPSTREAMS].segmentation.video(request[REQUEST_ID])
+                    note_part(request, name, part.filename, b"")
+                    async for chunk in reader.chunks(part):
+                        digest.update(chunk)
+                        uploaded += len(chunk)
+                        if uploaded > settings.max_video_bytes:
+                            raise BodyRefused(
+                                413,
+                                f"The video is larger than the limit of {settings.max_video_bytes} bytes.",
+                            )
+                        await session.send_chunk(chunk)
+                elif name in fields:
+                    raise InvalidRequest(f"The field '{quoted(name)}' is given more than once")
+                else:
+                    fields[name] = await reader.text(part)
+        if session is None or not uploaded:
             raise InvalidRequest("Missing required parameter: 'file' (a video upload)")
         form = parse_form(BackgroundRemovalForm, fields)
         prompt = form.prompt.strip()
@@ -288,10 +355,14 @@ async def remove_video_background(request: web.Request) -> web.StreamResponse:
             await response.write_eof()
             return response
 
+        await entry.release()  # the hold of the whole video replaces it
         try:
             # The WebM is sent from a spooled file, not kept: never replayed for an Idempotency-Key.
             return await billed(request, [_usage(spec, frames)], work, answer, streamed=True)
         finally:
             output.close()
     finally:
-        session.cancel()
+        if session is not None:
+            session.cancel()
+        if entry is not None:
+            await entry.release()

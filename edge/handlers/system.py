@@ -10,7 +10,7 @@ from edge.flow import credential_from
 from edge.keys import REGISTRY, REQUEST_ID, UPSTREAMS
 from edge.responses import json_response
 from services.common.money import format_credits
-from services.common.registry import ModelSpec
+from services.common.registry import ModelSpec, Registry
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -27,10 +27,13 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-def model_entry(spec: ModelSpec) -> dict[str, Any]:
+def model_entry(spec: ModelSpec, created: int) -> dict[str, Any]:
+    """One model as ``/v1/models`` lists it: OpenAI's model object (id, object, created,
+    owned_by) with Kiln's details."""
     return {
         "id": spec.id,
         "object": "model",
+        "created": created,
         "owned_by": "kiln",
         "description": spec.description,
         "capability": spec.capability,
@@ -50,8 +53,19 @@ def model_entry(spec: ModelSpec) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     """Every model with its aliases, capability, limits, defaults and price formula."""
-    models = [model_entry(spec) for spec in request.app[REGISTRY].models]
+    registry = request.app[REGISTRY]
+    created = registry_time(registry)
+    models = [model_entry(spec, created) for spec in registry.models]
     return json_response({"object": "list", "data": models})
+
+
+def registry_time(registry: Registry) -> int:
+    """A model's ``created``: when the registry file that declares it last changed (Unix
+    seconds; 0 if the file is gone). Models have no birth date of their own here."""
+    try:
+        return int(registry.path.stat().st_mtime)
+    except OSError:
+        return 0
 
 
 async def get_account(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from edge.clients import FORMATS
 from edge.flow import Charge, Done, MediaFile, billed, credential_from
+from edge.forms import read_body
 from edge.handlers.images import media_base, timing_entry
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
@@ -31,7 +32,7 @@ async def upscale_image(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     credential_from(request)
     settings = request.app[SETTINGS]
-    body = parse_body(UpscaleRequest, await request.read())
+    body = parse_body(UpscaleRequest, await read_body(request))
     data = decode_base64_file(body.image, "image")
     info = probe_image(
         data, max_pixels=settings.max_input_image_pixels, max_bytes=settings.max_input_image_bytes

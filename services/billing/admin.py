@@ -16,6 +16,7 @@ Commands::
     account create --name N [--premium] [--subject SUB] [--credits C]
     account show ID
     account premium ID on|off
+    account disable ID / account enable ID
     key create ID [--name NAME]
     key list ID
     key revoke KEY_ID
@@ -74,6 +75,8 @@ def _print_account(account: AccountRecord) -> None:
     print(f"held:     {format_credits(account.held)} credits")
     if account.external_id:
         print(f"subject:  {account.external_id}")
+    if account.disabled_at_ms is not None:
+        print(f"disabled: {_when(account.disabled_at_ms)} UTC")
 
 
 # --- handlers ---
@@ -95,6 +98,22 @@ async def _account_show(ledger: Ledger, args: argparse.Namespace) -> int:
 async def _account_premium(ledger: Ledger, args: argparse.Namespace) -> int:
     account = await ledger.set_premium(args.account_id, args.state == "on")
     print(f"{account.id}: premium {'on' if account.premium else 'off'}")
+    return 0
+
+
+async def _account_disable(ledger: Ledger, args: argparse.Namespace) -> int:
+    account = await ledger.set_disabled(args.account_id, True)
+    print(f"{account.id}: disabled since {_when(account.disabled_at_ms)} UTC")
+    print(
+        "(every API key and JWT of the account is refused from now on; holds already placed settle)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _account_enable(ledger: Ledger, args: argparse.Namespace) -> int:
+    account = await ledger.set_disabled(args.account_id, False)
+    print(f"{account.id}: enabled")
     return 0
 
 
@@ -173,6 +192,14 @@ def add_admin_commands(subparsers: Any) -> None:
     premium.add_argument("account_id")
     premium.add_argument("state", choices=["on", "off"])
     premium.set_defaults(admin_handler=_account_premium)
+    disable = account_sub.add_parser(
+        "disable", help="refuse every API key and JWT of the account (401) until it is enabled again"
+    )
+    disable.add_argument("account_id")
+    disable.set_defaults(admin_handler=_account_disable)
+    enable = account_sub.add_parser("enable", help="accept the credentials of a disabled account again")
+    enable.add_argument("account_id")
+    enable.set_defaults(admin_handler=_account_enable)
 
     key = subparsers.add_parser("key", help="create, list and revoke API keys")
     key_sub = key.add_subparsers(dest="key_command", required=True)

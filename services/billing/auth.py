@@ -7,17 +7,23 @@
   public keys in ``settings.jwt_public_keys``. Only algorithms with a
   configured key are accepted (so ``alg: none`` never is); the token's header
   picks the algorithm and every configured key of it is tried (key rotation).
-  ``exp`` and ``sub`` are required; ``aud`` and ``iss`` are checked when
-  configured; ``nbf`` and ``iat`` when present; clock skew is
-  ``settings.jwt_leeway_seconds``. A token may live at most
-  ``settings.jwt_max_lifetime_seconds`` (``exp`` minus ``iat``, or minus now
-  without ``iat``). An HS256 secret shorter than 32 bytes is refused at start
-  (RFC 7518 asks for a key as long as the hash). The subject is an account's
-  external id, or the id of an account that has no external id (an account
-  bound to an external subject is never found by its internal id).
+  ``exp`` and ``sub`` are required, and so are ``aud`` and ``iss``, which
+  must equal ``settings.jwt_audience`` / ``settings.jwt_issuer``: with JWTs
+  enabled (a key configured), billing refuses to start without them unless
+  ``settings.jwt_require_audience`` / ``settings.jwt_require_issuer`` is
+  turned off (then that claim is not checked). ``nbf`` and ``iat`` are
+  checked when present; clock skew is ``settings.jwt_leeway_seconds``. A
+  token may live at most ``settings.jwt_max_lifetime_seconds`` (``exp`` minus
+  ``iat``, or minus now without ``iat``). An HS256 secret shorter than 32
+  bytes is refused at start (RFC 7518 asks for a key as long as the hash). The
+  subject is an account's external id, or the id of an account that has no
+  external id (an account bound to an external subject is never found by its
+  internal id).
+* A disabled account (``kiln admin account disable``) is refused whatever the
+  credential, in the same transaction that would hold its credits.
 
 Every failure is ``authentication_error`` with the contract's message; for
-JWTs the reason is appended.
+JWTs and disabled accounts the reason is appended.
 """
 
 from __future__ import annotations
@@ -73,10 +79,12 @@ class Authenticator:
         issuer: str | None = None,
         leeway_seconds: float = 0,
         max_lifetime_seconds: float = 24 * 3600,
+        require_audience: bool = True,
+        require_issuer: bool = True,
     ) -> None:
         self.ledger = ledger
-        self.audience = audience
-        self.issuer = issuer
+        self.audience = audience or None
+        self.issuer = issuer or None
         self.leeway = leeway_seconds
         self.max_lifetime = max_lifetime_seconds
         self._keys: dict[str, list[Any]] = {}
@@ -89,6 +97,23 @@ class Authenticator:
         for index, pem in enumerate(public_keys):
             alg, key = load_public_key(pem, source=f"JWT public key #{index + 1}")
             self._keys.setdefault(alg, []).append(key)
+        if self._keys:
+            missing = [
+                (claim, name)
+                for claim, name, value, required in (
+                    ("an audience", "AUDIENCE", self.audience, require_audience),
+                    ("an issuer", "ISSUER", self.issuer, require_issuer),
+                )
+                if required and value is None
+            ]
+            if missing:
+                claims = " and ".join(f"{claim} (KILN_JWT_{name})" for claim, name in missing)
+                turn_off = " / ".join(f"KILN_JWT_REQUIRE_{name}=false" for _, name in missing)
+                raise ValueError(
+                    f"JWT authentication is enabled but {claims} {'are' if len(missing) > 1 else 'is'} "
+                    f"not configured; configure {'them' if len(missing) > 1 else 'it'}, or accept "
+                    f"tokens without that check explicitly with {turn_off}"
+                )
 
     @classmethod
     def from_settings(cls, ledger: Ledger, settings: Settings) -> Authenticator:
@@ -101,6 +126,8 @@ class Authenticator:
             issuer=settings.jwt_issuer,
             leeway_seconds=settings.jwt_leeway_seconds,
             max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
+            require_audience=settings.jwt_require_audience,
+            require_issuer=settings.jwt_require_issuer,
         )
 
     @property
@@ -152,8 +179,11 @@ class Authenticator:
         keys = self._keys.get(alg) if isinstance(alg, str) else None
         if not keys or not isinstance(alg, str):
             raise _failed(f"algorithm {alg!r} is not accepted")
+        required = ["exp", "sub"]
+        required += ["aud"] if self.audience is not None else []
+        required += ["iss"] if self.issuer is not None else []
         options: dict[str, Any] = {
-            "require": ["exp", "sub"],
+            "require": required,
             "verify_aud": self.audience is not None,
             "verify_iss": self.issuer is not None,
         }

@@ -30,6 +30,10 @@ answer back (no hold), a repeat of a running or streamed one a
 :class:`~services.common.errors.Conflict`, another request under the same key an
 ``invalid_request_error``. A release or an expired hold frees the key.
 
+A disabled account (``disabled_at_ms`` set by :meth:`Ledger.set_disabled`)
+is refused by every credential finder, so it gets no new hold; holds placed
+before it was disabled settle normally (commit charges, release returns).
+
 Commit charges what a price function says the work done costs, capped at the
 hold. Commit and release are idempotent when repeated; mixing them, or
 committing after expiry, fails with ``invalid_request_error``. Nothing here
@@ -44,7 +48,7 @@ import json
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Literal
@@ -52,6 +56,7 @@ from typing import Literal
 from services.billing.pricing import purchase_paid_units
 from services.billing.store import Database, Row, Tx
 from services.common.errors import (
+    AUTHENTICATION_MESSAGE,
     AuthenticationFailed,
     Conflict,
     InsufficientCredits,
@@ -74,7 +79,7 @@ IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 MAX_CREDITS_PER_ADD = Decimal(10) ** 12
 MAINTENANCE_FLAG = "maintenance"
 
-_ACCOUNT_COLUMNS = "id, name, premium, balance, held, external_id"
+_ACCOUNT_COLUMNS = "id, name, premium, balance, held, external_id, disabled_at_ms"
 _RESERVATION_COLUMNS = "id, account_id, request_id, amount, charged, state, expires_at_ms"
 _MEDIA_COLUMNS = "media_id, kind, mime_type, model, prompt, width, height, frames, fps, duration_seconds, size_bytes, created_at_ms"
 #: ListMedia's sort keys -> columns (a whitelist: the name goes into the SQL).
@@ -88,6 +93,8 @@ MEDIA_SORT_COLUMNS = {
 }
 #: Most records one ListMedia page returns.
 MAX_MEDIA_PAGE = 100
+#: Most records one media sweep expires, and most candidate ids it checks.
+MAX_MEDIA_SWEEP = 1000
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,12 @@ class AccountRecord:
     balance: int
     held: int
     external_id: str | None
+    #: When the account was disabled (Unix ms); None while it is enabled.
+    disabled_at_ms: int | None = None
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at_ms is not None
 
 
 @dataclass(frozen=True)
@@ -199,6 +212,7 @@ def _account(row: Row) -> AccountRecord:
         balance=int(row[3]),
         held=int(row[4]),
         external_id=row[5],
+        disabled_at_ms=int(row[6]) if row[6] is not None else None,
     )
 
 
@@ -225,6 +239,11 @@ def _new_id(prefix: str, nbytes: int = 12) -> str:
 
 def _account_not_found(account_id: str) -> NotFound:
     return NotFound(f"Account '{account_id}' not found.")
+
+
+def account_disabled() -> AuthenticationFailed:
+    """The refusal of every credential of a disabled account."""
+    return AuthenticationFailed(f"{AUTHENTICATION_MESSAGE} (account disabled)")
 
 
 def _reservation_not_found(reservation_id: str) -> NotFound:
@@ -331,6 +350,23 @@ class Ledger:
             raise _account_not_found(account_id)
         return _account(row)
 
+    async def set_disabled(self, account_id: str, disabled: bool) -> AccountRecord:
+        """Disables an account (every credential of it is refused from now on, and it gets no
+        new hold) or enables it again. Disabling twice keeps the first time; holds already
+        placed settle normally."""
+        now = self.now_ms()
+        row = await self.db.run(
+            lambda tx: tx.one(
+                "UPDATE accounts SET disabled_at_ms = "
+                + ("COALESCE(disabled_at_ms, ?)" if disabled else "NULL")
+                + f" WHERE id = ? RETURNING {_ACCOUNT_COLUMNS}",
+                (now, account_id) if disabled else (account_id,),
+            )
+        )
+        if row is None:
+            raise _account_not_found(account_id)
+        return _account(row)
+
     # --- API keys ---
 
     async def create_api_key(
@@ -403,7 +439,8 @@ class Ledger:
         return ApiKeyRecord(*row) if row is not None else None
 
     async def account_for_api_key(self, key: str) -> AccountRecord:
-        """The account of a valid key; AuthenticationFailed for an unknown or revoked one."""
+        """The account of a valid key; AuthenticationFailed for an unknown or revoked key, or a
+        disabled account."""
         return await self.find_account(api_key_finder(key))
 
     async def find_account(self, find: AccountFinder) -> AccountRecord:
@@ -542,10 +579,12 @@ class Ledger:
             inserted = tx.one(
                 "INSERT INTO reservations (id, account_id, request_id, amount, charged, state,"
                 " created_at_ms, expires_at_ms) SELECT ?, id, ?, ?, 0, 'held', ?, ? FROM accounts"
-                f" WHERE id = ? RETURNING {_RESERVATION_COLUMNS}",
+                f" WHERE id = ? AND disabled_at_ms IS NULL RETURNING {_RESERVATION_COLUMNS}",
                 (reservation_id, request_id, amount, now, expires, account_id),
             )
             if inserted is None:
+                if tx.one("SELECT id FROM accounts WHERE id = ?", (account_id,)) is not None:
+                    raise account_disabled()  # a disabled account gets no new hold
                 raise _account_not_found(account_id)
             if amount == 0:
                 row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
@@ -717,6 +756,54 @@ class Ledger:
 
         return await self.db.run(tx_fn, write=False)
 
+    async def sweep_media(
+        self,
+        created_before_ms: int,
+        keep_kinds: Sequence[str] = (),
+        *,
+        limit: int = 500,
+        candidates: Sequence[str] = (),
+    ) -> tuple[list[str], list[str]]:
+        """Media retention: deletes up to ``limit`` records made before ``created_before_ms``
+        whose kind is not in ``keep_kinds`` (the library, kept while the account exists), and
+        says which ``candidates`` (media ids of stored files) have no record and are no stored
+        answer of an idempotency key. Returns (expired ids, unrecorded candidates); the caller
+        deletes those files, after their records, so no record ever points at a missing file.
+        """
+        if not 1 <= limit <= MAX_MEDIA_SWEEP:
+            raise InvalidRequest(f"'limit' must be between 1 and {MAX_MEDIA_SWEEP}, not {limit}.")
+        if len(candidates) > MAX_MEDIA_SWEEP:
+            raise InvalidRequest(f"At most {MAX_MEDIA_SWEEP} candidate media ids per call.")
+        kinds = list(dict.fromkeys(keep_kinds))
+        kept = f" AND kind NOT IN ({', '.join('?' * len(kinds))})" if kinds else ""
+        wanted = list(dict.fromkeys(candidates))
+
+        def tx_fn(tx: Tx) -> tuple[list[str], list[str]]:
+            rows = tx.all(
+                f"SELECT media_id FROM media_records WHERE created_at_ms < ?{kept}"
+                " ORDER BY created_at_ms, media_id LIMIT ?",
+                (created_before_ms, *kinds, limit),
+            )
+            expired = [str(row[0]) for row in rows]
+            if expired:
+                marks = ", ".join("?" * len(expired))
+                tx.execute(f"DELETE FROM media_records WHERE media_id IN ({marks})", expired)
+            if not wanted:
+                return expired, []
+            marks = ", ".join("?" * len(wanted))
+            known = {
+                str(row[0])
+                for row in tx.all(
+                    f"SELECT media_id FROM media_records WHERE media_id IN ({marks}) UNION"
+                    f" SELECT response_media_id FROM idempotency_keys WHERE response_media_id IN ({marks})",
+                    (*wanted, *wanted),
+                )
+            }
+            gone = set(expired)
+            return expired, [media_id for media_id in wanted if media_id not in known and media_id not in gone]
+
+        return await self.db.run(tx_fn)
+
     async def release(self, reservation_id: str) -> ReservationRecord:
         """Returns a hold to the balance. Releasing again, or after expiry, returns it unchanged."""
         now = self.now_ms()
@@ -818,20 +905,23 @@ AccountFinder = Callable[[Tx], AccountRecord]
 
 
 def api_key_finder(key: str) -> AccountFinder:
-    """The finder of an API key's account (unknown or revoked keys fail)."""
+    """The finder of an API key's account (unknown or revoked keys, and disabled accounts, fail)."""
     digest = hash_api_key(key) if key else ""
 
     def find(tx: Tx) -> AccountRecord:
         if not digest:
             raise AuthenticationFailed()
         row = tx.one(
-            "SELECT k.key_hash, k.revoked_at_ms, a.id, a.name, a.premium, a.balance, a.held,"
-            " a.external_id FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
+            f"SELECT k.key_hash, k.revoked_at_ms, {_prefixed('a', _ACCOUNT_COLUMNS)}"
+            " FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
             (digest,),
         )
         if row is None or row[1] is not None or not hmac.compare_digest(row[0], digest):
             raise AuthenticationFailed()
-        return _account(row[2:])
+        account = _account(row[2:])
+        if account.disabled:
+            raise account_disabled()
+        return account
 
     return find
 
@@ -847,12 +937,15 @@ def _account_by_subject(tx: Tx, sub: str) -> AccountRecord | None:
 
 
 def subject_finder(sub: str, unknown: Callable[[], AuthenticationFailed]) -> AccountFinder:
-    """The finder of a (verified) JWT subject's account; ``unknown()`` is raised when there is none."""
+    """The finder of a (verified) JWT subject's account; ``unknown()`` is raised when there is none,
+    :func:`account_disabled` when it is disabled."""
 
     def find(tx: Tx) -> AccountRecord:
         account = _account_by_subject(tx, sub) if sub else None
         if account is None:
             raise unknown()
+        if account.disabled:
+            raise account_disabled()
         return account
 
     return find

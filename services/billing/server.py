@@ -24,12 +24,17 @@ from services.billing.ledger import Ledger
 from services.billing.servicer import BillingServicer
 from services.billing.store import Database
 from services.common.grpc_server import GrpcService, create_server
+from services.common.mesh_auth import EDGE
 from services.common.registry import load_registry
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BillingService"].full_name
+#: The RPCs that move money or write an account's records: only the edge may call them.
+EDGE_ONLY_METHODS = ("Authorize", "Reserve", "Commit", "Release", "SaveResponse", "SweepMedia")
+#: The RPCs any caller with the mesh credential may use: they only read.
+READ_ONLY_METHODS = ("Authenticate", "Quote", "GetAccount", "GetReservation", "ListMedia")
 
 
 @dataclass
@@ -78,10 +83,11 @@ async def create_service(
             pb_grpc.add_BillingServiceServicer_to_server(servicer, server)
 
         base = await create_server(
-            address=address or settings.billing_address,
+            address=address or settings.bind_address(settings.billing_address),
+            settings=settings,
             register=register,
             service_names=[SERVICE_NAME],
-            max_message_bytes=settings.grpc_max_message_bytes,
+            restricted={f"/{SERVICE_NAME}/{method}": (EDGE,) for method in EDGE_ONLY_METHODS},
         )
     except BaseException:
         await db.close()

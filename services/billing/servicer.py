@@ -285,6 +285,19 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
             total=total,
         )
 
+    async def SweepMedia(
+        self, request: pb.SweepMediaRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SweepMediaResponse:
+        if request.created_before_ms <= 0:
+            raise InvalidRequest("'created_before_ms' must be a positive Unix time in ms.")
+        expired, unrecorded = await self.ledger.sweep_media(
+            request.created_before_ms,
+            tuple(request.keep_kinds),
+            limit=request.limit or 500,
+            candidates=tuple(request.candidate_media_ids),
+        )
+        return pb.SweepMediaResponse(expired_media_ids=expired, unrecorded_media_ids=unrecorded)
+
 
 def _media_record(record: pb.MediaRecord) -> MediaRecord:
     _require(record.media_id, "media.media_id")

@@ -119,6 +119,14 @@ class UpstreamUnavailable(ProcessingError):
     default_message = "An upstream service is unavailable; please try again."
 
 
+class LowDiskSpace(ProcessingError):
+    """The disk that holds the media (and the database) is nearly full: new paid work is
+    refused with a 503 of the contract's ``processing_error`` type until space is freed."""
+
+    mapping_override = ErrorMapping("UNAVAILABLE", 503)
+    default_message = "The server is low on disk space and takes no new work for now; please try again later."
+
+
 class MaintenanceMode(KilnError):
     error_type = ErrorType.MAINTENANCE
     default_message = MAINTENANCE_MESSAGE

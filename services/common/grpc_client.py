@@ -13,18 +13,32 @@ from services.common.errors import (
     UpstreamUnavailable,
     error_from_type,
 )
+from services.common.mesh_auth import mesh_secret, mesh_token, token_interceptors
+from services.common.settings import Settings
 from services.common.telemetry import client_interceptors
 
 
-def create_channel(address: str, *, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.aio.Channel:
-    """An insecure aio channel with tracing and the mesh's message size limits."""
+def create_channel(
+    address: str, *, token: str, max_message_bytes: int = 64 * 1024 * 1024
+) -> grpc.aio.Channel:
+    """An aio channel with tracing, the mesh's message size limits, and ``token`` (a mesh
+    credential, :func:`~services.common.mesh_auth.mesh_token`) sent with every call."""
     return grpc.aio.insecure_channel(
         address,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],
-        interceptors=client_interceptors(),
+        interceptors=[*client_interceptors(), *token_interceptors(token)],
+    )
+
+
+def mesh_channel(address: str, settings: Settings, identity: str) -> grpc.aio.Channel:
+    """A channel to a Kiln service that calls as ``identity``, with the settings' limits."""
+    return create_channel(
+        address,
+        token=mesh_token(mesh_secret(settings), identity),
+        max_message_bytes=settings.grpc_max_message_bytes,
     )
 
 

@@ -1,9 +1,9 @@
 """The standard bootstrap of every Kiln gRPC service.
 
-``create_server`` builds a ``grpc.aio`` server with tracing and error
-interceptors, reflection and the standard health service (NOT_SERVING until
-the service says it is ready), bound to a configured address; it returns the
-bound port, so tests bind port 0. ``ErrorInterceptor`` is the one place where
+``create_server`` builds a ``grpc.aio`` server with tracing, mesh credential
+(:mod:`services.common.mesh_auth`) and error interceptors, reflection and the
+standard health service (NOT_SERVING until the service says it is ready), bound
+to a configured address; it returns the bound port, so tests bind port 0. ``ErrorInterceptor`` is the one place where
 a :class:`~services.common.errors.KilnError` becomes a ``google.rpc.Status``
 with an ``ErrorInfo`` whose reason is the contract's error type.
 """
@@ -14,7 +14,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,8 @@ from grpc_status import rpc_status
 
 from services.common.engine import EnginePool
 from services.common.errors import ERROR_DOMAIN, KilnError, ProcessingError
+from services.common.mesh_auth import MeshAuthInterceptor, mesh_secret
+from services.common.settings import Settings
 from services.common.telemetry import server_interceptors
 
 log = logging.getLogger(__name__)
@@ -149,20 +151,27 @@ class GrpcService:
 async def create_server(
     *,
     address: str,
+    settings: Settings,
     register: Callable[[grpc.aio.Server], None],
     service_names: Iterable[str],
-    max_message_bytes: int = 64 * 1024 * 1024,
+    restricted: Mapping[str, Iterable[str]] | None = None,
 ) -> GrpcService:
     """Builds a server with the standard interceptors, reflection and health.
 
     ``register`` adds the capability's servicers; ``service_names`` are their
     full names (``kiln.image.v1.ImageService``). Health starts NOT_SERVING.
+    Every call but health needs the mesh credential; ``restricted`` names the
+    methods only some identities may call (see :class:`MeshAuthInterceptor`).
     """
     server = grpc.aio.server(
-        interceptors=[*server_interceptors(), ErrorInterceptor()],
+        interceptors=[
+            *server_interceptors(),
+            MeshAuthInterceptor(mesh_secret(settings), restricted),
+            ErrorInterceptor(),
+        ],
         options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+            ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )
@@ -185,19 +194,19 @@ async def create_server(
 async def create_engine_server(
     *,
     address: str,
+    settings: Settings,
     servicer: Any,
     add_to_server: Callable[[Any, grpc.aio.Server], None],
     service_name: str,
     pool: EnginePool,
-    max_message_bytes: int,
 ) -> GrpcService:
     """The standard server for a capability whose servicer runs an engine pool: built by
     :func:`create_server`, with the engines loading once it listens (see :func:`serve_engine_pool`)."""
     service = await create_server(
         address=address,
+        settings=settings,
         register=lambda server: add_to_server(servicer, server),
         service_names=[service_name],
-        max_message_bytes=max_message_bytes,
     )
     return serve_engine_pool(service, pool)
 

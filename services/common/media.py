@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -381,23 +382,44 @@ MAX_AUDIO_CHANNELS = 8
 #: Most bytes of float samples one decoded upload may need: channels kept (at most 2)
 #: x rate x the route's longest duration x 4, checked from the header before decoding.
 MAX_DECODED_AUDIO_BYTES = 512 * 1024 * 1024
+#: How much longer than the limit a header's duration may be before the file is refused
+#: unread (durations estimated from a bit rate are approximate; decoding checks exactly).
+HEADER_DURATION_SLACK_SECONDS = 1.0
+#: Most samples per second of audio (channels x rate, from the header) a file may hold: what
+#: decoding one second costs. 7.1 at 192 kHz passes; 8 channels at 384 kHz do not.
+MAX_AUDIO_SAMPLES_PER_SECOND = 8 * 192_000
 
 
-def decode_audio(data: bytes, *, max_seconds: float, max_bytes: int, field: str = "audio") -> DecodedAudio:
+def decode_audio(
+    data: bytes,
+    *,
+    max_seconds: float,
+    max_bytes: int,
+    field: str = "audio",
+    sample_rate: int | None = None,
+) -> DecodedAudio:
     """Decodes an untrusted audio file (WAV, FLAC, MP3, Ogg Vorbis/Opus, AAC...) with PyAV.
 
     The one place where uploaded audio is opened. Refuses with
     :class:`InvalidRequest`, naming ``field``: more than ``max_bytes`` bytes,
-    data that is not audio, more than :data:`MAX_AUDIO_CHANNELS` channels or a
-    header whose sample rate x ``max_seconds`` would decode to more than
-    :data:`MAX_DECODED_AUDIO_BYTES` (both before decoding), a file without
-    a single sample, and audio longer than ``max_seconds`` (decoding stops as
-    soon as the limit is passed, so a long file costs no more than the limit).
-    More than two channels are downmixed to stereo by FFmpeg as they decode (every
-    caller wants mono or stereo; memory stays 2 x rate x seconds). Samples are
-    converted to packed (interleaved) float: PyAV's planar frames of more than 8
-    channels carry a plane too many, and reading them crashed the process (a 7.1
-    FLAC did). Blocking: run it on a worker thread.
+    data that is not audio, and, from the stream's header before a sample is
+    decoded: more than :data:`MAX_AUDIO_CHANNELS` channels, a rate whose decode
+    of ``max_seconds`` would pass :data:`MAX_DECODED_AUDIO_BYTES`, and a
+    duration the header gives as longer than ``max_seconds`` (an 8-channel
+    384 kHz FLAC of silence claiming gigabytes is refused before decoding).
+    Then a file without a single sample, and audio longer than ``max_seconds``
+    (headers may lie or say nothing: decoding stops as soon as the limit is
+    passed, so a long file costs no more than the limit).
+
+    Frames are converted one at a time by FFmpeg's resampler, as they decode,
+    to packed float32: more than two channels downmixed to stereo (every caller
+    wants mono or stereo) and, when ``sample_rate`` is given, resampled to it;
+    each converted frame is copied into one buffer of ``max_seconds`` at the
+    output rate, allocated once up front (only the pages written become
+    memory). Packed, not planar: PyAV's planar frames of more than 8 channels
+    carry a plane too many, and reading them crashed the process (a 7.1 FLAC
+    did). Blocking, and untrusted: run it in a decode worker
+    (:class:`services.common.decoding.DecodePool`).
     """
     import av
     import numpy as np
@@ -406,9 +428,7 @@ def decode_audio(data: bytes, *, max_seconds: float, max_bytes: int, field: str 
         raise InvalidRequest(f"'{field}' is {len(data)} bytes; the limit is {max_bytes} bytes")
     if not data:
         raise InvalidRequest(f"'{field}' is empty")
-    chunks: list[Any] = []
-    frames = 0
-    rate = 0
+    too_long = f"'{field}' is longer than the limit of {max_seconds:g} seconds"
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.audio:
@@ -419,28 +439,99 @@ def decode_audio(data: bytes, *, max_seconds: float, max_bytes: int, field: str 
                 raise InvalidRequest(
                     f"'{field}' has {channels} channels; at most {MAX_AUDIO_CHANNELS} are accepted"
                 )
-            if min(channels, 2) * header_rate * max_seconds * 4 > MAX_DECODED_AUDIO_BYTES:
+            if channels <= 0 or header_rate <= 0:
+                raise InvalidRequest(f"'{field}' is not a readable audio file (WAV, FLAC, MP3 or Ogg)")
+            kept = min(channels, 2)
+            rate = sample_rate or header_rate
+            if kept * max(rate, header_rate) * max_seconds * 4 > MAX_DECODED_AUDIO_BYTES:
                 raise InvalidRequest(
                     f"'{field}' is sampled at {header_rate} Hz: too much audio to decode for {max_seconds:g} seconds"
                 )
+            if channels * header_rate > MAX_AUDIO_SAMPLES_PER_SECOND:
+                raise InvalidRequest(
+                    f"'{field}' has {channels} channels at {header_rate} Hz; at most "
+                    f"{MAX_AUDIO_SAMPLES_PER_SECOND} samples per second (channels x rate) are accepted"
+                )
+            claimed = max(_header_seconds(container, stream), _wav_claimed_seconds(data))
+            if claimed > max_seconds + HEADER_DURATION_SLACK_SECONDS:
+                raise InvalidRequest(too_long)
             # Packed float, one plane of (samples x channels), whatever the source's format.
-            to_float = av.AudioResampler(format="flt", layout="stereo" if channels > 2 else None)
+            convert = av.AudioResampler(
+                format="flt", layout="stereo" if channels > 2 else None, rate=sample_rate or None
+            )
+            # Allocated at the first frame: the output rate is the decoder's, which may differ
+            # from the header's (HE-AAC doubles it), unless ``sample_rate`` fixes it.
+            buffer: Any = None
+            frames = 0
+
+            def take(converted: list[Any]) -> None:
+                nonlocal buffer, frames, rate
+                for frame in converted:
+                    if buffer is None:
+                        rate = int(frame.sample_rate)
+                        if kept * rate * max_seconds * 4 > MAX_DECODED_AUDIO_BYTES:
+                            raise InvalidRequest(
+                                f"'{field}' is sampled at {rate} Hz: too much audio to decode "
+                                f"for {max_seconds:g} seconds"
+                            )
+                        buffer = np.empty((math.floor(max_seconds * rate), kept), dtype=np.float32)
+                    count = int(frame.samples)
+                    if frames + count > buffer.shape[0]:
+                        raise InvalidRequest(too_long)
+                    array = frame.to_ndarray().reshape(-1, kept)  # (1, samples x channels) -> frames
+                    buffer[frames : frames + count] = array[:count]
+                    frames += count
+
             for decoded in container.decode(stream):
-                rate = rate or int(decoded.sample_rate)
-                for frame in to_float.resample(decoded):
-                    array = frame.to_ndarray().astype(np.float32, copy=False)
-                    chunks.append(array.reshape(-1, len(frame.layout.channels)))
-                    frames += chunks[-1].shape[0]
-                if frames > max_seconds * rate:
-                    raise InvalidRequest(f"'{field}' is longer than the limit of {max_seconds:g} seconds")
+                take(convert.resample(decoded))
+            take(convert.resample(None))
     except InvalidRequest:
         raise
     except (av.FFmpegError, ValueError, EOFError) as exc:
         raise InvalidRequest(f"'{field}' is not a readable audio file (WAV, FLAC, MP3 or Ogg)") from exc
     if not frames:
         raise InvalidRequest(f"'{field}' contains no audio samples")
-    samples = np.concatenate(chunks, axis=0)
-    return DecodedAudio(samples=np.ascontiguousarray(np.clip(samples, -1.0, 1.0)), sample_rate=rate)
+    samples = buffer[:frames]
+    np.clip(samples, -1.0, 1.0, out=samples)
+    return DecodedAudio(samples=samples, sample_rate=rate)
+
+
+def _wav_claimed_seconds(data: bytes) -> float:
+    """The duration a RIFF/WAVE header claims for its ``data`` chunk (0 when unknown).
+
+    FFmpeg reports a WAV's duration from the bytes actually there; a header that
+    claims ten hours over a few kilobytes is refused for its claim. The sizes of
+    a streamed WAV (``0xFFFFFFFF`` or 0: not known when the header was written)
+    claim nothing.
+    """
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return 0.0
+    byte_rate = 0
+    position = 12
+    for _ in range(64):  # a few chunks precede the data; never walk far
+        if position + 8 > len(data):
+            return 0.0
+        chunk, size = (
+            data[position : position + 4],
+            int.from_bytes(data[position + 4 : position + 8], "little"),
+        )
+        if chunk == b"fmt " and size >= 12 and position + 20 <= len(data):
+            byte_rate = int.from_bytes(data[position + 16 : position + 20], "little")
+        elif chunk == b"data":
+            if size in (0, 0xFFFFFFFF) or byte_rate <= 0:
+                return 0.0
+            return size / byte_rate
+        position += 8 + size + (size & 1)
+    return 0.0
+
+
+def _header_seconds(container: Any, stream: Any) -> float:
+    """The duration the file's header claims (0 when it says none): the stream's, else the container's."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return float(container.duration) / 1_000_000  # av.time_base
+    return 0.0
 
 
 # --- video: RGB frames to MP4 (H.264, yuv420p), one frame at a time ---

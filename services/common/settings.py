@@ -12,7 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, IPvAnyNetwork, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -57,6 +57,16 @@ class Settings(BaseSettings):
         description="Python of the tts service's own environment (qwen-tts pins transformers 4.57.3); "
         "`kiln up` runs the tts service with it. Default: .venv-tts/bin/python of the checkout, if present.",
     )
+    grpc_bind_host: str | None = Field(
+        None,
+        description="Interface a gRPC service binds (0.0.0.0 in a container); the host of its "
+        "dial address (KILN_*_ADDRESS) when unset. The port is always the dial address's.",
+    )
+    mesh_secret: SecretStr | None = Field(
+        None,
+        description="Secret (32+ bytes) the mesh's call tokens are made from; the same on every "
+        "machine of a mesh. Unset: data_dir/mesh-secret, made on first use.",
+    )
     http_host: str = Field("127.0.0.1", description="Interface the HTTP edge binds.")
     http_port: int = Field(8000, description="Port of the HTTP edge.")
     public_base_url: str | None = Field(
@@ -80,8 +90,59 @@ class Settings(BaseSettings):
         4096 * 4096, description="Most pixels of an input image (checked from its header, before decoding)."
     )
     max_input_image_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted input image file.")
+    max_chat_images: int = Field(
+        8, ge=0, description="Most images (image_url parts) in one chat request, counted before any fetch."
+    )
+    chat_image_fetch_seconds: float = Field(
+        10.0, gt=0, description="One deadline for all the image URL fetches of one chat request together."
+    )
+    fetch_allow_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Non-public networks image URLs may still be fetched from (tests; never list a "
+        "network clients must not reach). Empty: public addresses only.",
+    )
     max_video_bytes: int = Field(
         500 * 1024 * 1024, description="Largest accepted video upload (streamed, never held in memory)."
+    )
+    # --- untrusted media decoding (services/common/decoding.py; docs/security.md) ---
+    decode_workers: int = Field(
+        2,
+        ge=1,
+        description="Decode worker processes of each service that reads uploads: also the most "
+        "uploads it decodes at once. A decoder crash kills one of them, never the service.",
+    )
+    decode_memory_bytes: int = Field(
+        3 * 1024 * 1024 * 1024,
+        ge=0,
+        description="Address-space limit of one decode worker (0: none); past it a decode is a 400.",
+    )
+    # --- request limits and slow clients (edge/forms.py, edge/middlewares.py; docs/security.md) ---
+    max_form_parts: int = Field(
+        32, gt=0, description="Most parts (files and text fields) of one form, for the whole request (413)."
+    )
+    max_form_field_bytes: int = Field(
+        64 * 1024, gt=0, description="Longest text field of a form (400 above); files have their own limits."
+    )
+    max_unauthenticated_body_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        description="A larger body, or one of unknown length, is read only once billing has accepted "
+        "the credential: an unauthenticated upload gets its 401 before it is read.",
+    )
+    http_header_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Time a connection gets to send a request's complete headers, from its start or the "
+        "end of its previous request (so also how long an idle keep-alive connection stays open).",
+    )
+    http_body_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Time a request body gets, plus one second per http_body_min_rate bytes that "
+        "arrived; a body slower than that is a 408 and the connection is closed.",
+    )
+    http_body_min_rate: int = Field(
+        4096, gt=0, description="Bytes per second a request body must keep up (see http_body_timeout_seconds)."
     )
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, description="Largest gRPC message either way.")
     service_timeout_seconds: float = Field(
@@ -102,8 +163,26 @@ class Settings(BaseSettings):
     jwt_public_keys: list[Path] = Field(
         default_factory=list, description="PEM public keys for RS256/ES256 JWTs."
     )
-    jwt_audience: str | None = Field(None, description="Required `aud` of JWTs, when set.")
-    jwt_issuer: str | None = Field(None, description="Required `iss` of JWTs, when set.")
+    jwt_audience: str | None = Field(
+        None,
+        description="The `aud` every JWT must carry. Required when JWTs are enabled (billing does not "
+        "start without it) unless jwt_require_audience is false.",
+    )
+    jwt_issuer: str | None = Field(
+        None,
+        description="The `iss` every JWT must carry. Required when JWTs are enabled (billing does not "
+        "start without it) unless jwt_require_issuer is false.",
+    )
+    jwt_require_audience: bool = Field(
+        True,
+        description="Refuse to start with JWTs enabled but no jwt_audience. False accepts tokens for "
+        "any audience (`aud` is then not checked).",
+    )
+    jwt_require_issuer: bool = Field(
+        True,
+        description="Refuse to start with JWTs enabled but no jwt_issuer. False accepts tokens of any "
+        "issuer (`iss` is then not checked).",
+    )
     jwt_leeway_seconds: int = Field(0, description="Clock skew allowed on exp/nbf.")
     jwt_max_lifetime_seconds: int = Field(
         24 * 3600, gt=0, description="Longest lifetime of a JWT accepted (exp minus iat, or minus now)."
@@ -129,6 +208,23 @@ class Settings(BaseSettings):
         "already keeps every core busy.",
     )
     batch_window_ms: float = Field(5.0, description="How long a dynamic batch waits for more requests.")
+
+    # --- media retention and disk (edge/retention.py) ---
+    media_ttl_seconds: int = Field(
+        7 * 24 * 3600,
+        gt=0,
+        description="How long generated files are kept (the contract: links expire after 7 days); "
+        "library videos are kept while their account exists.",
+    )
+    media_sweep_seconds: float = Field(
+        300.0, gt=0, description="How often the edge deletes expired, unpaid and stale temporary files."
+    )
+    min_free_disk_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="Free space the disk of the media root (and of a SQLite database) must keep: "
+        "below it, paid requests are refused with 503 (0 turns the guard off).",
+    )
 
     # --- operations ---
     grace_seconds: float = Field(5.0, description="Graceful shutdown period for in-flight calls.")
@@ -158,6 +254,14 @@ class Settings(BaseSettings):
     @property
     def resolved_media_root(self) -> Path:
         return self.media_root or self.data_dir / "media"
+
+    def bind_address(self, dial_address: str) -> str:
+        """Where a service whose callers dial ``dial_address`` listens (see ``grpc_bind_host``)."""
+        if self.grpc_bind_host is None:
+            return dial_address
+        host = self.grpc_bind_host
+        port = dial_address.rpartition(":")[2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @property
     def resolved_model_cache_dir(self) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from kiln.image.v1 import image_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import DEFAULT_IMAGE_MODEL, Registry, load_registry
@@ -51,13 +52,14 @@ async def create_service(
         max_prompt_chars=settings.max_prompt_chars,
         max_input_image_pixels=settings.max_input_image_pixels,
         max_input_image_bytes=settings.max_input_image_bytes,
+        decoder=DecodePool.from_settings(settings),
     )
 
     return await create_engine_server(
-        address=address or settings.image_gen_address,
+        address=address or settings.bind_address(settings.image_gen_address),
+        settings=settings,
         servicer=servicer,
         add_to_server=pb_grpc.add_ImageServiceServicer_to_server,
         service_name=SERVICE_NAME,
         pool=pool,
-        max_message_bytes=settings.grpc_max_message_bytes,
     )

@@ -9,7 +9,8 @@ means PNG). The style preset is applied there, once: the edge sends prompts it
 already styled with an empty ``style_preset``.
 
 ``EditImages`` decodes its untrusted inputs (and mask) through
-:func:`services.common.media.decode_image` on a worker thread, with the
+:func:`services.common.media.decode_image` in decode worker processes
+(:class:`~services.common.decoding.DecodePool`), with the
 configured byte and pixel limits: the first input first (its size is the
 default output size), then, once the request passed the registry's rules (at
 most ``max_input_images`` inputs), the others. Every bad input is an
@@ -23,7 +24,6 @@ engine's iterator stops the pipeline at its next step and frees the engine.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any
@@ -34,6 +34,7 @@ from PIL import Image
 from kiln.common.v1 import media_pb2
 from kiln.image.v1 import image_service_pb2 as pb
 from kiln.image.v1 import image_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool, Progress
 from services.common.errors import InvalidRequest
 from services.common.media import decode_image
@@ -89,9 +90,11 @@ class ImageServiceServicer(pb_grpc.ImageServiceServicer):
         max_prompt_chars: int,
         max_input_image_pixels: int = 4096 * 4096,
         max_input_image_bytes: int = 20 * 1024 * 1024,
+        decoder: DecodePool | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool
+        self.decoder = decoder or DecodePool()
         self.max_prompt_chars = max_prompt_chars
         self.max_input_image_pixels = max_input_image_pixels
         self.max_input_image_bytes = max_input_image_bytes
@@ -164,26 +167,24 @@ class ImageServiceServicer(pb_grpc.ImageServiceServicer):
                 yield pb.EditImagesResponse(result=_result_to_proto(event))
 
     async def _decode(self, blobs: Sequence[bytes], what: str, *, start: int = 1) -> list[Image.Image]:
-        """Decodes untrusted image files on a worker thread; errors name the file."""
-
-        def decode_all() -> list[Image.Image]:
-            images = []
-            for number, data in enumerate(blobs, start):
-                try:
-                    images.append(
-                        decode_image(
-                            data,
-                            max_pixels=self.max_input_image_pixels,
-                            max_bytes=self.max_input_image_bytes,
-                        )
+        """Decodes untrusted image files in decode worker processes; errors name the file."""
+        images = []
+        for number, data in enumerate(blobs, start):
+            try:
+                images.append(
+                    await self.decoder.run(
+                        "The image",
+                        decode_image,
+                        data,
+                        max_pixels=self.max_input_image_pixels,
+                        max_bytes=self.max_input_image_bytes,
                     )
-                except InvalidRequest as exc:
-                    label = f"{what.capitalize()} {number}" if what != "mask" else "The mask"
-                    message = exc.message[0].lower() + exc.message[1:] if exc.message else ""
-                    raise InvalidRequest(f"{label}: {message}") from exc
-            return images
-
-        return await asyncio.to_thread(decode_all) if blobs else []
+                )
+            except InvalidRequest as exc:
+                label = f"{what.capitalize()} {number}" if what != "mask" else "The mask"
+                message = exc.message[0].lower() + exc.message[1:] if exc.message else ""
+                raise InvalidRequest(f"{label}: {message}") from exc
+        return images
 
     async def _run(
         self, params: GenerationParams, request: ImageRequest, request_id: str

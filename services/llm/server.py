@@ -18,6 +18,7 @@ stream with 8 on this 2-core host), unlike the upscalers' convolutions.
 from __future__ import annotations
 
 from kiln.llm.v1 import llm_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import DEFAULT_CHAT_MODEL, Registry, load_registry
@@ -57,13 +58,14 @@ async def create_service(
         pool=pool,
         max_input_image_pixels=settings.max_input_image_pixels,
         max_input_image_bytes=settings.max_input_image_bytes,
+        decoder=DecodePool.from_settings(settings),
     )
 
     return await create_engine_server(
-        address=address or settings.llm_address,
+        address=address or settings.bind_address(settings.llm_address),
+        settings=settings,
         servicer=servicer,
         add_to_server=pb_grpc.add_LlmServiceServicer_to_server,
         service_name=SERVICE_NAME,
         pool=pool,
-        max_message_bytes=settings.grpc_max_message_bytes,
     )

@@ -5,7 +5,8 @@ the request (roles ``system``/``user``/``assistant``; every message has
 content and no part is empty; ``temperature`` 0 to 2; ``top_p`` 0 to 1;
 ``max_tokens`` from 1 to the model's context; at most :data:`MAX_STOP`
 non-empty stop sequences of at most :data:`MAX_STOP_CHARS` characters; a
-``seed`` of at least 0), decodes images on a worker thread through
+``seed`` of at least 0), decodes images in decode worker processes
+(:class:`~services.common.decoding.DecodePool`) through
 :func:`services.common.media.decode_image` (the configured byte and pixel
 limits), and streams the engine's events: one ``start`` (the model that
 answers and the prompt's token count), a ``delta`` for each piece of text as
@@ -17,7 +18,6 @@ coroutine; closing the engine's iterator takes the request out of the batch.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -26,6 +26,7 @@ import grpc
 
 from kiln.llm.v1 import llm_service_pb2 as pb
 from kiln.llm.v1 import llm_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest, quoted
 from services.common.media import decode_image
@@ -40,6 +41,9 @@ MAX_STOP = 4
 MAX_STOP_CHARS = 256
 #: Most messages in one conversation.
 MAX_MESSAGES = 1024
+#: Most an image's longer side may be times its shorter side (Qwen-VL's image processor
+#: refuses more: a 100000x1 image was a 500 instead of a 400).
+MAX_IMAGE_ASPECT_RATIO = 200
 
 FINISH_REASONS = {LENGTH: pb.FINISH_REASON_LENGTH}
 
@@ -54,9 +58,11 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         pool: EnginePool,
         max_input_image_pixels: int = 4096 * 4096,
         max_input_image_bytes: int = 20 * 1024 * 1024,
+        decoder: DecodePool | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool
+        self.decoder = decoder or DecodePool()
         self.max_input_image_pixels = max_input_image_pixels
         self.max_input_image_bytes = max_input_image_bytes
 
@@ -75,7 +81,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         # Vision first: nothing is decoded for a request that cannot run.
         images = sum(isinstance(p, bytes) for _, parts in shape for p in parts)
         engine.check_images(images)
-        messages = await asyncio.to_thread(self._decode, shape) if images else self._texts(shape)
+        messages = await self._decode(shape) if images else self._texts(shape)
         chat = ChatRequest(messages, sampling, max_tokens)
         async with aclosing(engine.run(chat, request_id=request.request_id)) as events:
             async for event in events:
@@ -154,16 +160,25 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
     def _texts(shape: list[tuple[str, list[str | bytes]]]) -> tuple[Message, ...]:
         return tuple(Message(role, tuple(TextPart(str(p)) for p in parts)) for role, parts in shape)
 
-    def _decode(self, shape: list[tuple[str, list[str | bytes]]]) -> tuple[Message, ...]:
-        """Decodes the untrusted images (worker thread), within the configured limits."""
+    async def _decode(self, shape: list[tuple[str, list[str | bytes]]]) -> tuple[Message, ...]:
+        """Decodes the untrusted images (in decode worker processes), within the configured limits."""
         messages = []
         for role, parts in shape:
             content: list[TextPart | ImagePart] = []
             for part in parts:
                 if isinstance(part, bytes):
-                    image = decode_image(
-                        part, max_pixels=self.max_input_image_pixels, max_bytes=self.max_input_image_bytes
+                    image = await self.decoder.run(
+                        "The image",
+                        decode_image,
+                        part,
+                        max_pixels=self.max_input_image_pixels,
+                        max_bytes=self.max_input_image_bytes,
                     )
+                    if max(image.size) > MAX_IMAGE_ASPECT_RATIO * min(image.size):
+                        raise InvalidRequest(
+                            f"The image is {image.width}x{image.height} pixels; its longer side may be at "
+                            f"most {MAX_IMAGE_ASPECT_RATIO} times its shorter side"
+                        )
                     content.append(ImagePart(image))
                 else:
                     content.append(TextPart(part))

@@ -15,6 +15,7 @@ Settings used: ``music_address`` (unless ``address`` is given),
 from __future__ import annotations
 
 from kiln.music.v1 import music_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import DEFAULT_MUSIC_MODEL, Registry, load_registry
@@ -53,12 +54,13 @@ async def create_service(
         pool=pool,
         max_prompt_chars=settings.max_prompt_chars,
         max_input_audio_bytes=max_input_audio_bytes,
+        decoder=DecodePool.from_settings(settings),
     )
     return await create_engine_server(
-        address=address or settings.music_address,
+        address=address or settings.bind_address(settings.music_address),
+        settings=settings,
         servicer=servicer,
         add_to_server=pb_grpc.add_MusicServiceServicer_to_server,
         service_name=SERVICE_NAME,
         pool=pool,
-        max_message_bytes=settings.grpc_max_message_bytes,
     )

@@ -4,8 +4,9 @@ The servicer does no model work. Each generating RPC resolves the model (an
 id or alias of capability ``music``; the pool's default when empty), checks
 the text conditions with :func:`~services.music.engines.music_conditions` and
 the cheap numeric rules before anything else, then (cover, repaint) decodes
-the untrusted source through :func:`services.common.media.decode_audio` on a
-worker thread (byte limit ``max_input_audio_bytes``, duration limit the
+the untrusted source through :func:`services.common.media.decode_audio` in a
+decode worker process (:class:`~services.common.decoding.DecodePool`; resampled
+to the model's rate as it decodes; byte limit ``max_input_audio_bytes``, duration limit the
 model's ``max_duration_seconds``) and converts it to the model's rate and
 channels. Every bad input is an :class:`~services.common.errors.InvalidRequest`
 (INVALID_ARGUMENT) raised before the first message of the stream.
@@ -29,6 +30,7 @@ import numpy as np
 from kiln.common.v1 import media_pb2
 from kiln.music.v1 import music_service_pb2 as pb
 from kiln.music.v1 import music_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool, Progress
 from services.common.errors import InvalidRequest
 from services.common.media import decode_audio
@@ -100,11 +102,13 @@ class MusicServicer(pb_grpc.MusicServiceServicer):
         pool: EnginePool,
         max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
         max_input_audio_bytes: int = DEFAULT_MAX_INPUT_AUDIO_BYTES,
+        decoder: DecodePool | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool
         self.max_prompt_chars = max_prompt_chars
         self.max_input_audio_bytes = max_input_audio_bytes
+        self.decoder = decoder or DecodePool()
 
     async def GenerateMusic(
         self, request: pb.GenerateMusicRequest, context: grpc.aio.ServicerContext
@@ -189,20 +193,24 @@ class MusicServicer(pb_grpc.MusicServiceServicer):
         return engine
 
     async def _decode_source(self, data: bytes, engine: MusicEngine) -> np.ndarray:
-        """The untrusted source song, decoded on a worker thread, at the model's rate and channels."""
-
-        def decode() -> np.ndarray:
-            decoded = decode_audio(
-                data,
-                max_seconds=engine.max_duration_seconds,
-                max_bytes=self.max_input_audio_bytes,
-                field="source_audio",
-            )
-            return conform_audio(
-                decoded.samples, decoded.sample_rate, sample_rate=engine.sample_rate, channels=engine.channels
-            )
-
-        return await asyncio.to_thread(decode)
+        """The untrusted source song, decoded (and resampled) in a decode worker process, at the
+        model's rate and channels."""
+        decoded = await self.decoder.run(
+            "'source_audio'",
+            decode_audio,
+            data,
+            max_seconds=engine.max_duration_seconds,
+            max_bytes=self.max_input_audio_bytes,
+            field="source_audio",
+            sample_rate=engine.sample_rate,
+        )
+        return await asyncio.to_thread(
+            conform_audio,
+            decoded.samples,
+            decoded.sample_rate,
+            sample_rate=engine.sample_rate,
+            channels=engine.channels,
+        )
 
     async def _stream(
         self, engine: MusicEngine, music: MusicRequest, request_id: str, response: type[ResponseT]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from kiln.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, Registry, load_registry
@@ -55,13 +56,14 @@ async def create_service(
         max_input_image_pixels=settings.max_input_image_pixels,
         max_input_image_bytes=settings.max_input_image_bytes,
         max_video_bytes=settings.max_video_bytes,
+        decoder=DecodePool.from_settings(settings),
     )
 
     return await create_engine_server(
-        address=address or settings.segmentation_address,
+        address=address or settings.bind_address(settings.segmentation_address),
+        settings=settings,
         servicer=servicer,
         add_to_server=pb_grpc.add_SegmentationServiceServicer_to_server,
         service_name=SERVICE_NAME,
         pool=pool,
-        max_message_bytes=settings.grpc_max_message_bytes,
     )

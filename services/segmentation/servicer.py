@@ -3,7 +3,8 @@
 The servicer does no model work and no PyAV work on the event loop.
 
 ``SegmentImage`` decodes the image through
-:func:`services.common.media.decode_image` on a worker thread (the configured
+:func:`services.common.media.decode_image` in a decode worker process
+(:class:`~services.common.decoding.DecodePool`; the configured
 byte and pixel limits, and the model's ``max_width`` x ``max_height``), then
 checks the request: a prompt or at least one point; ``multimask_output`` only
 with points; every point inside the image (``0 <= x < width``,
@@ -45,6 +46,7 @@ from PIL import Image
 from kiln.common.v1 import media_pb2
 from kiln.segmentation.v1 import segmentation_service_pb2 as pb
 from kiln.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool, Progress
 from services.common.errors import InvalidRequest
 from services.common.media import decode_image, encode_image
@@ -116,9 +118,11 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         max_input_image_pixels: int = 4096 * 4096,
         max_input_image_bytes: int = 20 * 1024 * 1024,
         max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
+        decoder: DecodePool | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool
+        self.decoder = decoder or DecodePool()
         self.max_prompt_chars = max_prompt_chars
         self.max_input_image_pixels = max_input_image_pixels
         self.max_input_image_bytes = max_input_image_bytes
@@ -316,21 +320,22 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         return tuple(checked)
 
     async def _decode(self, data: bytes, spec: ModelSpec) -> Image.Image:
-        """Decodes the untrusted image on a worker thread, within the settings' and the model's limits."""
+        """Decodes the untrusted image in a decode worker process, within the settings' and the
+        model's limits."""
         limits = spec.limits
-
-        def decode() -> Image.Image:
-            image = decode_image(
-                data, max_pixels=self.max_input_image_pixels, max_bytes=self.max_input_image_bytes
+        image: Image.Image = await self.decoder.run(
+            "The image",
+            decode_image,
+            data,
+            max_pixels=self.max_input_image_pixels,
+            max_bytes=self.max_input_image_bytes,
+        )
+        if image.width > limits.max_width or image.height > limits.max_height:
+            raise InvalidRequest(
+                f"The image is {image.width}x{image.height} pixels; the {spec.id} model accepts at most "
+                f"{limits.max_width}x{limits.max_height}"
             )
-            if image.width > limits.max_width or image.height > limits.max_height:
-                raise InvalidRequest(
-                    f"The image is {image.width}x{image.height} pixels; the {spec.id} model accepts at most "
-                    f"{limits.max_width}x{limits.max_height}"
-                )
-            return image
-
-        return await asyncio.to_thread(decode)
+        return image
 
     @staticmethod
     async def _render(

@@ -15,6 +15,7 @@ and ``grpc_max_message_bytes``. The service runs in its own environment
 from __future__ import annotations
 
 from kiln.tts.v1 import tts_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import Registry, load_registry
@@ -46,15 +47,16 @@ async def create_service(
             torch_threads=settings.torch_threads,
         )
     return await create_engine_server(
-        address=address or settings.tts_address,
+        address=address or settings.bind_address(settings.tts_address),
+        settings=settings,
         servicer=TtsServicer(
             registry=registry,
             pool=pool,
             max_reference_seconds=settings.max_reference_audio_seconds,
             max_reference_bytes=settings.max_reference_audio_bytes,
+            decoder=DecodePool.from_settings(settings),
         ),
         add_to_server=pb_grpc.add_TtsServiceServicer_to_server,
         service_name=SERVICE_NAME,
         pool=pool,
-        max_message_bytes=settings.grpc_max_message_bytes,
     )

@@ -7,8 +7,8 @@ anything is streamed), then streams an :class:`AudioHeader` (sample rate,
 mono), the 16-bit little-endian PCM of each sentence as Piper produces it (in
 messages of at most :data:`MAX_PCM_MESSAGE_BYTES`), and a
 :class:`SynthesisSummary`. Encoding to wav/mp3/... is the edge's job
-(:func:`services.common.media.encode_audio`). ``CloneVoice`` decodes the reference recording on a worker thread
-(:func:`~services.common.media.decode_audio`: WAV, FLAC, MP3, Ogg; too large,
+(:func:`services.common.media.encode_audio`). ``CloneVoice`` decodes the reference recording in a decode worker process
+(:class:`~services.common.decoding.DecodePool`; :func:`~services.common.media.decode_audio`: WAV, FLAC, MP3, Ogg; too large,
 too long, empty or not audio is INVALID_ARGUMENT), checks the texts and the
 language, then streams the same events as ``Synthesize`` from Qwen3-TTS
 (:mod:`services.tts.cloning`). ``ListVoices`` lists every speech and
@@ -27,6 +27,7 @@ import grpc
 
 from kiln.tts.v1 import tts_service_pb2 as pb
 from kiln.tts.v1 import tts_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
 from services.common.media import decode_audio
@@ -52,9 +53,11 @@ class TtsServicer(pb_grpc.TtsServiceServicer):
         pool: EnginePool,
         max_reference_seconds: float = 60.0,
         max_reference_bytes: int = 20 * 1024 * 1024,
+        decoder: DecodePool | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool
+        self.decoder = decoder or DecodePool()
         self.max_reference_seconds = max_reference_seconds
         self.max_reference_bytes = max_reference_bytes
 
@@ -82,7 +85,8 @@ class TtsServicer(pb_grpc.TtsServiceServicer):
         if not isinstance(engine, CloneEngine):
             raise InvalidRequest(f"'{spec.id}' is not a voice-cloning model")
         language = engine.check(request.text, request.ref_text, request.language)
-        reference = await asyncio.to_thread(
+        reference = await self.decoder.run(
+            "'ref_audio'",
             decode_audio,
             request.ref_audio,
             max_seconds=self.max_reference_seconds,

@@ -16,6 +16,7 @@ Settings used: ``upscale_address`` (unless ``address`` is given),
 from __future__ import annotations
 
 from kiln.upscale.v1 import upscale_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import Registry, load_registry
@@ -64,13 +65,14 @@ async def create_service(
         pool=pool,
         max_input_image_pixels=settings.max_input_image_pixels,
         max_input_image_bytes=settings.max_input_image_bytes,
+        decoder=DecodePool.from_settings(settings),
     )
 
     return await create_engine_server(
-        address=address or settings.upscale_address,
+        address=address or settings.bind_address(settings.upscale_address),
+        settings=settings,
         servicer=servicer,
         add_to_server=pb_grpc.add_UpscaleServiceServicer_to_server,
         service_name=SERVICE_NAME,
         pool=pool,
-        max_message_bytes=settings.grpc_max_message_bytes,
     )

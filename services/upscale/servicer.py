@@ -1,10 +1,10 @@
 """``kiln.upscale.v1.UpscaleService``: protobuf in, checks, upscale engine, protobuf out.
 
-``UpscaleImage`` reads the untrusted image's header on a worker thread
-(:func:`services.common.media.probe_image`, within the configured byte and
+``UpscaleImage`` reads the untrusted image's header in a decode worker process
+(:class:`~services.common.decoding.DecodePool`; :func:`services.common.media.probe_image`, within the configured byte and
 pixel limits), lets :func:`services.common.registry.upscale_params` check the
 method, the scale (0 means the method's own), ``face_enhance`` and the output
-size, then decodes the image fully on a worker thread
+size, then decodes the image fully in a decode worker
 (:func:`services.common.media.decode_image`; checked again with the decoded,
 EXIF-upright size), runs the method's engine and encodes the result (PNG
 unless ``output_format`` says otherwise) on a worker thread. Every bad input
@@ -22,6 +22,7 @@ from PIL import Image
 from kiln.common.v1 import media_pb2
 from kiln.upscale.v1 import upscale_service_pb2 as pb
 from kiln.upscale.v1 import upscale_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
 from services.common.media import decode_image, encode_image, image_mime_type, probe_image
@@ -50,9 +51,11 @@ class UpscaleServicer(pb_grpc.UpscaleServiceServicer):
         pool: EnginePool,
         max_input_image_pixels: int = 4096 * 4096,
         max_input_image_bytes: int = 20 * 1024 * 1024,
+        decoder: DecodePool | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool
+        self.decoder = decoder or DecodePool()
         self.max_input_image_pixels = max_input_image_pixels
         self.max_input_image_bytes = max_input_image_bytes
 
@@ -65,15 +68,15 @@ class UpscaleServicer(pb_grpc.UpscaleServiceServicer):
         if request.scale < 0:
             raise InvalidRequest(f"'scale' must be positive, not {request.scale}")
         max_pixels, max_bytes = self.max_input_image_pixels, self.max_input_image_bytes
-        info = await asyncio.to_thread(
-            lambda: probe_image(request.image, max_pixels=max_pixels, max_bytes=max_bytes)
+        info = await self.decoder.run(
+            "The image", probe_image, request.image, max_pixels=max_pixels, max_bytes=max_bytes
         )
         params = self._params(request, info.width, info.height)
         engine = self.pool.get(params.model.id)
         if not isinstance(engine, UpscaleEngine):
             raise InvalidRequest(f"'{params.model.id}' is not an upscaling method")
-        image = await asyncio.to_thread(
-            lambda: decode_image(request.image, max_pixels=max_pixels, max_bytes=max_bytes)
+        image = await self.decoder.run(
+            "The image", decode_image, request.image, max_pixels=max_pixels, max_bytes=max_bytes
         )
         if image.size != (info.width, info.height):  # EXIF rotation swapped the sides
             params = self._params(request, image.width, image.height)

@@ -16,6 +16,7 @@ and ``grpc_max_message_bytes``.
 from __future__ import annotations
 
 from kiln.video.v1 import video_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import DEFAULT_VIDEO_MODEL, Registry, load_registry
@@ -52,12 +53,13 @@ async def create_service(
         max_prompt_chars=settings.max_prompt_chars,
         max_input_image_pixels=settings.max_input_image_pixels,
         max_input_image_bytes=settings.max_input_image_bytes,
+        decoder=DecodePool.from_settings(settings),
     )
     return await create_engine_server(
-        address=address or settings.video_address,
+        address=address or settings.bind_address(settings.video_address),
+        settings=settings,
         servicer=servicer,
         add_to_server=pb_grpc.add_VideoServiceServicer_to_server,
         service_name=SERVICE_NAME,
         pool=pool,
-        max_message_bytes=settings.grpc_max_message_bytes,
     )

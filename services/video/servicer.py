@@ -5,7 +5,8 @@ or alias; ``turbodiffusion-wan2.2-i2v`` when empty), checks the request with
 :func:`services.video.params.video_params` (unset proto3 ``optional`` fields
 mean "use the model's default"; a ``num_frames`` or ``num_steps`` of 0 is
 refused), then decodes the untrusted image through
-:func:`services.common.media.decode_image` on a worker thread (the configured
+:func:`services.common.media.decode_image` in a decode worker process
+(:class:`~services.common.decoding.DecodePool`; the configured
 byte and pixel limits; not an image is INVALID_ARGUMENT) and picks the output
 size with :func:`services.video.params.video_size`. Every refusal happens
 before the engine is asked for anything.
@@ -19,7 +20,6 @@ stops the pipeline at its next step and frees the engine.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -31,6 +31,7 @@ from PIL import Image
 from kiln.common.v1 import media_pb2
 from kiln.video.v1 import video_service_pb2 as pb
 from kiln.video.v1 import video_service_pb2_grpc as pb_grpc
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool, Progress
 from services.common.errors import InvalidRequest
 from services.common.media import decode_image
@@ -81,9 +82,11 @@ class VideoServiceServicer(pb_grpc.VideoServiceServicer):
         max_prompt_chars: int = 4000,
         max_input_image_pixels: int = 4096 * 4096,
         max_input_image_bytes: int = 20 * 1024 * 1024,
+        decoder: DecodePool | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool
+        self.decoder = decoder or DecodePool()
         self.max_prompt_chars = max_prompt_chars
         self.max_input_image_pixels = max_input_image_pixels
         self.max_input_image_bytes = max_input_image_bytes
@@ -106,7 +109,7 @@ class VideoServiceServicer(pb_grpc.VideoServiceServicer):
         )
         if not request.image:
             raise InvalidRequest("'image' is required: the first frame, a PNG, JPEG or WebP file")
-        image = await asyncio.to_thread(self._decode, request.image)
+        image = await self._decode(request.image)
         width, height = video_size(spec, image.size, params.resolution)
         engine = self.pool.get(spec.id)
         events = engine.run(
@@ -125,11 +128,15 @@ class VideoServiceServicer(pb_grpc.VideoServiceServicer):
                     yield pb.GenerateVideoResponse(mp4_chunk=bytes(view[offset : offset + MP4_CHUNK_BYTES]))
                 yield pb.GenerateVideoResponse(summary=summary_to_proto(event))
 
-    def _decode(self, data: bytes) -> Image.Image:
-        """Decodes the untrusted first frame (worker thread); errors say it is the image."""
+    async def _decode(self, data: bytes) -> Image.Image:
+        """Decodes the untrusted first frame (in a decode worker process); errors say it is the image."""
         try:
-            return decode_image(
-                data, max_pixels=self.max_input_image_pixels, max_bytes=self.max_input_image_bytes
+            return await self.decoder.run(
+                "The image",
+                decode_image,
+                data,
+                max_pixels=self.max_input_image_pixels,
+                max_bytes=self.max_input_image_bytes,
             )
         except InvalidRequest as exc:
             message = exc.message[0].lower() + exc.message[1:] if exc.message else ""

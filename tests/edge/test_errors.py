@@ -109,10 +109,16 @@ async def test_expired_jwt_is_401(mesh: Mesh, http: aiohttp.ClientSession) -> No
 
     import jwt
 
-    from tests.conftest import JWT_SECRET
+    from tests.conftest import JWT_AUDIENCE, JWT_ISSUER, JWT_SECRET
 
     customer = await new_customer(mesh)
-    token = jwt.encode({"sub": customer.account_id, "exp": int(time.time()) - 10}, JWT_SECRET, "HS256")
+    claims = {
+        "sub": customer.account_id,
+        "exp": int(time.time()) - 10,
+        "aud": JWT_AUDIENCE,
+        "iss": JWT_ISSUER,
+    }
+    token = jwt.encode(claims, JWT_SECRET, "HS256")
     async with http.get(mesh.url + "/v1/account", headers={"Authorization": f"Bearer {token}"}) as response:
         assert response.status == 401
         assert_envelope(await response.json(), "authentication_error")

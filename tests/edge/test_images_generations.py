@@ -80,10 +80,16 @@ async def test_bearer_api_key_and_hs256_jwt_are_accepted(mesh: Mesh, http: aioht
 
     import jwt
 
-    from tests.conftest import JWT_SECRET
+    from tests.conftest import JWT_AUDIENCE, JWT_ISSUER, JWT_SECRET
 
     customer = await new_customer(mesh)
-    token = jwt.encode({"sub": customer.account_id, "exp": int(time.time()) + 60}, JWT_SECRET, "HS256")
+    claims = {
+        "sub": customer.account_id,
+        "exp": int(time.time()) + 60,
+        "aud": JWT_AUDIENCE,
+        "iss": JWT_ISSUER,
+    }
+    token = jwt.encode(claims, JWT_SECRET, "HS256")
     for credential in (customer.key, token):
         headers = {"Authorization": f"Bearer {credential}"}
         async with http.get(mesh.url + "/v1/account", headers=headers) as response:

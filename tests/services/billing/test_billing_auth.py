@@ -126,15 +126,15 @@ async def test_subject_may_be_the_id_of_an_account_without_an_external_subject(
 
 
 async def test_leeway_accepts_a_token_that_just_expired(ledger: Ledger, account: AccountRecord) -> None:
-    lenient = Authenticator(ledger, hs256_secret=SECRET, leeway_seconds=120)
+    lenient = Authenticator(ledger, hs256_secret=SECRET, audience=AUDIENCE, issuer=ISSUER, leeway_seconds=120)
     token = jwt.encode(claims(exp=int(time.time()) - 30), SECRET, algorithm="HS256")
     assert (await lenient.authenticate(bearer_token=token)).id == account.id
 
 
-async def test_audience_and_issuer_are_not_checked_when_not_configured(
+async def test_audience_and_issuer_are_not_checked_when_their_requirement_is_turned_off(
     ledger: Ledger, account: AccountRecord
 ) -> None:
-    plain = Authenticator(ledger, hs256_secret=SECRET)
+    plain = Authenticator(ledger, hs256_secret=SECRET, require_audience=False, require_issuer=False)
     token = jwt.encode(claims(aud="elsewhere", iss="someone"), SECRET, algorithm="HS256")
     assert (await plain.authenticate(bearer_token=token)).id == account.id
 
@@ -185,7 +185,7 @@ async def test_alg_none_is_rejected(auth: Authenticator, account: AccountRecord)
 async def test_algorithm_without_a_configured_key_is_rejected(
     ledger: Ledger, account: AccountRecord, rsa_key: Any
 ) -> None:
-    hs_only = Authenticator(ledger, hs256_secret=SECRET)
+    hs_only = Authenticator(ledger, hs256_secret=SECRET, audience=AUDIENCE, issuer=ISSUER)
     await assert_rejected(
         hs_only, jwt.encode(claims(), rsa_key, algorithm="RS256"), "'RS256' is not accepted"
     )
@@ -195,7 +195,7 @@ async def test_hs256_token_signed_with_the_public_key_is_rejected(
     ledger: Ledger, account: AccountRecord, rsa_key: Any
 ) -> None:
     # The classic algorithm-confusion attack: HS256 keyed with the RSA public key.
-    rs_only = Authenticator(ledger, public_keys=[public_pem(rsa_key)])
+    rs_only = Authenticator(ledger, public_keys=[public_pem(rsa_key)], audience=AUDIENCE, issuer=ISSUER)
     header = jwt.utils.base64url_encode(b'{"alg":"HS256","typ":"JWT"}').decode()
     body = jwt.utils.base64url_encode(json.dumps(claims()).encode()).decode()
     signature = hmac.new(public_pem(rsa_key), f"{header}.{body}".encode(), hashlib.sha256).digest()

@@ -18,7 +18,7 @@ from services.billing.ledger import (
     api_key_finder,
     hash_api_key,
 )
-from services.billing.store import Database, _migrate, load_migrations
+from services.billing.store import Database, Tx, _migrate, load_migrations
 from services.common.errors import (
     AuthenticationFailed,
     Conflict,
@@ -447,21 +447,52 @@ async def test_a_database_made_before_billing_made_hold_ids_keeps_its_holds(tmp_
         db._executor, db._connect_sqlite, url[len("sqlite:///") :]
     )
     await db.run(functools.partial(_migrate, old))
-    ledger = Ledger(db, clock=FakeClock())
-    account = await funded(ledger)
-    held = await ledger.reserve(account.id, 100, "r1", 60)
-    charged = await ledger.reserve(account.id, 200, "r2", 60)
-    await ledger.commit(charged.id, 150)
+    # The rows are written in SQL, as the billing of that time wrote them (today's Ledger
+    # reads columns that later migrations add): 10 credits granted, a hold of 1 credit
+    # open, one of 2 credits committed at 1.50.
+    now = int(FakeClock()() * 1000)
+    expires = now + 60_000
+
+    def old_rows(tx: Tx) -> None:
+        tx.execute(
+            "INSERT INTO accounts (id, name, premium, balance, held, external_id, created_at_ms)"
+            " VALUES ('acct_old', 'test', FALSE, 750, 100, NULL, ?)",
+            (now,),
+        )
+        for res_id, request_id, amount, charged, state in (
+            ("res_held", "r1", 100, 0, "held"),
+            ("res_charged", "r2", 200, 150, "committed"),
+        ):
+            tx.execute(
+                "INSERT INTO reservations (id, account_id, request_id, amount, charged, state,"
+                " created_at_ms, expires_at_ms) VALUES (?, 'acct_old', ?, ?, ?, ?, ?, ?)",
+                (res_id, request_id, amount, charged, state, now, expires),
+            )
+        entries: list[tuple[str, int, str | None]] = [
+            ("grant", 1000, None),
+            ("hold", -100, "res_held"),
+            ("hold", -200, "res_charged"),
+            ("release", 200, "res_charged"),
+            ("charge", -150, "res_charged"),
+        ]
+        for kind, amount, entry_res in entries:
+            tx.execute(
+                "INSERT INTO ledger_entries (account_id, kind, amount, reservation_id, created_at_ms)"
+                " VALUES ('acct_old', ?, ?, ?, ?)",
+                (kind, amount, entry_res, now),
+            )
+
+    await db.run(old_rows)
     await db.close()
 
     db = await Database.open(url)
     try:
         ledger = Ledger(db, clock=FakeClock())
-        assert (await ledger.get_reservation(held.id)).state == "held"
-        assert (await ledger.get_reservation(charged.id)).charged == 150
-        again = await ledger.reserve(account.id, 100, "r1", 60)  # no unique request id any more
-        assert again.id != held.id
-        await assert_books_balance(ledger, account.id)
+        assert (await ledger.get_reservation("res_held")).state == "held"
+        assert (await ledger.get_reservation("res_charged")).charged == 150
+        again = await ledger.reserve("acct_old", 100, "r1", 60)  # no unique request id any more
+        assert again.id != "res_held"
+        await assert_books_balance(ledger, "acct_old")
         assert await db.run(lambda tx: tx.all("PRAGMA foreign_key_check"), write=False) == []
         indexes = await db.run(lambda tx: tx.all("PRAGMA index_list(reservations)"), write=False)
         assert "reservations_held_by_expiry" in {row[1] for row in indexes}

@@ -23,12 +23,14 @@ from services.billing.admin import add_admin_commands, run_admin
 from services.billing.ledger import AccountRecord, Ledger
 from services.billing.server import SERVICE_NAME, BillingGrpcService, create_service
 from services.common.errors import AUTHENTICATION_MESSAGE, MAINTENANCE_MESSAGE, ErrorType
-from services.common.grpc_client import create_channel, error_from_rpc
+from services.common.grpc_client import error_from_rpc, mesh_channel
 from services.common.settings import DEFAULT_REGISTRY, Settings
 
 from .billing_fakes import FakeClock
 
 SECRET = "servicer-test-secret-of-32-bytes-or-more"
+AUDIENCE = "kiln-servicer-tests"
+ISSUER = "https://issuer.servicer.test"
 PREMIUM_ONLY_MODEL = """
 [[models]]
 id = "vip-model"
@@ -99,12 +101,14 @@ async def running_billing(
         database_url=database_url,
         registry_path=registry,
         jwt_hs256_secret=SECRET,
+        jwt_audience=AUDIENCE,
+        jwt_issuer=ISSUER,
         reservation_ttl_seconds=60,
         expiry_sweep_seconds=sweep_seconds,
     )
     service = await create_service(settings, address="127.0.0.1:0", clock=clock)
     await service.start()
-    channel = create_channel(f"127.0.0.1:{service.port}")
+    channel = mesh_channel(f"127.0.0.1:{service.port}", settings, "edge")
     assert service.ledger is not None
     try:
         yield Billing(service, pb_grpc.BillingServiceStub(channel), channel, settings, service.ledger, clock)
@@ -215,7 +219,11 @@ async def test_authorize_accepts_a_bearer_api_key_and_a_jwt(billing: Billing) ->
     await billing.ledger.db.run(
         lambda tx: tx.execute("UPDATE accounts SET external_id = 'user-7' WHERE id = ?", (account.id,))
     )
-    token = jwt.encode({"sub": "user-7", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    token = jwt.encode(
+        {"sub": "user-7", "exp": int(time.time()) + 60, "aud": AUDIENCE, "iss": ISSUER},
+        SECRET,
+        algorithm="HS256",
+    )
     for credential in (pb.Credential(bearer_token=key), pb.Credential(bearer_token=token)):
         reply = await billing.stub.Authorize(
             pb.AuthorizeRequest(
@@ -622,7 +630,9 @@ async def test_unknown_api_key_is_unauthenticated(billing: Billing) -> None:
 
 
 async def test_expired_jwt_is_unauthenticated(billing: Billing) -> None:
-    token = jwt.encode({"sub": "x", "exp": int(time.time()) - 60}, SECRET, algorithm="HS256")
+    token = jwt.encode(
+        {"sub": "x", "exp": int(time.time()) - 60, "aud": AUDIENCE, "iss": ISSUER}, SECRET, algorithm="HS256"
+    )
     request = pb.AuthenticateRequest(credential=pb.Credential(bearer_token=token))
     code, reason, message = await rpc_error(billing.stub.Authenticate(request))
     assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, ErrorType.AUTHENTICATION)

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kiln.llm.v1 import llm_service_pb2 as pb
 from kiln.llm.v1 import llm_service_pb2_grpc as pb_grpc
 from services.common.engine import MODEL_LOAD_LOCK, EnginePool, ensure_tiny_model_directory
+from services.common.grpc_client import mesh_channel
 from services.common.grpc_server import GrpcService
 from services.common.registry import DEFAULT_CHAT_MODEL, Registry, load_registry
 from services.common.settings import Settings
@@ -121,7 +122,7 @@ async def llm(
     pool = build_engine_pool(registry, cache_dir=model_cache, torch_threads=1, max_batch=MAX_BATCH)
     service = await create_service(settings, address="127.0.0.1:0", registry=registry, pool=pool)
     await service.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+    channel = mesh_channel(f"127.0.0.1:{service.port}", settings, "tests")
     llm = Llm(
         service,
         pool,

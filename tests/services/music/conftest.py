@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiln.music.v1 import music_service_pb2_grpc as pb_grpc
 from services.common.engine import EnginePool
+from services.common.grpc_client import mesh_channel
 from services.common.grpc_server import GrpcService
 from services.common.media import encode_audio
 from services.common.registry import DEFAULT_MUSIC_MODEL, Registry, load_registry
@@ -96,10 +97,7 @@ async def music(music_registry: Registry, tmp_path_factory: pytest.TempPathFacto
         max_input_audio_bytes=MAX_INPUT_AUDIO_BYTES,
     )
     await service.start()
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{service.port}",
-        options=[("grpc.max_receive_message_length", settings.grpc_max_message_bytes)],
-    )
+    channel = mesh_channel(f"127.0.0.1:{service.port}", settings, "tests")
     health = health_pb2_grpc.HealthStub(channel)
     watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
     async for update in watch:

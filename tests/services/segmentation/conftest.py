@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiln.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from services.common.engine import MODEL_LOAD_LOCK, EnginePool, ensure_tiny_model_directory
+from services.common.grpc_client import mesh_channel
 from services.common.grpc_server import GrpcService
 from services.common.registry import Registry, load_registry
 from services.common.settings import Settings
@@ -102,7 +103,7 @@ async def start_service(data_dir: Path, registry_text: str, *, gated: bool = Fal
     await service.start()
     # A plain channel: with the tracing client interceptor, a stream-stream call abandoned after
     # an error leaves a pending request-iterator task behind (asyncio logs it), which is noise here.
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+    channel = mesh_channel(f"127.0.0.1:{service.port}", settings, "tests")
     seg = Seg(
         service,
         pool,

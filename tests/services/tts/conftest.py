@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kiln.tts.v1 import tts_service_pb2 as pb
 from kiln.tts.v1 import tts_service_pb2_grpc as pb_grpc
 from services.common.engine import EnginePool
+from services.common.grpc_client import mesh_channel
 from services.common.grpc_server import GrpcService
 from services.common.registry import Registry, load_registry
 from services.common.settings import DEFAULT_REGISTRY, Settings
@@ -81,7 +82,7 @@ async def tts(
     )
     service = await create_service(settings, address="127.0.0.1:0", registry=tts_registry)
     await service.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+    channel = mesh_channel(f"127.0.0.1:{service.port}", settings, "tests")
     health = health_pb2_grpc.HealthStub(channel)
     watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
     async for update in watch:

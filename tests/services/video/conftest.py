@@ -23,7 +23,7 @@ from PIL import Image
 from kiln.video.v1 import video_service_pb2 as pb
 from kiln.video.v1 import video_service_pb2_grpc as pb_grpc
 from services.common.engine import EnginePool
-from services.common.grpc_client import create_channel
+from services.common.grpc_client import mesh_channel
 from services.common.grpc_server import GrpcService
 from services.common.registry import DEFAULT_VIDEO_MODEL, Registry, load_registry
 from services.common.settings import DEFAULT_REGISTRY, Settings
@@ -138,7 +138,7 @@ async def video(tmp_path_factory: pytest.TempPathFactory, video_cache: Path) -> 
     pool = build_engine_pool(registry, cache_dir=video_cache, torch_threads=settings.torch_threads)
     service = await create_service(settings, address="127.0.0.1:0", registry=registry, pool=pool)
     await service.start()
-    channel = create_channel(f"127.0.0.1:{service.port}")
+    channel = mesh_channel(f"127.0.0.1:{service.port}", settings, "tests")
     health = health_pb2_grpc.HealthStub(channel)
     try:
         watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
