@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +28,15 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     await app[UPSTREAMS].close()
 
 
+async def _freeze_startup_heap(app: web.Application) -> None:
+    """Moves what exists at start (modules, settings, the registry, the routes: the process's
+    lifetime objects) out of the garbage collector's reach (``gc.freeze``). A full collection
+    then walks only what requests made since: on the loaded 2-core VM a full collection of the
+    start-up heap held the event loop, and every request with it, for 120-250 ms."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings, *, registry: Registry | None = None) -> web.Application:
     """The edge application; gRPC channels open on startup and close on cleanup."""
     app = web.Application(
@@ -38,6 +48,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     app[REGISTRY] = registry or load_registry(settings.registry_path)
     app[MEDIA] = LocalMediaStore(settings.resolved_media_root)
     app[DISK_GUARD] = DiskGuard.from_settings(settings)
+    app.on_startup.append(_freeze_startup_heap)
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(retention_ctx)  # media retention (edge.retention), after the upstreams
     setup_routes(app)

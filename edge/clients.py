@@ -29,8 +29,8 @@ from kiln.upscale.v1 import upscale_service_pb2_grpc as upscale_grpc
 from kiln.video.v1 import video_service_pb2 as video_pb
 from kiln.video.v1 import video_service_pb2_grpc as video_grpc
 from services.common.errors import ProcessingError
-from services.common.grpc_client import error_from_rpc, mesh_channel
-from services.common.mesh_auth import EDGE
+from services.common.grpc_client import create_channel, error_from_rpc
+from services.common.mesh_auth import EDGE, METADATA_KEY, mesh_secret, mesh_token
 from services.common.registry import GenerationParams
 from services.common.settings import Settings
 
@@ -56,22 +56,30 @@ async def _events(call: Any) -> AsyncGenerator[Any]:
         call.cancel()
 
 
-def _stream(method: Any, request: Any, timeout: float) -> AsyncGenerator[Any]:
-    """Starts a server-streaming ``method`` (a stub attribute) for ``request``, with the call
-    timeout and the request's id as metadata, and reads it with :func:`_events`."""
-    return _events(method(request, timeout=timeout, metadata=_metadata(request.request_id)))
+class _Client:
+    """A service's stub, its call deadline, and the metadata of every call: the request id and
+    the edge's mesh credential (per call, not a channel interceptor: grpc.aio runs each
+    intercepted call in a task of its own, a cost on every request)."""
+
+    def __init__(self, stub: Any, *, timeout: float, token: str) -> None:
+        self._stub = stub
+        self._timeout = timeout
+        self._auth = (METADATA_KEY, f"Bearer {token}")
+
+    def _metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
+        return (("x-request-id", request_id), self._auth)
+
+    def _stream(self, method: Any, request: Any) -> AsyncGenerator[Any]:
+        """Starts a server-streaming ``method`` (a stub attribute) for ``request``, with the call
+        timeout and the metadata, and reads it with :func:`_events`."""
+        return _events(method(request, timeout=self._timeout, metadata=self._metadata(request.request_id)))
 
 
-def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
-    return (("x-request-id", request_id),)
-
-
-class BillingClient:
+class BillingClient(_Client):
     """Authorize before the work, commit or release after it."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 10.0) -> None:
-        self._stub = billing_grpc.BillingServiceStub(channel)
-        self._timeout = timeout
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float, token: str) -> None:
+        super().__init__(billing_grpc.BillingServiceStub(channel), timeout=timeout, token=token)
 
     async def authorize(
         self,
@@ -90,7 +98,7 @@ class BillingClient:
             idempotency=idempotency,
         )
         return await _call(
-            self._stub.Authorize(request, timeout=self._timeout, metadata=_metadata(request_id))
+            self._stub.Authorize(request, timeout=self._timeout, metadata=self._metadata(request_id))
         )
 
     async def authenticate(self, credential: billing_pb.Credential, request_id: str) -> billing_pb.Account:
@@ -98,7 +106,7 @@ class BillingClient:
             self._stub.Authenticate(
                 billing_pb.AuthenticateRequest(credential=credential),
                 timeout=self._timeout,
-                metadata=_metadata(request_id),
+                metadata=self._metadata(request_id),
             )
         )
         return response.account
@@ -114,14 +122,14 @@ class BillingClient:
         recorded for the account in the same transaction. Returns the committed hold."""
         request = billing_pb.CommitRequest(reservation_id=reservation_id, usage=usage, media=media)
         response = await _call(
-            self._stub.Commit(request, timeout=self._timeout, metadata=_metadata(request_id))
+            self._stub.Commit(request, timeout=self._timeout, metadata=self._metadata(request_id))
         )
         return response.reservation
 
     async def get_reservation(self, reservation_id: str, request_id: str) -> billing_pb.Reservation:
         request = billing_pb.GetReservationRequest(reservation_id=reservation_id)
         response = await _call(
-            self._stub.GetReservation(request, timeout=self._timeout, metadata=_metadata(request_id))
+            self._stub.GetReservation(request, timeout=self._timeout, metadata=self._metadata(request_id))
         )
         return response.reservation
 
@@ -130,7 +138,7 @@ class BillingClient:
     ) -> bool:
         request = billing_pb.SaveResponseRequest(reservation_id=reservation_id, response=response)
         reply = await _call(
-            self._stub.SaveResponse(request, timeout=self._timeout, metadata=_metadata(request_id))
+            self._stub.SaveResponse(request, timeout=self._timeout, metadata=self._metadata(request_id))
         )
         return bool(reply.saved)
 
@@ -138,7 +146,7 @@ class BillingClient:
         self, request: billing_pb.ListMediaRequest, request_id: str
     ) -> billing_pb.ListMediaResponse:
         return await _call(
-            self._stub.ListMedia(request, timeout=self._timeout, metadata=_metadata(request_id))
+            self._stub.ListMedia(request, timeout=self._timeout, metadata=self._metadata(request_id))
         )
 
     async def sweep_media(
@@ -146,12 +154,12 @@ class BillingClient:
     ) -> billing_pb.SweepMediaResponse:
         """Media retention (``edge.retention``): expires records, finds files never paid for."""
         return await _call(
-            self._stub.SweepMedia(request, timeout=self._timeout, metadata=_metadata(request_id))
+            self._stub.SweepMedia(request, timeout=self._timeout, metadata=self._metadata(request_id))
         )
 
     async def release(self, reservation_id: str, request_id: str) -> None:
         request = billing_pb.ReleaseRequest(reservation_id=reservation_id)
-        await _call(self._stub.Release(request, timeout=self._timeout, metadata=_metadata(request_id)))
+        await _call(self._stub.Release(request, timeout=self._timeout, metadata=self._metadata(request_id)))
 
 
 FORMATS = {
@@ -203,19 +211,18 @@ def edit_request(params: GenerationParams, request_id: str) -> image_pb.EditImag
     return request
 
 
-class ImageGenClient:
+class ImageGenClient(_Client):
     """Text-to-image and edits over the streaming RPCs."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
-        self._stub = image_grpc.ImageServiceStub(channel)
-        self._timeout = timeout
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float, token: str) -> None:
+        super().__init__(image_grpc.ImageServiceStub(channel), timeout=timeout, token=token)
 
     async def run(self, params: GenerationParams, request_id: str) -> image_pb.GeneratedImages:
         """The final result of a generation or edit (progress events are skipped).
 
         Cancelling the caller cancels the call, which stops the model at its next step.
         """
-        metadata = _metadata(request_id)
+        metadata = self._metadata(request_id)
         call: grpc.aio.UnaryStreamCall
         if params.inputs:
             call = self._stub.EditImages(
@@ -232,16 +239,17 @@ class ImageGenClient:
         raise ProcessingError("The image service ended the stream without a result.")
 
 
-class SegmentationClient:
+class SegmentationClient(_Client):
     """Segmentation and background removal; video through the bidirectional stream."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
-        self._stub = seg_grpc.SegmentationServiceStub(channel)
-        self._timeout = timeout
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float, token: str) -> None:
+        super().__init__(seg_grpc.SegmentationServiceStub(channel), timeout=timeout, token=token)
 
     async def segment(self, request: seg_pb.SegmentImageRequest) -> seg_pb.SegmentImageResponse:
         return await _call(
-            self._stub.SegmentImage(request, timeout=self._timeout, metadata=_metadata(request.request_id))
+            self._stub.SegmentImage(
+                request, timeout=self._timeout, metadata=self._metadata(request.request_id)
+            )
         )
 
     async def remove_background(
@@ -249,91 +257,92 @@ class SegmentationClient:
     ) -> seg_pb.RemoveImageBackgroundResponse:
         return await _call(
             self._stub.RemoveImageBackground(
-                request, timeout=self._timeout, metadata=_metadata(request.request_id)
+                request, timeout=self._timeout, metadata=self._metadata(request.request_id)
             )
         )
 
     def video(self, request_id: str) -> VideoSession:
-        call = self._stub.RemoveVideoBackground(timeout=self._timeout, metadata=_metadata(request_id))
+        call = self._stub.RemoveVideoBackground(timeout=self._timeout, metadata=self._metadata(request_id))
         return VideoSession(call)
 
 
-class UpscaleClient:
+class UpscaleClient(_Client):
     """Super-resolution; the service batches concurrent requests itself."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
-        self._stub = upscale_grpc.UpscaleServiceStub(channel)
-        self._timeout = timeout
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float, token: str) -> None:
+        super().__init__(upscale_grpc.UpscaleServiceStub(channel), timeout=timeout, token=token)
 
     async def upscale(self, request: upscale_pb.UpscaleImageRequest) -> upscale_pb.UpscaleImageResponse:
         return await _call(
-            self._stub.UpscaleImage(request, timeout=self._timeout, metadata=_metadata(request.request_id))
+            self._stub.UpscaleImage(
+                request, timeout=self._timeout, metadata=self._metadata(request.request_id)
+            )
         )
 
 
-class LlmClient:
+class LlmClient(_Client):
     """Chat over the server-streaming RPC."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
-        self._stub = llm_grpc.LlmServiceStub(channel)
-        self._timeout = timeout
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float, token: str) -> None:
+        super().__init__(llm_grpc.LlmServiceStub(channel), timeout=timeout, token=token)
 
     def chat(self, request: llm_pb.ChatRequest) -> AsyncGenerator[llm_pb.ChatResponse]:
         """Start, deltas as they are produced, end. Leaving the iteration cancels the call."""
-        return _stream(self._stub.Chat, request, self._timeout)
+        return self._stream(self._stub.Chat, request)
 
 
-class TtsClient:
+class TtsClient(_Client):
     """Speech and voice cloning over the server-streaming RPCs."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
-        self._stub = tts_grpc.TtsServiceStub(channel)
-        self._timeout = timeout
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float, token: str) -> None:
+        super().__init__(tts_grpc.TtsServiceStub(channel), timeout=timeout, token=token)
 
     def synthesize(self, request: tts_pb.SynthesizeRequest) -> AsyncGenerator[tts_pb.SynthesizeResponse]:
         """Header, PCM chunks as they are produced, summary. Leaving the iteration cancels the call."""
-        return _stream(self._stub.Synthesize, request, self._timeout)
+        return self._stream(self._stub.Synthesize, request)
 
     def clone(self, request: tts_pb.CloneVoiceRequest) -> AsyncGenerator[tts_pb.CloneVoiceResponse]:
         """Header, PCM chunks as the codec frames are decoded, summary (as :meth:`synthesize`)."""
-        return _stream(self._stub.CloneVoice, request, self._timeout)
+        return self._stream(self._stub.CloneVoice, request)
 
     async def voices(self) -> tts_pb.ListVoicesResponse:
-        return await _call(self._stub.ListVoices(tts_pb.ListVoicesRequest(), timeout=self._timeout))
+        return await _call(
+            self._stub.ListVoices(
+                tts_pb.ListVoicesRequest(), timeout=self._timeout, metadata=self._metadata("-")
+            )
+        )
 
 
-class MusicClient:
+class MusicClient(_Client):
     """Music generation, cover and repaint over the server-streaming RPCs."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
-        self._stub = music_grpc.MusicServiceStub(channel)
-        self._timeout = timeout
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float, token: str) -> None:
+        super().__init__(music_grpc.MusicServiceStub(channel), timeout=timeout, token=token)
 
     def generate(
         self, request: music_pb.GenerateMusicRequest
     ) -> AsyncGenerator[music_pb.GenerateMusicResponse]:
         """Progress, the result (format, seed, timing), then PCM chunks."""
-        return _stream(self._stub.GenerateMusic, request, self._timeout)
+        return self._stream(self._stub.GenerateMusic, request)
 
     def cover(self, request: music_pb.CoverMusicRequest) -> AsyncGenerator[music_pb.CoverMusicResponse]:
-        return _stream(self._stub.CoverMusic, request, self._timeout)
+        return self._stream(self._stub.CoverMusic, request)
 
     def repaint(self, request: music_pb.RepaintMusicRequest) -> AsyncGenerator[music_pb.RepaintMusicResponse]:
-        return _stream(self._stub.RepaintMusic, request, self._timeout)
+        return self._stream(self._stub.RepaintMusic, request)
 
 
-class VideoClient:
+class VideoClient(_Client):
     """Image-to-video over the server-streaming RPC."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
-        self._stub = video_grpc.VideoServiceStub(channel)
-        self._timeout = timeout
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float, token: str) -> None:
+        super().__init__(video_grpc.VideoServiceStub(channel), timeout=timeout, token=token)
 
     def generate(
         self, request: video_pb.GenerateVideoRequest
     ) -> AsyncGenerator[video_pb.GenerateVideoResponse]:
         """Progress, the MP4 in chunks, then the summary. Leaving the iteration cancels the call."""
-        return _stream(self._stub.GenerateVideo, request, self._timeout)
+        return self._stream(self._stub.GenerateVideo, request)
 
 
 class VideoSession:
@@ -351,8 +360,9 @@ class VideoSession:
             await self._raise_status()
 
     async def _raise_status(self) -> None:
-        try:
-            await self._call
+        try:  # a finished call's read raises its status (a stream-stream call cannot be awaited)
+            while await self._call.read() is not grpc.aio.EOF:
+                pass
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err) from None
         raise ProcessingError("The segmentation service ended the video call early.")
@@ -409,18 +419,22 @@ class Upstreams:
             "music": settings.music_address,
             "video": settings.video_address,
         }
-        channels = {name: mesh_channel(address, settings, EDGE) for name, address in addresses.items()}
+        channels = {
+            name: create_channel(address, max_message_bytes=settings.grpc_max_message_bytes)
+            for name, address in addresses.items()
+        }
+        token = mesh_token(mesh_secret(settings), EDGE)
         timeout = settings.service_timeout_seconds
         return cls(
             channels=channels,
-            billing=BillingClient(channels["billing"], timeout=settings.billing_timeout_seconds),
-            images=ImageGenClient(channels["image_gen"], timeout=timeout),
-            segmentation=SegmentationClient(channels["segmentation"], timeout=timeout),
-            upscale=UpscaleClient(channels["upscale"], timeout=timeout),
-            llm=LlmClient(channels["llm"], timeout=timeout),
-            tts=TtsClient(channels["tts"], timeout=timeout),
-            music=MusicClient(channels["music"], timeout=timeout),
-            video=VideoClient(channels["video"], timeout=timeout),
+            billing=BillingClient(channels["billing"], timeout=settings.billing_timeout_seconds, token=token),
+            images=ImageGenClient(channels["image_gen"], timeout=timeout, token=token),
+            segmentation=SegmentationClient(channels["segmentation"], timeout=timeout, token=token),
+            upscale=UpscaleClient(channels["upscale"], timeout=timeout, token=token),
+            llm=LlmClient(channels["llm"], timeout=timeout, token=token),
+            tts=TtsClient(channels["tts"], timeout=timeout, token=token),
+            music=MusicClient(channels["music"], timeout=timeout, token=token),
+            video=VideoClient(channels["video"], timeout=timeout, token=token),
         )
 
     async def health(self, deadline_seconds: float = 2.0) -> dict[str, bool]:

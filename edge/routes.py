@@ -313,7 +313,7 @@ ROUTES: tuple[Route, ...] = (
         "sortOrder (asc, desc); with the total count. Free.",
         query={
             "limit": {"type": "integer", "minimum": 1, "maximum": video.MAX_PAGE, "default": 20},
-            "offset": {"type": "integer", "minimum": 0, "default": 0},
+            "offset": {"type": "integer", "minimum": 0, "maximum": video.MAX_OFFSET, "default": 0},
             "sortBy": {"type": "string", "enum": list(video.SORTS), "default": "newest"},
             "sortOrder": {"type": "string", "enum": ["asc", "desc"]},
         },

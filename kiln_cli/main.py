@@ -361,6 +361,14 @@ def stop_in_order(children: dict[str, subprocess.Popen[bytes]], grace_seconds: f
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     name = args.service
     check_ports(settings, (name,))
+    from services.common.mesh_auth import SECRET_FILE
+
+    if settings.mesh_secret is None and not (settings.data_dir / SECRET_FILE).exists():
+        log.warning(
+            "no KILN_MESH_SECRET and no %s: this service makes a new mesh secret; every other "
+            "process of the mesh must share it (set one KILN_MESH_SECRET on every machine)",
+            settings.data_dir / SECRET_FILE,
+        )
     setup_tracing(settings, f"kiln-{name}")
 
     async def ready() -> None:

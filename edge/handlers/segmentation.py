@@ -29,6 +29,7 @@ from edge.flow import HOLD_MARGIN_SECONDS, Charge, Done, MediaFile, billed, cred
 from edge.forms import BodyRefused, FormReader, body_digest, note_part, read_upload_form
 from edge.keys import MEDIA, PENDING, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
+from edge.retention import DISK_GUARD
 from edge.schemas import BackgroundRemovalForm, SegmentationForm, parse_form
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.segmentation.v1 import segmentation_service_pb2 as seg_pb
@@ -61,6 +62,7 @@ class EntryHold:
     async def place(
         cls, request: web.Request, credential: billing_pb.Credential, usage: billing_pb.Usage
     ) -> EntryHold:
+        request.app[DISK_GUARD].check()  # a 503 before anything is held (edge.retention)
         settings = request.app[SETTINGS]
         ttl = min(24 * 3600, math.ceil(settings.service_timeout_seconds) + HOLD_MARGIN_SECONDS)
         call = asyncio.ensure_future(

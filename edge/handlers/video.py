@@ -62,6 +62,8 @@ SORTS: dict[str, tuple[str, bool]] = {
     "height": ("height", True),
 }
 MAX_PAGE = 100
+#: Billing's offset is an int32.
+MAX_OFFSET = 2**31 - 1
 
 
 async def create_video(request: web.Request) -> web.StreamResponse:
@@ -156,9 +158,9 @@ async def list_user_videos(request: web.Request) -> web.Response:
     limit = _int_param(query.get("limit", "20"), "limit")
     offset = _int_param(query.get("offset", "0"), "offset")
     if not 1 <= limit <= MAX_PAGE:
-        raise InvalidRequest(f"'limit' must be between 1 and {MAX_PAGE}, not {limit}")
-    if offset < 0:
-        raise InvalidRequest(f"'offset' must not be negative, not {offset}")
+        raise InvalidRequest(f"'limit' must be between 1 and {MAX_PAGE}, not {quoted(str(limit))}")
+    if not 0 <= offset <= MAX_OFFSET:
+        raise InvalidRequest(f"'offset' must be between 0 and {MAX_OFFSET}, not {quoted(str(offset))}")
     sort_by = query.get("sortBy", "newest")
     if sort_by not in SORTS:
         raise InvalidRequest(
@@ -218,4 +220,4 @@ def _int_param(value: str, name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise InvalidRequest(f"Invalid value for '{name}': '{value}' is not an integer") from None
+        raise InvalidRequest(f"Invalid value for '{name}': '{quoted(value)}' is not an integer") from None

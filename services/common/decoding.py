@@ -46,7 +46,7 @@ import resource
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from services.common.errors import InvalidRequest
 
@@ -64,14 +64,14 @@ DEFAULT_DECODE_CPU_SECONDS = 60
 #: Address space of one worker process (its memory bound).
 DEFAULT_DECODE_MEMORY_BYTES = 3 * 1024 * 1024 * 1024
 #: The multiprocessing start method: a fresh interpreter, never a fork of the service.
-START_METHOD = "spawn"
+START_METHOD: Final = "spawn"
 #: What a request whose decode killed its worker is told (``what`` names the file).
 CRASH_MESSAGE = "{what} could not be decoded: the decoder failed on it (the file is corrupt or malformed)"
 #: What a request whose decode ran out of the worker's memory is told.
 MEMORY_MESSAGE = "{what} needs more memory to decode than is allowed"
 
 
-def _start_worker(memory_bytes: int) -> None:
+def start_worker(memory_bytes: int) -> None:
     """Runs once in each new worker: its memory bound, and no core files when it crashes."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if memory_bytes > 0:
@@ -80,18 +80,23 @@ def _start_worker(memory_bytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
+def cpu_budget(seconds: int) -> None:
+    """In a worker: the kernel stops this process (SIGXCPU) after ``seconds`` more CPU seconds."""
+    if seconds <= 0:
+        return
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime) + seconds
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
 def _run_in_worker(
     fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], cpu_seconds: int, what: str
 ) -> T:
     """Runs in the worker: ``fn(*args, **kwargs)`` within a CPU-time budget of its own."""
-    if cpu_seconds > 0:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        used = math.ceil(usage.ru_utime + usage.ru_stime)
-        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-        soft = used + cpu_seconds
-        if hard != resource.RLIM_INFINITY:
-            soft = min(soft, hard)
-        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    cpu_budget(cpu_seconds)
     try:
         return fn(*args, **kwargs)
     except MemoryError:
@@ -169,7 +174,7 @@ class DecodePool:
                 executor = ProcessPoolExecutor(
                     max_workers=1,
                     mp_context=self._context,
-                    initializer=_start_worker,
+                    initializer=start_worker,
                     initargs=(self.memory_bytes,),
                 )
                 self._executors[index] = executor

@@ -19,17 +19,22 @@ from services.common.telemetry import client_interceptors
 
 
 def create_channel(
-    address: str, *, token: str, max_message_bytes: int = 64 * 1024 * 1024
+    address: str, *, token: str | None = None, max_message_bytes: int = 64 * 1024 * 1024
 ) -> grpc.aio.Channel:
-    """An aio channel with tracing, the mesh's message size limits, and ``token`` (a mesh
-    credential, :func:`~services.common.mesh_auth.mesh_token`) sent with every call."""
+    """An aio channel with tracing and the mesh's message size limits.
+
+    With ``token`` (a mesh credential, :func:`~services.common.mesh_auth.mesh_token`), an
+    interceptor sends it with every call: handy for scripts, tests and backends. The edge
+    sends it as call metadata instead (``edge/clients.py``), since grpc.aio runs every
+    intercepted call in a task of its own.
+    """
     return grpc.aio.insecure_channel(
         address,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],
-        interceptors=[*client_interceptors(), *token_interceptors(token)],
+        interceptors=[*client_interceptors(), *(token_interceptors(token) if token else ())],
     )
 
 

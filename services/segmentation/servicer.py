@@ -200,7 +200,12 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 raise InvalidRequest(f"Model '{spec.id}' does not process videos")
             engine = self._engine(spec)
             events = remove_video_background(
-                spool, engine=engine, prompt=prompt, limits=spec.limits, request_id=job.request_id
+                spool,
+                engine=engine,
+                prompt=prompt,
+                limits=spec.limits,
+                request_id=job.request_id,
+                decode_memory_bytes=self.decoder.memory_bytes,
             )
             async with aclosing(events):
                 probe = await self._unless_receiver_fails(anext(events), receiver, spool)

@@ -51,7 +51,11 @@ Decisions (documented for the edge and the README):
   exceeded, and decoding failures (also after output started: the stream then
   ends with that error).
 
-All PyAV work of one job (open, decode, compose, encode, close) runs on one
+Demuxing and decoding the untrusted upload run in a worker process of the job's
+own (:class:`services.common.video_decoding.IsolatedVideo`, where
+:func:`open_video` and :func:`iter_frames` now live): a decoder crash is this
+job's 400, never the service's end. The rest of the job's PyAV work (compose,
+encode, close) and the answers to the worker's reads of the spool run on one
 dedicated worker thread, the model on the engine's worker; the event loop only
 moves bytes. Closing the generator (client gone) aborts the spool, which
 wakes a blocked read, and the job's thread closes its containers.
@@ -62,12 +66,11 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import math
 import os
 import tempfile
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -77,9 +80,18 @@ import av
 import numpy as np
 from PIL import Image
 
+from services.common.decoding import DEFAULT_DECODE_MEMORY_BYTES
 from services.common.engine import Progress
 from services.common.errors import InvalidRequest
 from services.common.registry import ModelLimits
+from services.common.video_decoding import (  # noqa: F401 (re-exported: the video's decoding)
+    ACCEPTED_DEMUXERS,
+    IsolatedVideo,
+    UploadAborted,
+    VideoProbe,
+    iter_frames,
+    open_video,
+)
 from services.segmentation.engines import Sam3Engine
 
 log = logging.getLogger(__name__)
@@ -90,8 +102,6 @@ T = TypeVar("T")
 SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
 #: Largest accepted video upload.
 DEFAULT_MAX_VIDEO_BYTES = 1024 * 1024 * 1024
-#: FFmpeg demuxers accepted (MP4 / MOV family, Matroska / WebM).
-ACCEPTED_DEMUXERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm")
 #: Longest WebM cluster in milliseconds: how soon encoded bytes leave the muxer.
 CLUSTER_MS = 500
 #: libvpx-vp9 settings: alpha needs auto-alt-ref off; no lag so frames leave at once.
@@ -106,10 +116,6 @@ VP9_OPTIONS = {
 }
 #: Largest output chunk message.
 MAX_CHUNK_BYTES = 1024 * 1024
-
-
-class UploadAborted(Exception):
-    """Raised in a blocked reader once the job is over (client gone, error)."""
 
 
 class UploadSpool:
@@ -231,20 +237,6 @@ class SpoolReader:
 
 
 @dataclass(frozen=True)
-class VideoProbe:
-    """What the container says of a video; ``frames`` is an upper bound on the frames processed."""
-
-    frames: int
-    frame_rate: Fraction
-    width: int
-    height: int
-    #: 0 when the container does not say.
-    duration_seconds: float
-    #: Where ``frames`` comes from: "container", "duration" or "limit".
-    frames_source: str
-
-
-@dataclass(frozen=True)
 class VideoSummary:
     frames_processed: int
     frames_with_object: int
@@ -255,82 +247,6 @@ class VideoSummary:
 
 
 VideoEvent = VideoProbe | bytes | Progress | VideoSummary
-
-
-def open_video(file: Any, limits: ModelLimits) -> tuple[Any, VideoProbe]:
-    """Opens an untrusted video (blocking) and checks it against ``limits``; the container and its probe."""
-    try:
-        container = av.open(file, "r", options={"fflags": "+ignidx"})
-    except UploadAborted:
-        raise
-    except (av.FFmpegError, ValueError, OSError, EOFError) as exc:
-        raise InvalidRequest(
-            "The file is not a readable video (MP4, MOV or WebM); it may be truncated or corrupt."
-        ) from exc
-    try:
-        probe = _probe(container, limits)
-    except BaseException:
-        container.close()
-        raise
-    return container, probe
-
-
-def _probe(container: Any, limits: ModelLimits) -> VideoProbe:
-    if container.format.name not in ACCEPTED_DEMUXERS:
-        raise InvalidRequest(f"Unsupported video container '{container.format.name}'; send MP4, MOV or WebM")
-    if not container.streams.video:
-        raise InvalidRequest("The file has no video stream")
-    stream = container.streams.video[0]
-    width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
-    if width <= 0 or height <= 0:
-        raise InvalidRequest("The video stream has no picture size")
-    if width > limits.max_width or height > limits.max_height:
-        raise InvalidRequest(
-            f"The video is {width}x{height} pixels; the maximum is {limits.max_width}x{limits.max_height}"
-        )
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    if not rate or rate <= 0:
-        raise InvalidRequest("The video stream has no frame rate")
-    rate = Fraction(rate)
-    duration = 0.0
-    if stream.duration and stream.time_base:
-        duration = float(stream.duration * stream.time_base)
-    elif container.duration:
-        duration = container.duration / av.time_base
-    if limits.max_duration_seconds and duration > limits.max_duration_seconds:
-        raise InvalidRequest(
-            f"The video is {duration:.1f} seconds long; the maximum is {limits.max_duration_seconds:g} seconds"
-        )
-    if stream.frames and stream.frames > 0:
-        frames, source = int(stream.frames), "container"
-    elif duration > 0:
-        frames, source = math.ceil(duration * rate - 1e-6), "duration"
-    else:
-        frames, source = limits.max_frames, "limit"
-    if frames > limits.max_frames:
-        raise InvalidRequest(f"The video has {frames} frames; the maximum is {limits.max_frames} frames")
-    if frames <= 0:
-        raise InvalidRequest("The video has no frames")
-    return VideoProbe(frames, rate, width, height, duration, source)
-
-
-def iter_frames(container: Any, probe: VideoProbe) -> Iterator[Image.Image]:
-    """The video's frames as RGB images of the probe's size, at most ``probe.frames`` of them (blocking)."""
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    count = 0
-    try:
-        for frame in container.decode(stream):
-            if count >= probe.frames:
-                return
-            if frame.width != probe.width or frame.height != probe.height:
-                frame = frame.reformat(width=probe.width, height=probe.height)
-            count += 1
-            yield frame.to_image()
-    except UploadAborted:
-        raise
-    except (av.FFmpegError, ValueError, OSError, EOFError) as exc:
-        raise InvalidRequest(f"The video could not be decoded after frame {count}: {exc}") from exc
 
 
 class _Sink:
@@ -408,6 +324,7 @@ async def remove_video_background(
     limits: ModelLimits,
     request_id: str = "",
     batch_frames: int | None = None,
+    decode_memory_bytes: int = DEFAULT_DECODE_MEMORY_BYTES,
 ) -> AsyncGenerator[VideoEvent, None]:
     """Probe first; after the consumer asks again: WebM bytes and progress per batch; a summary last.
 
@@ -425,19 +342,23 @@ async def remove_video_background(
         encoder = state.get("encoder")
         if encoder is not None:
             encoder.close()
-        container = state.get("container")
-        if container is not None:
-            container.close()
+        decoder = state.get("decoder")
+        if decoder is not None:
+            decoder.close()
 
     batch = batch_frames or engine.frame_batch
     try:
-        container, probe = await on_thread(lambda: open_video(spool.reader(), limits))
-        state["container"] = container
+        # Demuxing and decoding run in a worker process of their own (a crash there is this
+        # job's 400, never the service's end); it reads the spool through this job's thread.
+        decoder = await on_thread(
+            lambda: IsolatedVideo(spool.reader(), limits, memory_bytes=decode_memory_bytes)
+        )
+        state["decoder"] = decoder
+        probe = await on_thread(decoder.probe)
         yield probe
-        frames = iter_frames(container, probe)
 
         def next_batch() -> list[Image.Image]:
-            return [image for _, image in zip(range(batch), frames, strict=False)]
+            return decoder.frames(batch)
 
         encoder = await on_thread(lambda: AlphaWebmEncoder(probe.width, probe.height, probe.frame_rate))
         state["encoder"] = encoder

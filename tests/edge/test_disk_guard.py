@@ -18,6 +18,7 @@ from edge.retention import DiskGuard
 from services.common.errors import LowDiskSpace
 from services.common.settings import Settings
 from tests.conftest import Mesh, new_customer
+from tests.edge.media_util import moving_square_video
 from tests.stack import books, edge_app
 
 GEN = "/v1/images/generations"
@@ -41,6 +42,13 @@ async def test_a_paid_request_is_a_503_that_holds_nothing_while_free_routes_work
             error = (await response.json())["error"]
         assert error["type"] == "processing_error"
         assert "disk space" in error["message"]
+        # The video upload route places its hold apart from the billed flow: refused the same way.
+        upload = aiohttp.FormData({"prompt": "the blue square"})
+        upload.add_field("file", moving_square_video(frames=4), filename="clip.mp4", content_type="video/mp4")
+        async with http.post(
+            edge.url + "/v1/videos/remove-background", data=upload, headers=customer.headers
+        ) as response:
+            assert response.status == 503, await response.text()
         state = await books(mesh.ledger, customer.account_id)
         assert (state.balance, state.held, state.open_holds) == (1000, 0, 0)
 

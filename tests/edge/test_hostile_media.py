@@ -242,10 +242,11 @@ CASES = (
     + [(route, name) for route in VIDEO_ROUTES for name in VIDEOS]
 )
 CORPUS = {**IMAGES, **AUDIO, **VIDEOS}
-KIND = {
-    route: corpus for routes, corpus in ((IMAGE_ROUTES, IMAGES), (AUDIO_ROUTES, AUDIO)) for route in routes
+KIND: dict[Callable[[bytes], Request], dict[str, bytes]] = {
+    **{route: IMAGES for route in IMAGE_ROUTES},
+    **{route: AUDIO for route in AUDIO_ROUTES},
+    video_background: VIDEOS,
 }
-KIND[video_background] = VIDEOS
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -23,6 +26,8 @@ from PIL import Image
 from services.common.decoding import DecodePool
 from services.common.errors import InvalidRequest
 from services.common.media import decode_audio, decode_image, encode_audio
+from services.common.registry import ModelLimits
+from services.common.video_decoding import IsolatedVideo, iter_frames, open_video
 
 CRASHED = "could not be decoded: the decoder failed on it"
 
@@ -62,7 +67,7 @@ def png(width: int = 64, height: int = 48) -> bytes:
 
 
 @pytest.fixture
-async def pool() -> object:
+async def pool() -> AsyncIterator[DecodePool]:
     pool = DecodePool(1)
     yield pool
     pool.close()
@@ -73,7 +78,9 @@ async def decode_png(pool: DecodePool) -> Image.Image:
 
 
 @pytest.mark.parametrize("crash", [segfault, abort], ids=["segfault", "abort"])
-async def test_a_decoder_that_crashes_natively_kills_only_its_worker(pool: DecodePool, crash: object) -> None:
+async def test_a_decoder_that_crashes_natively_kills_only_its_worker(
+    pool: DecodePool, crash: Callable[[bytes], None]
+) -> None:
     image = await decode_png(pool)
     with pytest.raises(InvalidRequest, match=f"The image {CRASHED}"):
         await pool.run("The image", crash, b"hostile")
@@ -166,3 +173,72 @@ def test_what_a_spawned_worker_of_kiln_up_imports_holds_no_torch() -> None:
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert child.returncode == 0, child.stderr[-500:]
     assert child.stdout.strip() == "False"
+
+
+# --- video: a worker process per job, reading the upload through the service ---
+
+LIMITS = ModelLimits(max_width=1024, max_height=1024, max_frames=100, max_duration_seconds=30)
+
+
+def crash_after_reading(conn: Any, limits: ModelLimits, memory_bytes: int, cpu_seconds: int) -> None:
+    """A video worker whose decoder segfaults once it has read the file's first bytes."""
+    conn.send(("read", 0, 4096))
+    conn.recv()
+    ctypes.string_at(0)
+
+
+def mp4(frames: int = 6) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=6)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index in range(frames):
+            pixels = np.full((48, 64, 3), 20 * index, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_a_video_decoder_that_crashes_is_a_400_for_its_job_only() -> None:
+    crashed = IsolatedVideo(io.BytesIO(mp4()), LIMITS, worker=crash_after_reading)
+    with pytest.raises(InvalidRequest, match=f"The video {CRASHED}"):
+        crashed.probe()
+    crashed.close()
+    # the next job decodes as if nothing happened
+    video = IsolatedVideo(io.BytesIO(mp4()), LIMITS)
+    try:
+        probe = video.probe()
+        frames = video.frames(4) + video.frames(4)
+        assert video.frames(4) == []
+    finally:
+        video.close()
+    assert (probe.width, probe.height, probe.frames) == (64, 48, 6)
+    assert [image.size for image in frames] == [(64, 48)] * 6
+
+
+def test_an_isolated_video_gives_the_frames_of_an_in_process_decode() -> None:
+    data = mp4()
+    container, probe = open_video(io.BytesIO(data), LIMITS)
+    try:
+        local = [np.asarray(image) for image in iter_frames(container, probe)]
+    finally:
+        container.close()
+    video = IsolatedVideo(io.BytesIO(data), LIMITS)
+    try:
+        assert video.probe() == probe
+        isolated = [np.asarray(image) for image in video.frames(100)]
+    finally:
+        video.close()
+    assert len(isolated) == len(local) == 6
+    assert all(np.array_equal(a, b) for a, b in zip(isolated, local, strict=True))
+
+
+def test_a_bad_video_is_the_decoders_400_from_the_worker() -> None:
+    video = IsolatedVideo(io.BytesIO(b"\x00\x00\x00\x18ftypXXXX" + mp4()[12:]), LIMITS)
+    try:
+        with pytest.raises(InvalidRequest, match="not a readable video"):
+            video.probe()
+    finally:
+        video.close()
