@@ -85,6 +85,8 @@ bench: gen $(STAMP) $(TTS_STAMP)
 	$(BIN)/python bench/tts.py
 	$(BIN)/python bench/music.py
 	$(BIN)/python bench/video.py
+	$(BIN)/python bench/mesh_auth.py
+	$(BIN)/python bench/decode_isolation.py
 	$(BIN)/python bench/ledger.py
 
 clean:

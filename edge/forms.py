@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
@@ -170,7 +170,7 @@ class FormReader:
         if self._parts > self.max_parts:
             raise BodyRefused(413, f"The form has more than {self.max_parts} parts.")
 
-    async def parts(self) -> AsyncIterator[BodyPartReader]:
+    async def parts(self) -> AsyncGenerator[BodyPartReader]:
         """The form's parts (multipart only); each needs a name and no encoding of its own."""
         request = self.request
         if request.content_type != "multipart/form-data":
@@ -198,7 +198,7 @@ class FormReader:
         except (ValueError, AssertionError, BadHttpMessage) as exc:  # aiohttp's words for a malformed body
             raise InvalidRequest(f"The multipart body could not be read: {quoted(str(exc))}") from None
 
-    async def chunks(self, part: BodyPartReader) -> AsyncIterator[bytes]:
+    async def chunks(self, part: BodyPartReader) -> AsyncGenerator[bytes]:
         """The part's bytes as they arrive (counted against the whole body's limit)."""
         while True:
             async with self.clock.waiting():

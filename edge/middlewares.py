@@ -2,9 +2,9 @@
 
 An error answered before its request's body was all received (a 401 from
 :func:`credential_first`, a 413 or 408 from ``edge.forms``, a form refused part
-way) closes the connection without reading the rest: the client gets the answer,
-and the edge does not spend the remaining upload's bandwidth (aiohttp would
-otherwise read and discard it for up to ten seconds).
+way) closes the connection without reading the rest: the client gets the answer
+(and a second to read it), and the edge does not take the remaining upload
+(aiohttp would otherwise read and discard it for up to ten seconds).
 """
 
 from __future__ import annotations
@@ -63,11 +63,21 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         return response
 
 
+#: How long a connection refused before its body was read stays open after the answer (with
+#: its sending side closed), so that the client reads the answer before the connection is
+#: reset. Nothing more is read meanwhile: TCP flow control stops the client's upload.
+LINGER_SECONDS = 1.0
+
+
 async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
     """Sends ``response`` and closes the connection without reading the rest of the body."""
     response.force_close()
     await response.prepare(request)
     await response.write_eof()
+    transport = request.transport
+    if transport is not None and not transport.is_closing() and transport.can_write_eof():
+        transport.write_eof()
+        await asyncio.sleep(LINGER_SECONDS)  # cancelled sooner if the client closes first
     request.protocol.force_close()
 
 

@@ -8,6 +8,7 @@ schemas: a client must ignore fields it does not know.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -120,6 +121,29 @@ class ChatUsage(_Reply):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+class ChunkDelta(_Reply):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(_Reply):
+    index: int
+    delta: ChunkDelta
+    logprobs: None = Field(description="Always null.")
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(_Reply):
+    """One ``data:`` event of a streamed chat (``stream: true``); ``data: [DONE]`` ends it."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice] = Field(description="Empty in the usage chunk.")
+    usage: ChatUsage | None = Field(None, description="Only in the last chunk, with include_usage.")
 
 
 class ChatCompletion(_Reply):
@@ -258,7 +282,25 @@ class Readiness(_Reply):
     services: dict[str, bool]
 
 
+class Progress(_Reply):
+    """A ``progress`` event of a long request (``Accept: text/event-stream``)."""
+
+    step: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class EventStream:
+    """A ``text/event-stream`` body: each event's ``data`` is JSON, one of ``data``'s models;
+    ``events`` are the event names it uses (none: unnamed); ``done`` when ``data: [DONE]``
+    ends it (OpenAI's convention)."""
+
+    data: tuple[type[BaseModel], ...]
+    events: tuple[str, ...] = ()
+    done: bool = False
+
+
 #: A binary body (an image, audio or video file).
 BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
-#: A server-sent events body: ``data: <json>`` frames (described in the operation's summary).
-EVENT_STREAM: dict[str, Any] = {"type": "string"}
+#: A streamed chat: chunks, then ``[DONE]``; an error after the headers is an error event.
+CHAT_EVENTS = EventStream((ChatCompletionChunk, ErrorResponse), done=True)

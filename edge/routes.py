@@ -18,17 +18,19 @@ from pydantic import BaseModel
 from edge.handlers import audio, chat, images, media, music, segmentation, system, upscale, video
 from edge.response_models import (
     BINARY,
-    EVENT_STREAM,
+    CHAT_EVENTS,
     Account,
     BatchImagesResponse,
     ChatCompletion,
     CloneLanguages,
     ErrorResponse,
+    EventStream,
     GeneratedVideo,
     Health,
     ImagesResponse,
     ModelList,
     MusicDescription,
+    Progress,
     Readiness,
     SegmentationResponse,
     StyleList,
@@ -55,8 +57,8 @@ from edge.schemas import (
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-#: A body's schema: a pydantic model, or a JSON schema (files, event streams).
-Schema: TypeAlias = type[BaseModel] | Mapping[str, Any]
+#: A body's schema: a pydantic model, server-sent events, or a JSON schema (files).
+Schema: TypeAlias = type[BaseModel] | EventStream | Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -100,15 +102,21 @@ _PAID_ERRORS: dict[int, Answer] = {
     401: _error("authentication_error: no or an unknown credential"),
     402: _error("insufficient_credits"),
     403: _error("premium_required"),
+    408: _error("invalid_request_error: the request body arrived too slowly"),
     409: _error("invalid_request_error: a request with this Idempotency-Key is in progress"),
-    413: _error("invalid_request_error: the request body is larger than the limit"),
+    413: _error("invalid_request_error: the body is larger than the limit, or the form has too many parts"),
     500: _error("processing_error"),
     503: _error("maintenance_mode, or the disk is too full for new work"),
 }
 _IMAGE_FILES = {"image/png": BINARY, "image/jpeg": BINARY, "image/webp": BINARY}
 _AUDIO_FILES = {f"audio/{kind}": BINARY for kind in ("wav", "pcm", "mpeg", "opus", "aac", "flac")}
-#: ``Accept: text/event-stream``: ``progress`` events, then ``result`` (the JSON body) or ``error``.
-_PROGRESS = {"text/event-stream": EVENT_STREAM}
+
+
+def _progress(result: type[BaseModel]) -> dict[str, Schema]:
+    """``Accept: text/event-stream``: ``progress`` events, then ``result`` (the JSON body) or ``error``."""
+    return {
+        "text/event-stream": EventStream((Progress, result, ErrorResponse), ("progress", "result", "error"))
+    }
 
 
 _MEDIA_FILES = {**_IMAGE_FILES, **_AUDIO_FILES, "video/mp4": BINARY, "video/webm": BINARY}
@@ -122,7 +130,7 @@ _MUSIC = _paid(
     Answer(
         "The audio file; its description with ?response_format=json; progress events, then the "
         "description, with Accept: text/event-stream",
-        {**_AUDIO_FILES, "application/json": MusicDescription, **_PROGRESS},
+        {**_AUDIO_FILES, "application/json": MusicDescription, **_progress(MusicDescription)},
     )
 )
 _MUSIC_QUERY = {"response_format": {"type": "string", "enum": ["binary", "json"], "default": "binary"}}
@@ -219,7 +227,7 @@ ROUTES: tuple[Route, ...] = (
         responses=_paid(
             Answer(
                 "A chat.completion, or chat.completion.chunk events then [DONE] with stream: true",
-                {"application/json": ChatCompletion, "text/event-stream": EVENT_STREAM},
+                {"application/json": ChatCompletion, "text/event-stream": CHAT_EVENTS},
             )
         ),
     ),
@@ -301,7 +309,7 @@ ROUTES: tuple[Route, ...] = (
         responses=_paid(
             Answer(
                 "The video's description; progress events with Accept: text/event-stream",
-                {"application/json": GeneratedVideo, **_PROGRESS},
+                {"application/json": GeneratedVideo, **_progress(GeneratedVideo)},
             )
         ),
     ),
@@ -399,7 +407,22 @@ ROUTES: tuple[Route, ...] = (
 
 def _schema(schema: Schema, schemas: dict[str, Any]) -> dict[str, Any]:
     """A body's schema for the document: a model becomes a ``$ref`` (its definitions go into
-    ``schemas``); a JSON schema is used as it is."""
+    ``schemas``); server-sent events, the schema of one event (``data`` is JSON of one of the
+    models: ``contentMediaType`` / ``contentSchema``); a JSON schema is used as it is."""
+    if isinstance(schema, EventStream):
+        payload: dict[str, Any] = {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"anyOf": [_schema(model, schemas) for model in schema.data]},
+        }
+        event: dict[str, Any] = {
+            "type": "object",
+            "required": ["data"],
+            "properties": {"data": {"anyOf": [{"const": "[DONE]"}, payload]} if schema.done else payload},
+        }
+        if schema.events:
+            event["properties"]["event"] = {"enum": list(schema.events)}
+        return event
     if not isinstance(schema, type):
         return dict(schema)
     body = schema.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")

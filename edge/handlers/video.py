@@ -159,8 +159,10 @@ async def list_user_videos(request: web.Request) -> web.Response:
     offset = _int_param(query.get("offset", "0"), "offset")
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidRequest(f"'limit' must be between 1 and {MAX_PAGE}, not {quoted(str(limit))}")
-    if not 0 <= offset <= MAX_OFFSET:
-        raise InvalidRequest(f"'offset' must be between 0 and {MAX_OFFSET}, not {quoted(str(offset))}")
+    if offset < 0:
+        raise InvalidRequest(f"'offset' must not be negative, not {quoted(str(offset))}")
+    if offset > MAX_OFFSET:
+        raise InvalidRequest(f"'offset' must be at most {MAX_OFFSET}, not {quoted(str(offset))}")
     sort_by = query.get("sortBy", "newest")
     if sort_by not in SORTS:
         raise InvalidRequest(

@@ -800,7 +800,9 @@ class Ledger:
                 )
             }
             gone = set(expired)
-            return expired, [media_id for media_id in wanted if media_id not in known and media_id not in gone]
+            return expired, [
+                media_id for media_id in wanted if media_id not in known and media_id not in gone
+            ]
 
         return await self.db.run(tx_fn)
 

@@ -42,6 +42,7 @@ import asyncio
 import logging
 import math
 import multiprocessing
+import os
 import resource
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -72,7 +73,13 @@ MEMORY_MESSAGE = "{what} needs more memory to decode than is allowed"
 
 
 def start_worker(memory_bytes: int) -> None:
-    """Runs once in each new worker: its memory bound, and no core files when it crashes."""
+    """Runs once in each new worker: its memory bound, and no core files when it crashes.
+
+    Also one BLAS / OpenMP thread (set before numpy is first imported here): decoding
+    needs none, and per-thread buffers of a many-core host would eat the address space.
+    """
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = "1"
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if memory_bytes > 0:
         _, hard = resource.getrlimit(resource.RLIMIT_AS)

@@ -26,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.errors import ERROR_DOMAIN, KilnError, ProcessingError
 from services.common.mesh_auth import MeshAuthInterceptor, mesh_secret
@@ -199,6 +200,7 @@ async def create_engine_server(
     add_to_server: Callable[[Any, grpc.aio.Server], None],
     service_name: str,
     pool: EnginePool,
+    decoder: DecodePool | None = None,
 ) -> GrpcService:
     """The standard server for a capability whose servicer runs an engine pool: built by
     :func:`create_server`, with the engines loading once it listens (see :func:`serve_engine_pool`)."""
@@ -208,7 +210,16 @@ async def create_engine_server(
         register=lambda server: add_to_server(servicer, server),
         service_names=[service_name],
     )
+    if decoder is not None:  # its worker processes stop with the server
+        service.cleanup.append(_closer(decoder))
     return serve_engine_pool(service, pool)
+
+
+def _closer(decoder: DecodePool) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        decoder.close()
+
+    return close
 
 
 def serve_engine_pool(service: GrpcService, pool: EnginePool) -> GrpcService:

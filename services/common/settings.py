@@ -142,7 +142,9 @@ class Settings(BaseSettings):
         "arrived; a body slower than that is a 408 and the connection is closed.",
     )
     http_body_min_rate: int = Field(
-        4096, gt=0, description="Bytes per second a request body must keep up (see http_body_timeout_seconds)."
+        4096,
+        gt=0,
+        description="Bytes per second a request body must keep up (see http_body_timeout_seconds).",
     )
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, description="Largest gRPC message either way.")
     service_timeout_seconds: float = Field(

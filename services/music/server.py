@@ -40,6 +40,7 @@ async def create_service(
     once the server starts, and close in its cleanup.
     """
     registry = registry or load_registry(settings.registry_path)
+    decoder = DecodePool.from_settings(settings)
     if pool is None:
         pool = build_music_pool(
             registry,
@@ -54,7 +55,7 @@ async def create_service(
         pool=pool,
         max_prompt_chars=settings.max_prompt_chars,
         max_input_audio_bytes=max_input_audio_bytes,
-        decoder=DecodePool.from_settings(settings),
+        decoder=decoder,
     )
     return await create_engine_server(
         address=address or settings.bind_address(settings.music_address),
@@ -63,4 +64,5 @@ async def create_service(
         add_to_server=pb_grpc.add_MusicServiceServicer_to_server,
         service_name=SERVICE_NAME,
         pool=pool,
+        decoder=decoder,
     )

@@ -42,6 +42,7 @@ async def create_service(
     once the server starts, and close in its cleanup.
     """
     registry = registry or load_registry(settings.registry_path)
+    decoder = DecodePool.from_settings(settings)
     if pool is None:
         pool = build_engine_pool(
             registry,
@@ -56,7 +57,7 @@ async def create_service(
         max_input_image_pixels=settings.max_input_image_pixels,
         max_input_image_bytes=settings.max_input_image_bytes,
         max_video_bytes=settings.max_video_bytes,
-        decoder=DecodePool.from_settings(settings),
+        decoder=decoder,
     )
 
     return await create_engine_server(
@@ -66,4 +67,5 @@ async def create_service(
         add_to_server=pb_grpc.add_SegmentationServiceServicer_to_server,
         service_name=SERVICE_NAME,
         pool=pool,
+        decoder=decoder,
     )

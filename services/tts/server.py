@@ -38,6 +38,7 @@ async def create_service(
     the server starts, and close in its cleanup.
     """
     registry = registry or load_registry(settings.registry_path)
+    decoder = DecodePool.from_settings(settings)
     if pool is None:
         pool = build_speech_pool(
             registry,
@@ -54,9 +55,10 @@ async def create_service(
             pool=pool,
             max_reference_seconds=settings.max_reference_audio_seconds,
             max_reference_bytes=settings.max_reference_audio_bytes,
-            decoder=DecodePool.from_settings(settings),
+            decoder=decoder,
         ),
         add_to_server=pb_grpc.add_TtsServiceServicer_to_server,
         service_name=SERVICE_NAME,
         pool=pool,
+        decoder=decoder,
     )

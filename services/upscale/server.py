@@ -52,6 +52,7 @@ async def create_service(
     the background once the server starts, and close in its cleanup.
     """
     registry = registry or load_registry(settings.registry_path)
+    decoder = DecodePool.from_settings(settings)
     if pool is None:
         pool = build_engine_pool(
             registry,
@@ -65,7 +66,7 @@ async def create_service(
         pool=pool,
         max_input_image_pixels=settings.max_input_image_pixels,
         max_input_image_bytes=settings.max_input_image_bytes,
-        decoder=DecodePool.from_settings(settings),
+        decoder=decoder,
     )
 
     return await create_engine_server(
@@ -75,4 +76,5 @@ async def create_service(
         add_to_server=pb_grpc.add_UpscaleServiceServicer_to_server,
         service_name=SERVICE_NAME,
         pool=pool,
+        decoder=decoder,
     )

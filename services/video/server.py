@@ -40,6 +40,7 @@ async def create_service(
     background once the server starts, and close in its cleanup.
     """
     registry = registry or load_registry(settings.registry_path)
+    decoder = DecodePool.from_settings(settings)
     if pool is None:
         pool = build_engine_pool(
             registry,
@@ -53,7 +54,7 @@ async def create_service(
         max_prompt_chars=settings.max_prompt_chars,
         max_input_image_pixels=settings.max_input_image_pixels,
         max_input_image_bytes=settings.max_input_image_bytes,
-        decoder=DecodePool.from_settings(settings),
+        decoder=decoder,
     )
     return await create_engine_server(
         address=address or settings.bind_address(settings.video_address),
@@ -62,4 +63,5 @@ async def create_service(
         add_to_server=pb_grpc.add_VideoServiceServicer_to_server,
         service_name=SERVICE_NAME,
         pool=pool,
+        decoder=decoder,
     )

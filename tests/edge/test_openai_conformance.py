@@ -209,7 +209,7 @@ async def test_speech_answers_audio_bytes(
 
 
 #: One request per OpenAI-shaped route that fails: (method, path, body, with a key).
-FAILING = [
+FAILING: list[tuple[str, str, dict[str, Any] | None, bool]] = [
     ("GET", "/v1/nothing-here", None, True),
     ("POST", "/v1/chat/completions", {"messages": []}, True),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, False),

@@ -60,6 +60,10 @@ def loaded_modules() -> list[str]:
     return sorted(sys.modules)
 
 
+def blas_threads() -> str | None:
+    return os.environ.get("OPENBLAS_NUM_THREADS")
+
+
 def png(width: int = 64, height: int = 48) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), (10, 200, 30)).save(buf, format="PNG")
@@ -161,6 +165,7 @@ async def test_workers_never_import_torch(pool: DecodePool) -> None:
     modules = await pool.run("x", loaded_modules)
     assert "av" in modules and "PIL.Image" in modules
     assert "torch" not in modules and "grpc" not in modules
+    assert await pool.run("x", blas_threads) == "1"  # numpy's first import in the worker saw it
 
 
 def test_what_a_spawned_worker_of_kiln_up_imports_holds_no_torch() -> None:

@@ -53,7 +53,7 @@ def test_an_8_channel_384_khz_flac_of_silence_is_a_fast_400(flac_bomb: bytes, ma
 async def test_the_flac_bomb_is_a_fast_400_through_a_decode_worker_too(flac_bomb: bytes) -> None:
     pool = DecodePool(1)
     try:
-        with pytest.raises(InvalidRequest, match="'source_audio' .* 384000 Hz"):
+        with pytest.raises(InvalidRequest, match=r"'source_audio' .* 384000 Hz"):
             await pool.run(
                 "'source_audio'",
                 decode_audio,
