@@ -68,7 +68,9 @@ async def post_free_400(
         text = await response.text()
         assert response.status == 400, text[:300]
         payload = await response.json()
-    assert set(payload) == {"error"} and set(payload["error"]) == {"message", "type", "param", "code"}, payload
+    assert set(payload) == {"error"} and set(payload["error"]) == {"message", "type", "param", "code"}, (
+        payload
+    )
     assert payload["error"]["param"] is None and payload["error"]["code"] is None
     assert payload["error"]["type"] == "invalid_request_error"
     assert payload["error"]["message"]
