@@ -16,7 +16,8 @@ import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from opentelemetry import trace
 from opentelemetry.propagate import extract
 
@@ -25,7 +26,7 @@ from edge.flow import credential_from
 from edge.forms import BodyRefused
 from edge.keys import REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
-from services.common.errors import ErrorType, InvalidRequest, KilnError, NotFound, ProcessingError
+from services.common.errors import ErrorType, InvalidRequest, KilnError, NotFound, ProcessingError, quoted
 
 log = logging.getLogger("kiln.edge")
 _tracer = trace.get_tracer("kiln.edge")
@@ -88,13 +89,46 @@ async def credential_first(request: web.Request, handler: Handler) -> web.Stream
     read only once billing has accepted the credential (Authenticate: the hold comes later,
     with the price). Smaller bodies are read and checked first; Authorize then checks the
     credential with the hold, as before."""
-    resource = request.match_info.route.resource
-    route = (request.method, resource.canonical if resource is not None else "")
-    if route in request.app[AUTHENTICATED_ROUTES]:
+    if _needs_credential(request):
         credential = credential_from(request)
-        if request.body_exists and not _small_body(request):
+        if request.body_exists and not _small_body(request) and not request.get(CREDENTIAL_CHECKED):
             await request.app[UPSTREAMS].billing.authenticate(credential, request[REQUEST_ID])
     return await handler(request)
+
+
+#: Set on a request whose credential billing accepted before its body was sent (Expect).
+CREDENTIAL_CHECKED = "kiln.credential_checked"
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """The routes' ``Expect: 100-continue`` handler (curl sends it for bodies over 1 MiB): on a
+    route that needs a credential, billing checks it *before* ``100 Continue`` invites the
+    body, so a refused client never sends its upload. aiohttp runs this before the
+    middlewares, so a refusal is answered here, in the envelope, and the connection closes."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version != HttpVersion11 or expect.lower() != "100-continue":
+        return error_response(InvalidRequest(f"Unsupported Expect header: '{quoted(expect)}'"), status=417)
+    if _needs_credential(request):
+        request_id = request.headers.get("X-Request-ID", "")
+        if not _REQUEST_ID_RE.match(request_id):
+            request_id = uuid.uuid4().hex
+        try:
+            await request.app[UPSTREAMS].billing.authenticate(credential_from(request), request_id)
+        except KilnError as err:
+            response = error_response(err)
+            response.headers["X-Request-ID"] = request_id
+            response.force_close()
+            return response
+        request[CREDENTIAL_CHECKED] = True
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer's own size starts after the interim line
+    return None
+
+
+def _needs_credential(request: web.Request) -> bool:
+    resource = request.match_info.route.resource
+    route = (request.method, resource.canonical if resource is not None else "")
+    return route in request.app[AUTHENTICATED_ROUTES]
 
 
 def _small_body(request: web.Request) -> bool:

@@ -16,6 +16,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from edge.handlers import audio, chat, images, media, music, segmentation, system, upscale, video
+from edge.middlewares import expect_continue
 from edge.response_models import (
     BINARY,
     CHAT_EVENTS,
@@ -517,7 +518,7 @@ def openapi_document() -> dict[str, Any]:
 
 def setup_routes(app: web.Application) -> None:
     for route in ROUTES:
-        app.router.add_route(route.method, route.path, route.handler)
+        app.router.add_route(route.method, route.path, route.handler, expect_handler=expect_continue)
     document = openapi_document()
 
     async def openapi(request: web.Request) -> web.Response:

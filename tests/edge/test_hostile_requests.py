@@ -409,6 +409,39 @@ async def test_an_unauthenticated_30_mib_upload_is_a_401_before_it_is_read(
     assert sent < 30 * MIB
 
 
+async def _expect_continue(url: str, headers: dict[str, str]) -> bytes:
+    """Sends only the headers of a 30 MiB upload with ``Expect: 100-continue`` (as curl does
+    for bodies over 1 MiB) and returns the server's first answer, sent before any body byte."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    lines = [
+        "POST /v1/images/remove-background HTTP/1.1",
+        f"Host: {host}",
+        f"Content-Length: {30 * MIB}",
+        f"Content-Type: {FORM}; boundary=b",
+        "Expect: 100-continue",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(65536), 10)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_expect_continue_is_answered_401_before_the_body_is_sent(stack: Stack) -> None:
+    for credential in ({}, {"X-API-Key": "sk-kiln-not-a-key"}):
+        answer = await _expect_continue(stack.url, credential)
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+        assert b"authentication_error" in answer and b"Connection: close" in answer
+        assert b"100 Continue" not in answer
+    answer = await _expect_continue(stack.url, (await stack.customer()).headers)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n"), answer[:200]
+
+
 async def test_an_authenticated_upload_over_the_limit_is_a_413_before_it_is_read(stack: Stack) -> None:
     headers = (await stack.customer()).headers
     head = {"path": "/v1/images/remove-background", "Content-Type": f"{FORM}; boundary=b", **headers}
