@@ -48,6 +48,9 @@ MIN_SECRET_BYTES = 32
 #: Methods anyone may call: the standard health service.
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
+#: How many distinct valid tokens a server remembers having verified.
+MAX_VERIFIED_TOKENS = 1024
+
 _TOKEN_PREFIX = "kiln1"
 _IDENTITY = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _CONTEXT = b"kiln-mesh-token:"
@@ -146,6 +149,18 @@ class MeshAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, secret: bytes, restricted: Mapping[str, Iterable[str]] | None = None) -> None:
         self._secret = secret
         self._restricted = {method: frozenset(ids) for method, ids in (restricted or {}).items()}
+        #: Metadata values already verified, and their identity: a mesh has a handful of
+        #: callers, so most calls cost a dict lookup instead of an HMAC (only valid tokens
+        #: are kept, so random ones cannot fill it).
+        self._verified: dict[str, str] = {}
+
+    def _identity(self, value: str) -> str | None:
+        identity = self._verified.get(value)
+        if identity is None:
+            identity = verify_token(self._secret, value)
+            if identity is not None and len(self._verified) < MAX_VERIFIED_TOKENS:
+                self._verified[value] = identity
+        return identity
 
     async def intercept_service(
         self,
@@ -159,7 +174,7 @@ class MeshAuthInterceptor(grpc.aio.ServerInterceptor):
         identity = None
         for key, value in handler_call_details.invocation_metadata or ():
             if key == METADATA_KEY and isinstance(value, str):
-                identity = verify_token(self._secret, value)
+                identity = self._identity(value)
                 break
         if identity is None:
             return _refusal(
