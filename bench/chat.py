@@ -168,7 +168,7 @@ async def part_edge(runs: int, api_key: str | None) -> dict[str, Any]:
 
     # one torch thread: with two, OpenMP's spinning threads starve the gRPC ones (see part 1)
     with running_mesh("single", {"KILN_TORCH_THREADS": "1"}) as info:
-        if "llm" not in info:
+        if "llm" not in info["ports"]:
             return {"skipped": "bench/mesh.py does not start the llm service yet (no 'llm' port)"}
         edge_url = f"http://127.0.0.1:{info['edge']}"
         async with aiohttp.ClientSession() as http:
@@ -176,7 +176,7 @@ async def part_edge(runs: int, api_key: str | None) -> dict[str, Any]:
         through_edge = await edge_ttft(edge_url, api_key or info["premium_key"], runs)
         if isinstance(through_edge, str):
             return {"skipped": through_edge}
-        async with create_channel(f"127.0.0.1:{info['llm']}", token=info["mesh_token"]) as channel:
+        async with create_channel(f"127.0.0.1:{info['ports']['llm']}", token=info["mesh_token"]) as channel:
             direct = await direct_ttft(pb_grpc.LlmServiceStub(channel), runs)
     return {
         "edge_ttft_ms": through_edge * 1000,

@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -111,7 +112,9 @@ async def _client(
     )
     async with (
         aiohttp.ClientSession() as http,
-        create_channel(f"127.0.0.1:{info['image_gen']}", token=str(info["mesh_token"])) as ch,
+        create_channel(
+            f"127.0.0.1:{cast(dict[str, int], info['ports'])['image_gen']}", token=str(info["mesh_token"])
+        ) as ch,
     ):
         stub = image_grpc.ImageServiceStub(ch)
         await wait_ready(http, edge)

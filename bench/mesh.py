@@ -34,10 +34,11 @@ async def serve_child(data_dir: Path, split: bool) -> None:
     from aiohttp import web
 
     from edge.app import create_runner
-    from kiln_cli.main import free_port, spawn_service
+    from kiln_cli.main import free_port, service_python, spawn_service
     from services.billing.admin import ensure_demo_account
     from services.billing.ledger import Ledger
     from services.billing.store import Database
+    from services.catalog import CATALOG, capability
     from services.common.grpc_server import GrpcService
     from services.common.mesh_auth import mesh_secret, mesh_token
     from services.common.settings import load_settings
@@ -45,44 +46,33 @@ async def serve_child(data_dir: Path, split: bool) -> None:
     settings = load_settings(data_dir=data_dir)
     services: list[GrpcService] = []
     children: dict[str, subprocess.Popen[bytes]] = {}
-    names = ("billing", "image_gen", "segmentation", "upscale", "llm", "music", "video", "tts")
+    names = tuple(entry.name for entry in CATALOG)
     if split:  # each service its own process, as `kiln up --split` runs them
         addresses = {name: f"127.0.0.1:{free_port()}" for name in names}
         env = {
             "KILN_DATA_DIR": str(data_dir),
-            **{f"KILN_{name.upper()}_ADDRESS": address for name, address in addresses.items()},
+            **{capability(n).address_variable: a for n, a in addresses.items()},
         }
         for name in names:
             children[name] = spawn_service(name, settings, env)
     else:
-        from services.billing.server import create_service as create_billing
-        from services.image_gen.server import create_service as create_image_gen
-        from services.llm.server import create_service as create_llm
-        from services.music.server import create_service as create_music
-        from services.segmentation.server import create_service as create_segmentation
-        from services.upscale.server import create_service as create_upscale
-        from services.video.server import create_service as create_video
-
-        services = [
-            await create_billing(settings, address="127.0.0.1:0"),
-            await create_image_gen(settings, address="127.0.0.1:0"),
-            await create_segmentation(settings, address="127.0.0.1:0"),
-            await create_upscale(settings, address="127.0.0.1:0"),
-            await create_llm(settings, address="127.0.0.1:0"),
-            await create_music(settings, address="127.0.0.1:0"),
-            await create_video(settings, address="127.0.0.1:0"),
-        ]
+        addresses = {}
+        for entry in CATALOG:
+            if service_python(entry.name, settings) == sys.executable:
+                services.append(await entry.create(settings, address="127.0.0.1:0"))
+                addresses[entry.name] = f"127.0.0.1:{services[-1].port}"
         for service in services:
             await service.start()
-        addresses = {
-            name: f"127.0.0.1:{service.port}" for name, service in zip(names, services, strict=False)
-        }
-        # The tts service runs on its own environment's Python (as `kiln up` runs it).
-        addresses["tts"] = f"127.0.0.1:{free_port()}"
-        children["tts"] = spawn_service(
-            "tts", settings, {"KILN_DATA_DIR": str(data_dir), "KILN_TTS_ADDRESS": addresses["tts"]}
-        )
-    settings = settings.model_copy(update={f"{name}_address": address for name, address in addresses.items()})
+        # A service on another environment's Python runs as a child (as `kiln up` runs it).
+        for entry in CATALOG:
+            if entry.name not in addresses:
+                addresses[entry.name] = f"127.0.0.1:{free_port()}"
+                children[entry.name] = spawn_service(
+                    entry.name,
+                    settings,
+                    {"KILN_DATA_DIR": str(data_dir), entry.address_variable: addresses[entry.name]},
+                )
+    settings = settings.with_addresses(**addresses)
     db = await Database.open(settings.resolved_database_url)
     ledger = Ledger(db)
     _, key = await ensure_demo_account(ledger, api_key=None, credits=Decimal(10**7), premium=False)
@@ -105,8 +95,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
     info = {
         "edge": edge.addresses[0][1],
         "bare": bare_runner.addresses[0][1],
-        "image_gen": int(addresses["image_gen"].rsplit(":", 1)[1]),
-        "llm": int(addresses["llm"].rsplit(":", 1)[1]),
+        "ports": {name: int(address.rsplit(":", 1)[1]) for name, address in addresses.items()},
         "key": key,
         "premium_key": premium_key,
         # the mesh credential of a backend calling the services directly (see mesh_auth)

@@ -28,6 +28,7 @@ from kiln.upscale.v1 import upscale_service_pb2 as upscale_pb
 from kiln.upscale.v1 import upscale_service_pb2_grpc as upscale_grpc
 from kiln.video.v1 import video_service_pb2 as video_pb
 from kiln.video.v1 import video_service_pb2_grpc as video_grpc
+from services.catalog import CATALOG
 from services.common.errors import ProcessingError
 from services.common.grpc_client import create_channel, error_from_rpc
 from services.common.mesh_auth import EDGE, METADATA_KEY, mesh_secret, mesh_token
@@ -409,19 +410,11 @@ class Upstreams:
 
     @classmethod
     def connect(cls, settings: Settings) -> Upstreams:
-        addresses = {
-            "billing": settings.billing_address,
-            "image_gen": settings.image_gen_address,
-            "segmentation": settings.segmentation_address,
-            "upscale": settings.upscale_address,
-            "llm": settings.llm_address,
-            "tts": settings.tts_address,
-            "music": settings.music_address,
-            "video": settings.video_address,
-        }
-        channels = {
-            name: create_channel(address, max_message_bytes=settings.grpc_max_message_bytes)
-            for name, address in addresses.items()
+        channels = {  # one per service of the catalog: /readyz checks them all
+            entry.name: create_channel(
+                settings.address(entry.name), max_message_bytes=settings.grpc_max_message_bytes
+            )
+            for entry in CATALOG
         }
         token = mesh_token(mesh_secret(settings), EDGE)
         timeout = settings.service_timeout_seconds

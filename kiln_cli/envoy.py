@@ -41,6 +41,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from services.catalog import CATALOG, capability
 from services.common.settings import Settings
 
 #: Time a request may take past the capability call's deadline (upload hand-off, billing,
@@ -51,17 +52,6 @@ QUICK_ROUTE_SECONDS = 60
 #: Longest silence of a media download (no total: files may be large, Range requests).
 MEDIA_IDLE_SECONDS = 60
 
-#: The capability services: (settings address field, full gRPC service name).
-SERVICES: tuple[tuple[str, str], ...] = (
-    ("image_gen", "kiln.image.v1.ImageService"),
-    ("segmentation", "kiln.segmentation.v1.SegmentationService"),
-    ("upscale", "kiln.upscale.v1.UpscaleService"),
-    ("llm", "kiln.llm.v1.LlmService"),
-    ("tts", "kiln.tts.v1.TtsService"),
-    ("music", "kiln.music.v1.MusicService"),
-    ("video", "kiln.video.v1.VideoService"),
-)
-BILLING = ("billing", "kiln.billing.v1.BillingService")
 PROTO_ROOT = Path(__file__).resolve().parent.parent / "protos"
 
 
@@ -178,7 +168,7 @@ def _public_routes(settings: Settings) -> list[dict[str, Any]]:
 def _service_timeouts(settings: Settings, name: str) -> dict[str, str]:
     """A gRPC service route's deadline: billing's calls are short, a capability's as long as
     the edge waits for it (server streams may be silent between messages for all of it)."""
-    if name == BILLING[0]:
+    if capability(name).billing:
         seconds = settings.billing_timeout_seconds * 3
         return _route_timeouts(seconds, seconds)
     call = settings.service_timeout_seconds
@@ -234,7 +224,7 @@ def render_envoy_config(
     expose_billing: bool = False,
 ) -> dict[str, Any]:
     """The Envoy bootstrap for the mesh that ``settings`` describe (see the module docstring)."""
-    exposed = [*SERVICES, BILLING] if expose_billing else list(SERVICES)
+    exposed = [(c.name, c.service) for c in CATALOG if expose_billing or not c.billing]
     edge_address = f"{settings.http_host}:{settings.http_port}"
     public = _manager("public", _public_routes(settings), [], settings)
     transcoder = {
@@ -268,7 +258,7 @@ def render_envoy_config(
         settings,
     )
     clusters = [_cluster("edge", edge_address, grpc=False, idle_seconds=settings.http_header_timeout_seconds)]
-    clusters += [_cluster(name, getattr(settings, f"{name}_address"), grpc=True) for name, _ in exposed]
+    clusters += [_cluster(name, settings.address(name), grpc=True) for name, _ in exposed]
     config: dict[str, Any] = {
         "static_resources": {
             "listeners": [

@@ -7,8 +7,9 @@ random-weight models. It makes sure a demo account exists and prints the URL
 and the demo API key. ``kiln serve <service>`` runs one service, as a container
 does. ``kiln admin`` manages accounts, keys, credits and maintenance mode.
 
-A service with an environment of its own (the tts service: Qwen3-TTS's
-``qwen-tts`` pins transformers 4.57.3, so ``make`` installs it in
+The services come from the catalog (:mod:`services.catalog`). A service
+with an environment of its own (the catalog says which: the tts service's
+Qwen3-TTS ``qwen-tts`` pins transformers 4.57.3, so ``make`` installs it in
 ``.venv-tts``) always runs as a child process on that environment's Python
 (:func:`service_python`), in ``kiln up`` as well as ``kiln up --split``.
 """
@@ -32,6 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
+from services.catalog import CATALOG, capability
 from services.common.grpc_server import GrpcService
 from services.common.money import format_credits
 from services.common.settings import Settings, load_settings
@@ -39,17 +41,20 @@ from services.common.telemetry import setup_tracing
 
 log = logging.getLogger("kiln")
 
-SERVICES = ("billing", "image_gen", "segmentation", "upscale", "llm", "tts", "music", "video", "edge")
+#: Every process ``kiln serve`` can run: the catalog's services, then the edge.
+SERVICES = (*(entry.name for entry in CATALOG), "edge")
 #: The checkout (where `make` creates the environments).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def service_python(name: str, settings: Settings) -> str:
-    """The Python a service runs on: the tts service's own environment when there is one."""
-    if name == "tts":
-        if settings.tts_python is not None:
-            return str(settings.tts_python)
-        own = PROJECT_ROOT / ".venv-tts" / "bin" / "python"
+    """The Python a service runs on: its environment's own (``KILN_<ENV>_PYTHON``, else
+    ``.venv-<env>`` of the checkout) when the catalog gives it one that exists."""
+    environment = "main" if name == "edge" else capability(name).environment
+    if environment != "main":
+        if environment in settings.pythons:
+            return str(settings.pythons[environment])
+        own = PROJECT_ROOT / f".venv-{environment}" / "bin" / "python"
         if own.exists():
             return str(own)
     return sys.executable
@@ -93,12 +98,11 @@ def _split_address(address: str) -> tuple[str, int]:
 def check_ports(settings: Settings, services: tuple[str, ...]) -> None:
     """Fails with a clear message when a port we need is already in use."""
     wanted = {
-        name: (
-            _split_address(settings.bind_address(getattr(settings, f"{name}_address"))),
-            f"KILN_{name.upper()}_ADDRESS",
+        entry.name: (
+            _split_address(settings.bind_address(settings.address(entry.name))),
+            entry.address_variable,
         )
-        for name in SERVICES
-        if name != "edge"
+        for entry in CATALOG
     }
     wanted["edge"] = ((settings.http_host, settings.http_port), "KILN_HTTP_PORT")
     for name in services:
@@ -158,37 +162,7 @@ async def _demo_key(settings: Settings) -> tuple[str, str]:
 
 
 async def _create_grpc_service(name: str, settings: Settings) -> GrpcService:
-    if name == "billing":
-        from services.billing.server import create_service as create_billing
-
-        return await create_billing(settings)
-    if name == "segmentation":
-        from services.segmentation.server import create_service as create_segmentation
-
-        return await create_segmentation(settings)
-    if name == "upscale":
-        from services.upscale.server import create_service as create_upscale
-
-        return await create_upscale(settings)
-    if name == "llm":
-        from services.llm.server import create_service as create_llm
-
-        return await create_llm(settings)
-    if name == "tts":
-        from services.tts.server import create_service as create_tts
-
-        return await create_tts(settings)
-    if name == "music":
-        from services.music.server import create_service as create_music
-
-        return await create_music(settings)
-    if name == "video":
-        from services.video.server import create_service as create_video
-
-        return await create_video(settings)
-    from services.image_gen.server import create_service as create_image_gen
-
-    return await create_image_gen(settings)
+    return await capability(name).create(settings)
 
 
 async def _start_edge(settings: Settings) -> web.AppRunner:
@@ -216,7 +190,7 @@ async def _serve(settings: Settings, names: tuple[str, ...], on_ready: Callable[
         for name in names:
             if name != "edge":
                 grpc_services.append(await _create_grpc_service(name, settings))
-                if name == "billing":
+                if capability(name).billing:
                     billing = grpc_services[-1]
         # Started only once every service is built: a started service loads its models on
         # worker threads, and the imports still to run here (diffusers' lazy modules, not
@@ -346,8 +320,8 @@ def stop_in_order(children: dict[str, subprocess.Popen[bytes]], grace_seconds: f
     edge's commits and releases)."""
     groups = (
         [name for name in children if name == "edge"],
-        [name for name in children if name not in ("edge", "billing")],
-        [name for name in children if name == "billing"],
+        [name for name in children if name != "edge" and not capability(name).billing],
+        [name for name in children if name != "edge" and capability(name).billing],
     )
     for group in groups:
         running = [children[name] for name in group if children[name].poll() is None]

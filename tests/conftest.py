@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -26,6 +28,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.billing.ledger import Ledger
+from services.common.grpc_server import GrpcService
 from services.common.settings import DEFAULT_REGISTRY, Settings, load_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,16 +74,12 @@ premium_only = true
 
 @dataclass
 class Capabilities:
-    """The capability services, started once per session; billing and the edge come per database."""
+    """The capability services of the catalog, started once per session; billing and the edge
+    come per database."""
 
     settings: Settings
-    image_port: int
-    segmentation_port: int
-    upscale_port: int
-    llm_port: int
-    tts_port: int
-    music_port: int
-    video_port: int
+    #: Each capability's port, by catalog name.
+    ports: dict[str, int]
 
 
 @dataclass
@@ -102,13 +101,8 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def capabilities(
     tmp_path_factory: pytest.TempPathFactory, model_cache: Path
 ) -> AsyncIterator[Capabilities]:
-    from kiln_cli.main import free_port, spawn_service
-    from services.image_gen.server import create_service as create_image_gen
-    from services.llm.server import create_service as create_llm
-    from services.music.server import create_service as create_music
-    from services.segmentation.server import create_service as create_segmentation
-    from services.upscale.server import create_service as create_upscale
-    from services.video.server import create_service as create_video
+    from kiln_cli.main import free_port, service_python, spawn_service
+    from services.catalog import CAPABILITIES
 
     data_dir = tmp_path_factory.mktemp("kiln")
     registry = data_dir / "registry.toml"
@@ -124,63 +118,39 @@ async def capabilities(
         jwt_issuer=JWT_ISSUER,
         expiry_sweep_seconds=0.5,
     )
-    image_gen = await create_image_gen(settings, address="127.0.0.1:0")
-    segmentation = await create_segmentation(settings, address="127.0.0.1:0")
-    upscale = await create_upscale(settings, address="127.0.0.1:0")
-    llm = await create_llm(settings, address="127.0.0.1:0")
-    music = await create_music(settings, address="127.0.0.1:0")
-    video = await create_video(settings, address="127.0.0.1:0")
-    # The tts service runs on its own environment's Python (.venv-tts), as `kiln up` runs it.
-    tts_port = free_port()
-    tts = spawn_service(
-        "tts",
-        settings,
-        {
-            "KILN_DATA_DIR": str(data_dir),
-            "KILN_MODEL_CACHE_DIR": str(model_cache),
-            "KILN_REGISTRY_PATH": str(registry),
-            "KILN_TTS_ADDRESS": f"127.0.0.1:{tts_port}",
-            "KILN_TORCH_THREADS": "1",
-            "KILN_LOG_LEVEL": "WARNING",
-        },
-    )
+    services: dict[str, GrpcService] = {}
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    ports: dict[str, int] = {}
     try:
-        await image_gen.start()
-        await segmentation.start()
-        await upscale.start()
-        await llm.start()
-        await music.start()
-        await video.start()
-        settings = settings.model_copy(
-            update={
-                "image_gen_address": f"127.0.0.1:{image_gen.port}",
-                "segmentation_address": f"127.0.0.1:{segmentation.port}",
-                "upscale_address": f"127.0.0.1:{upscale.port}",
-                "llm_address": f"127.0.0.1:{llm.port}",
-                "tts_address": f"127.0.0.1:{tts_port}",
-                "music_address": f"127.0.0.1:{music.port}",
-                "video_address": f"127.0.0.1:{video.port}",
-            }
-        )
-        yield Capabilities(
-            settings,
-            image_gen.port,
-            segmentation.port,
-            upscale.port,
-            llm.port,
-            tts_port,
-            music.port,
-            video.port,
-        )
+        for entry in CAPABILITIES:  # all built before any starts (see kiln_cli.main._serve)
+            if service_python(entry.name, settings) == sys.executable:
+                services[entry.name] = await entry.create(settings, address="127.0.0.1:0")
+                ports[entry.name] = services[entry.name].port
+        for entry in CAPABILITIES:
+            if entry.name not in services:  # its own environment's Python, as `kiln up` runs it
+                ports[entry.name] = free_port()
+                children[entry.name] = spawn_service(
+                    entry.name,
+                    settings,
+                    {
+                        "KILN_DATA_DIR": str(data_dir),
+                        "KILN_MODEL_CACHE_DIR": str(model_cache),
+                        "KILN_REGISTRY_PATH": str(registry),
+                        entry.address_variable: f"127.0.0.1:{ports[entry.name]}",
+                        "KILN_TORCH_THREADS": "1",
+                        "KILN_LOG_LEVEL": "WARNING",
+                    },
+                )
+        for service in services.values():
+            await service.start()
+        settings = settings.with_addresses(**{name: f"127.0.0.1:{port}" for name, port in ports.items()})
+        yield Capabilities(settings, ports)
     finally:
-        await image_gen.stop(1)
-        await segmentation.stop(1)
-        await upscale.stop(1)
-        await llm.stop(1)
-        await music.stop(1)
-        await video.stop(1)
-        tts.terminate()
-        await asyncio.to_thread(tts.wait, 30)
+        for service in services.values():
+            await service.stop(1)
+        for child in children.values():
+            child.terminate()
+            await asyncio.to_thread(child.wait, 30)
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
@@ -199,7 +169,7 @@ async def mesh(request: pytest.FixtureRequest, capabilities: Capabilities) -> As
         billing = await create_billing(settings, address="127.0.0.1:0")
         await billing.start()
         stack.push_async_callback(billing.stop, 1)
-        settings = settings.model_copy(update={"billing_address": f"127.0.0.1:{billing.port}"})
+        settings = settings.with_addresses(billing=f"127.0.0.1:{billing.port}")
         runner = create_runner(settings)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

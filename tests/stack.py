@@ -89,7 +89,6 @@ async def edge_app(settings: Settings) -> AsyncIterator[Edge]:
 
 
 #: The capability services, by their settings' address names.
-CAPABILITIES = ("image_gen", "segmentation", "upscale", "llm", "tts", "music", "video")
 
 
 @dataclass
@@ -117,13 +116,16 @@ async def offline_stack(data_dir: Path, **overrides: Any) -> AsyncIterator[Offli
     """Billing (SQLite in ``data_dir``) and the edge on loopback, for what the edge decides
     before any capability call: every capability address leads nowhere unless ``overrides``
     (settings fields) name one."""
+    from services.catalog import CAPABILITIES
     from services.common.settings import DEFAULT_REGISTRY, load_settings
 
-    nowhere: dict[str, Any] = {f"{name}_address": "127.0.0.1:1" for name in CAPABILITIES}
-    settings = load_settings(data_dir=data_dir, registry_path=DEFAULT_REGISTRY, **nowhere | overrides)
+    addresses = {entry.name: "127.0.0.1:1" for entry in CAPABILITIES} | overrides.pop("addresses", {})
+    settings = load_settings(
+        data_dir=data_dir, registry_path=DEFAULT_REGISTRY, addresses=addresses, **overrides
+    )
     async with billing_service(settings) as billing:
         assert billing.ledger is not None
-        settings = settings.model_copy(update={"billing_address": f"127.0.0.1:{billing.port}"})
+        settings = settings.with_addresses(billing=f"127.0.0.1:{billing.port}")
         async with edge_app(settings) as edge:
             yield OfflineStack(edge, billing.ledger)
 

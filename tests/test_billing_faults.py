@@ -25,6 +25,7 @@ import aiohttp
 
 from kiln_cli.main import free_port, spawn_service, stop_in_order
 from services.billing.ledger import Ledger
+from services.catalog import CATALOG
 from tests.conftest import Mesh, new_customer
 from tests.edge.images_util import b64, png_bytes
 from tests.stack import (
@@ -75,8 +76,8 @@ async def slow_commit_edge(mesh: Mesh, *, delay: float, after: bool) -> AsyncIte
             return result
 
         ledger.commit = slow  # type: ignore[method-assign]
-        settings = mesh.settings.model_copy(
-            update={"billing_address": f"127.0.0.1:{billing.port}", "billing_timeout_seconds": 0.3}
+        settings = mesh.settings.with_addresses(billing=f"127.0.0.1:{billing.port}").model_copy(
+            update={"billing_timeout_seconds": 0.3}
         )
         async with edge_app(settings) as edge:
             yield edge.url, ledger
@@ -130,7 +131,7 @@ async def test_killing_the_image_service_mid_generation_charges_nothing(
         },
     )
     try:
-        settings = mesh.settings.model_copy(update={"image_gen_address": f"127.0.0.1:{port}"})
+        settings = mesh.settings.with_addresses(image_gen=f"127.0.0.1:{port}")
         async with edge_app(settings) as edge:
             for _ in range(600):
                 async with http.get(edge.url + "/readyz") as ready:
@@ -201,19 +202,7 @@ async def test_sigterm_lets_in_flight_requests_finish_or_releases_them(
             "KILN_HTTP_PORT": str(port),
             "KILN_GRACE_SECONDS": "3",
             "KILN_LOG_LEVEL": "WARNING",
-            **{
-                f"KILN_{name.upper()}_ADDRESS": getattr(settings, f"{name}_address")
-                for name in (
-                    "billing",
-                    "image_gen",
-                    "segmentation",
-                    "upscale",
-                    "llm",
-                    "tts",
-                    "music",
-                    "video",
-                )
-            },
+            **{entry.address_variable: settings.address(entry.name) for entry in CATALOG},
         },
     )
     url = f"http://127.0.0.1:{port}"
@@ -293,7 +282,7 @@ class Outcome:
 async def conservation_run(mesh: Mesh, database_url: str, count: int, seed: int) -> None:
     rng = random.Random(seed)
     proxies = {
-        name: ChaosProxy(getattr(mesh.settings, f"{name}_address"), failure_rate=0.15, seed=seed + i)
+        name: ChaosProxy(mesh.settings.address(name), failure_rate=0.15, seed=seed + i)
         for i, name in enumerate(("image_gen", "upscale", "tts", "music"))
     }
     for proxy in proxies.values():
@@ -306,9 +295,9 @@ async def conservation_run(mesh: Mesh, database_url: str, count: int, seed: int)
             account = await ledger.create_account("conservation")
             await ledger.add_credits(account.id, 1000, kind="grant")
             _, key = await ledger.create_api_key(account.id)
-            edge_settings = settings.model_copy(
-                update={"billing_address": f"127.0.0.1:{billing.port}"}
-                | {f"{name}_address": f"127.0.0.1:{p.port}" for name, p in proxies.items()}
+            edge_settings = settings.with_addresses(
+                billing=f"127.0.0.1:{billing.port}",
+                **{name: f"127.0.0.1:{p.port}" for name, p in proxies.items()},
             )
             async with edge_app(edge_settings) as edge:
                 connector = aiohttp.TCPConnector(limit=0)

@@ -39,13 +39,13 @@ SECRET = b"0123456789abcdef0123456789abcdef"
 def _ports(mesh: Mesh) -> dict[str, int]:
     return {
         "kiln.billing.v1.BillingService": mesh.billing_port,
-        "kiln.image.v1.ImageService": mesh.image_port,
-        "kiln.segmentation.v1.SegmentationService": mesh.segmentation_port,
-        "kiln.upscale.v1.UpscaleService": mesh.upscale_port,
-        "kiln.llm.v1.LlmService": mesh.llm_port,
-        "kiln.tts.v1.TtsService": mesh.tts_port,
-        "kiln.music.v1.MusicService": mesh.music_port,
-        "kiln.video.v1.VideoService": mesh.video_port,
+        "kiln.image.v1.ImageService": mesh.ports["image_gen"],
+        "kiln.segmentation.v1.SegmentationService": mesh.ports["segmentation"],
+        "kiln.upscale.v1.UpscaleService": mesh.ports["upscale"],
+        "kiln.llm.v1.LlmService": mesh.ports["llm"],
+        "kiln.tts.v1.TtsService": mesh.ports["tts"],
+        "kiln.music.v1.MusicService": mesh.ports["music"],
+        "kiln.video.v1.VideoService": mesh.ports["video"],
     }
 
 
@@ -107,7 +107,7 @@ async def test_grpcurl_without_the_credential_generates_nothing(mesh: Mesh) -> N
     grpcurl = _grpcurl()
     body = json.dumps({"prompt": "a fox", "width": 256, "height": 256, "num_inference_steps": 1})
     method = "kiln.image.v1.ImageService/GenerateImages"
-    address = f"127.0.0.1:{mesh.image_port}"
+    address = f"127.0.0.1:{mesh.ports['image_gen']}"
     refused = await _run(grpcurl, "-plaintext", "-d", body, address, method)
     assert refused.returncode != 0
     assert "Unauthenticated" in refused.stderr and "mesh credential" in refused.stderr

@@ -50,13 +50,13 @@ async def test_reflection_lists_every_service_to_grpcurl(mesh: Mesh) -> None:
     auth = ["-H", f"authorization: Bearer {mesh_token(mesh_secret(mesh.settings), 'operator')}"]
     for port, service in (
         (mesh.billing_port, "kiln.billing.v1.BillingService"),
-        (mesh.image_port, "kiln.image.v1.ImageService"),
-        (mesh.segmentation_port, "kiln.segmentation.v1.SegmentationService"),
-        (mesh.upscale_port, "kiln.upscale.v1.UpscaleService"),
-        (mesh.llm_port, "kiln.llm.v1.LlmService"),
-        (mesh.tts_port, "kiln.tts.v1.TtsService"),
-        (mesh.music_port, "kiln.music.v1.MusicService"),
-        (mesh.video_port, "kiln.video.v1.VideoService"),
+        (mesh.ports["image_gen"], "kiln.image.v1.ImageService"),
+        (mesh.ports["segmentation"], "kiln.segmentation.v1.SegmentationService"),
+        (mesh.ports["upscale"], "kiln.upscale.v1.UpscaleService"),
+        (mesh.ports["llm"], "kiln.llm.v1.LlmService"),
+        (mesh.ports["tts"], "kiln.tts.v1.TtsService"),
+        (mesh.ports["music"], "kiln.music.v1.MusicService"),
+        (mesh.ports["video"], "kiln.video.v1.VideoService"),
     ):
         result = await asyncio.to_thread(
             subprocess.run,

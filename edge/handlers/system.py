@@ -19,7 +19,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: billing and image_gen answer their health checks with SERVING."""
+    """Ready: every service of the catalog answers its health check with SERVING."""
     services = await request.app[UPSTREAMS].health()
     ready = all(services.values())
     return json_response(

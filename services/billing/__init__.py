@@ -11,3 +11,13 @@
   gRPC service (``create_service``).
 * :mod:`~services.billing.admin` — ``kiln admin ...`` and the demo account.
 """
+
+from services.common.capability import Capability
+
+CAPABILITY = Capability(
+    name="billing",
+    service="kiln.billing.v1.BillingService",
+    port=50051,
+    server="services.billing.server:create_service",
+    billing=True,
+)

@@ -19,6 +19,7 @@ import grpc
 
 from kiln.billing.v1 import billing_service_pb2 as pb
 from kiln.billing.v1 import billing_service_pb2_grpc as pb_grpc
+from services.billing import CAPABILITY
 from services.billing.auth import Authenticator
 from services.billing.ledger import Ledger
 from services.billing.servicer import BillingServicer
@@ -83,7 +84,7 @@ async def create_service(
             pb_grpc.add_BillingServiceServicer_to_server(servicer, server)
 
         base = await create_server(
-            address=address or settings.bind_address(settings.billing_address),
+            address=address or settings.bind_address(settings.address(CAPABILITY.name)),
             settings=settings,
             register=register,
             service_names=[SERVICE_NAME],

@@ -8,11 +8,13 @@ point), then the defaults below. Nothing reads ``os.environ`` at import time.
 from __future__ import annotations
 
 import os
+import re
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, IPvAnyNetwork, SecretStr
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -42,20 +44,17 @@ class Settings(BaseSettings):
     registry_path: Path = Field(DEFAULT_REGISTRY, description="The model registry (TOML).")
 
     # --- addresses ---
-    billing_address: str = Field("127.0.0.1:50051", description="host:port of the billing gRPC service.")
-    image_gen_address: str = Field("127.0.0.1:50052", description="host:port of the image_gen gRPC service.")
-    segmentation_address: str = Field(
-        "127.0.0.1:50053", description="host:port of the segmentation gRPC service."
+    addresses: dict[str, str] = Field(
+        default_factory=dict,
+        description="host:port each gRPC service is dialled at, by catalog name (services.catalog); "
+        "KILN_<NAME>_ADDRESS sets one (KILN_IMAGE_GEN_ADDRESS=...). Unset: 127.0.0.1 and the "
+        "service's default port.",
     )
-    upscale_address: str = Field("127.0.0.1:50054", description="host:port of the upscale gRPC service.")
-    llm_address: str = Field("127.0.0.1:50055", description="host:port of the llm gRPC service.")
-    tts_address: str = Field("127.0.0.1:50056", description="host:port of the tts gRPC service.")
-    music_address: str = Field("127.0.0.1:50057", description="host:port of the music gRPC service.")
-    video_address: str = Field("127.0.0.1:50058", description="host:port of the video gRPC service.")
-    tts_python: Path | None = Field(
-        None,
-        description="Python of the tts service's own environment (qwen-tts pins transformers 4.57.3); "
-        "`kiln up` runs the tts service with it. Default: .venv-tts/bin/python of the checkout, if present.",
+    pythons: dict[str, Path] = Field(
+        default_factory=dict,
+        description="The Python of each environment other than this one (a service declares its "
+        "environment in the catalog); KILN_<ENVIRONMENT>_PYTHON sets one (KILN_TTS_PYTHON=...). "
+        "Unset: .venv-<environment>/bin/python of the checkout, if present.",
     )
     grpc_bind_host: str | None = Field(
         None,
@@ -242,11 +241,28 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            env_settings,
+            _PerServiceVariables(settings_cls),
+        ]
         toml_file = settings_cls.model_config.get("toml_file")
         if toml_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+    # --- per-service ---
+    def address(self, name: str) -> str:
+        """The dial address of the catalog's service ``name``."""
+        if name in self.addresses:
+            return self.addresses[name]
+        from services.catalog import capability
+
+        return capability(name).default_address
+
+    def with_addresses(self, **addresses: str) -> Settings:
+        """A copy with these services' dial addresses changed."""
+        return self.model_copy(update={"addresses": {**self.addresses, **addresses}})
 
     # --- derived paths ---
     @property
@@ -268,6 +284,24 @@ class Settings(BaseSettings):
     @property
     def resolved_model_cache_dir(self) -> Path:
         return self.model_cache_dir or self.data_dir / "models"
+
+
+class _PerServiceVariables(PydanticBaseSettingsSource):
+    """``KILN_<NAME>_ADDRESS`` and ``KILN_<ENVIRONMENT>_PYTHON`` variables, into ``addresses``
+    and ``pythons`` (the names come from the catalog, not from this module)."""
+
+    _PATTERN = re.compile(r"KILN_([A-Z0-9_]+?)_(ADDRESS|PYTHON)")
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, dict[str, str]] = {"addresses": {}, "pythons": {}}
+        for variable, value in os.environ.items():
+            match = self._PATTERN.fullmatch(variable)
+            if match:
+                found["addresses" if match[2] == "ADDRESS" else "pythons"][match[1].lower()] = value
+        return {key: values for key, values in found.items() if values}
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -18,6 +18,7 @@ from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import DEFAULT_IMAGE_MODEL, Registry, load_registry
 from services.common.settings import Settings
+from services.image_gen import CAPABILITY
 from services.image_gen.engines import build_engine_pool
 from services.image_gen.servicer import SERVICE_NAME, ImageServiceServicer
 
@@ -57,7 +58,7 @@ async def create_service(
     )
 
     return await create_engine_server(
-        address=address or settings.bind_address(settings.image_gen_address),
+        address=address or settings.bind_address(settings.address(CAPABILITY.name)),
         settings=settings,
         servicer=servicer,
         add_to_server=pb_grpc.add_ImageServiceServicer_to_server,

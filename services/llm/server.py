@@ -9,7 +9,7 @@ the others keep loading in the background (SmolLM2's first start dequantises
 its GGUF file, some 15-25 s, and is cached after that), and a request for a
 model still loading gets ``maintenance_mode`` (UNAVAILABLE) until it is ready.
 
-The address is ``address`` when given, else the ``llm_address`` setting;
+The address is ``address`` when given, else the ``KILN_LLM_ADDRESS`` setting;
 ``batch_max_size`` is the most requests one engine generates together; 0 (auto)
 means 8: continuous batching pays off even on a CPU (3.3x the tokens/s of one
 stream with 8 on this 2-core host), unlike the upscalers' convolutions.
@@ -23,6 +23,7 @@ from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import DEFAULT_CHAT_MODEL, Registry, load_registry
 from services.common.settings import Settings
+from services.llm import CAPABILITY
 from services.llm.engines import build_engine_pool
 from services.llm.servicer import SERVICE_NAME, LlmServicer
 
@@ -63,7 +64,7 @@ async def create_service(
     )
 
     return await create_engine_server(
-        address=address or settings.bind_address(settings.llm_address),
+        address=address or settings.bind_address(settings.address(CAPABILITY.name)),
         settings=settings,
         servicer=servicer,
         add_to_server=pb_grpc.add_LlmServiceServicer_to_server,

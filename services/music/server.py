@@ -6,7 +6,7 @@ loads the music models on their worker threads (building the tiny ACE-Step
 on first use), and health turns SERVING as soon as the default model
 (``ace-step-v1.5``) can serve.
 
-Settings used: ``music_address`` (unless ``address`` is given),
+Settings used: ``KILN_MUSIC_ADDRESS`` (unless ``address`` is given),
 ``registry_path``, ``resolved_model_cache_dir``, ``torch_threads``,
 ``max_prompt_chars``, ``max_input_audio_bytes`` (unless given) and
 ``grpc_max_message_bytes``.
@@ -20,6 +20,7 @@ from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import DEFAULT_MUSIC_MODEL, Registry, load_registry
 from services.common.settings import Settings
+from services.music import CAPABILITY
 from services.music.engines import build_music_pool
 from services.music.servicer import SERVICE_NAME, MusicServicer
 
@@ -58,7 +59,7 @@ async def create_service(
         decoder=decoder,
     )
     return await create_engine_server(
-        address=address or settings.bind_address(settings.music_address),
+        address=address or settings.bind_address(settings.address(CAPABILITY.name)),
         settings=settings,
         servicer=servicer,
         add_to_server=pb_grpc.add_MusicServiceServicer_to_server,

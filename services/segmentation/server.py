@@ -5,7 +5,7 @@ reflection) around :class:`SegmentationServicer`; once started, a background
 task loads the SAM3 engines on their worker threads, and health turns SERVING
 as soon as the default model (sam3) can serve.
 
-The address is ``address`` when given, else the ``segmentation_address``
+The address is ``address`` when given, else the ``KILN_SEGMENTATION_ADDRESS``
 setting; the largest video upload is the ``max_video_bytes`` setting.
 """
 
@@ -19,6 +19,7 @@ from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, Registry, load_registry
 from services.common.settings import Settings
+from services.segmentation import CAPABILITY
 from services.segmentation.engines import build_engine_pool
 from services.segmentation.servicer import SERVICE_NAME, SegmentationServicer
 
@@ -61,7 +62,7 @@ async def create_service(
     )
 
     return await create_engine_server(
-        address=address or settings.bind_address(settings.segmentation_address),
+        address=address or settings.bind_address(settings.address(CAPABILITY.name)),
         settings=settings,
         servicer=servicer,
         add_to_server=pb_grpc.add_SegmentationServiceServicer_to_server,

@@ -5,7 +5,7 @@ reflection) around :class:`TtsServicer`; once started, a background task loads
 the voices on their worker threads, and health turns SERVING as soon as the
 default voice (``piper-joe``) can speak.
 
-Settings used: ``tts_address`` (unless ``address`` is given),
+Settings used: ``KILN_TTS_ADDRESS`` (unless ``address`` is given),
 ``registry_path``, ``resolved_model_cache_dir``, ``max_speech_chars``,
 ``max_reference_audio_seconds``, ``max_reference_audio_bytes``, ``torch_threads``
 and ``grpc_max_message_bytes``. The service runs in its own environment
@@ -20,6 +20,7 @@ from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import Registry, load_registry
 from services.common.settings import Settings
+from services.tts import CAPABILITY
 from services.tts.engines import DEFAULT_SPEECH_MODEL, build_speech_pool
 from services.tts.servicer import SERVICE_NAME, TtsServicer
 
@@ -48,7 +49,7 @@ async def create_service(
             torch_threads=settings.torch_threads,
         )
     return await create_engine_server(
-        address=address or settings.bind_address(settings.tts_address),
+        address=address or settings.bind_address(settings.address(CAPABILITY.name)),
         settings=settings,
         servicer=TtsServicer(
             registry=registry,

@@ -7,7 +7,7 @@ and exporting the ONNX models on first start, into the model cache), and
 health turns SERVING as soon as the default method (``realesrgan_4x``) can
 serve.
 
-Settings used: ``upscale_address`` (unless ``address`` is given),
+Settings used: ``KILN_UPSCALE_ADDRESS`` (unless ``address`` is given),
 ``engine_backend``, ``batch_max_size``, ``batch_window_ms``,
 ``torch_threads``, ``resolved_model_cache_dir``, ``max_input_image_pixels``,
 ``max_input_image_bytes`` and ``grpc_max_message_bytes``.
@@ -21,6 +21,7 @@ from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import Registry, load_registry
 from services.common.settings import Settings
+from services.upscale import CAPABILITY
 from services.upscale.engines import AUTO_GPU_BATCH, DEFAULT_UPSCALE_METHOD, EngineOptions, build_engine_pool
 from services.upscale.servicer import SERVICE_NAME, UpscaleServicer
 
@@ -70,7 +71,7 @@ async def create_service(
     )
 
     return await create_engine_server(
-        address=address or settings.bind_address(settings.upscale_address),
+        address=address or settings.bind_address(settings.address(CAPABILITY.name)),
         settings=settings,
         servicer=servicer,
         add_to_server=pb_grpc.add_UpscaleServiceServicer_to_server,

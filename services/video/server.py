@@ -7,7 +7,7 @@ soon as the default model (``turbodiffusion-wan2.2-i2v``) can serve. Health
 keeps answering while the model loads and generates: all model work happens
 off the event loop.
 
-Settings used: ``video_address`` (unless ``address`` is given),
+Settings used: ``KILN_VIDEO_ADDRESS`` (unless ``address`` is given),
 ``registry_path``, ``resolved_model_cache_dir``, ``torch_threads``,
 ``max_prompt_chars``, ``max_input_image_pixels``, ``max_input_image_bytes``
 and ``grpc_max_message_bytes``.
@@ -21,6 +21,7 @@ from services.common.engine import EnginePool
 from services.common.grpc_server import GrpcService, create_engine_server
 from services.common.registry import DEFAULT_VIDEO_MODEL, Registry, load_registry
 from services.common.settings import Settings
+from services.video import CAPABILITY
 from services.video.engines import build_engine_pool
 from services.video.servicer import SERVICE_NAME, VideoServiceServicer
 
@@ -57,7 +58,7 @@ async def create_service(
         decoder=decoder,
     )
     return await create_engine_server(
-        address=address or settings.bind_address(settings.video_address),
+        address=address or settings.bind_address(settings.address(CAPABILITY.name)),
         settings=settings,
         servicer=servicer,
         add_to_server=pb_grpc.add_VideoServiceServicer_to_server,

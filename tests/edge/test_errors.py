@@ -183,7 +183,7 @@ async def test_a_failed_generation_is_500_and_not_charged(mesh: Mesh, http: aioh
     """image_gen unreachable: processing_error, and the hold is released."""
     from edge.app import create_app
 
-    settings = mesh.settings.model_copy(update={"image_gen_address": "127.0.0.1:1"})
+    settings = mesh.settings.with_addresses(image_gen="127.0.0.1:1")
     runner = web.AppRunner(create_app(settings))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -92,7 +92,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     await server.start()
     try:
         async with offline_stack(
-            tmp_path_factory.mktemp("hostile"), segmentation_address=f"127.0.0.1:{port}"
+            tmp_path_factory.mktemp("hostile"), addresses={"segmentation": f"127.0.0.1:{port}"}
         ) as offline:
             yield Stack(offline, recorder)
     finally:

@@ -80,7 +80,9 @@ async def test_a_request_whose_charge_fails_leaves_no_file(
 
         ledger.commit = refuse  # type: ignore[method-assign]
         media = tmp_path / "media"
-        async with own_edge(mesh, media, billing_address=f"127.0.0.1:{billing.port}") as edge:
+        async with own_edge(
+            mesh, media, addresses={**mesh.settings.addresses, "billing": f"127.0.0.1:{billing.port}"}
+        ) as edge:
             body = {"prompt": "a kiln", "size": "256x256"}
             async with http.post(edge.url + GEN, json=body, headers=customer.headers) as response:
                 assert response.status == 500, await response.text()

@@ -48,7 +48,7 @@ def test_check_ports_names_the_grpc_service_and_its_variable(tmp_path: Path) -> 
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
-        settings = load_settings(data_dir=tmp_path, billing_address=address)
+        settings = load_settings(data_dir=tmp_path, addresses={"billing": address})
         with pytest.raises(PortTaken, match="KILN_BILLING_ADDRESS"):
             check_ports(settings, ("billing", "image_gen", "edge"))
 

@@ -290,7 +290,7 @@ async def test_the_edge_answers_401_to_a_disabled_account_and_charges_nothing(
         assert ledger is not None
         account, key = await funded(ledger, "http", subject="user-4")
         await ledger.set_disabled(account.id, True)
-        edge_settings = settings.model_copy(update={"billing_address": f"127.0.0.1:{billing.port}"})
+        edge_settings = settings.with_addresses(billing=f"127.0.0.1:{billing.port}")
         async with edge_app(edge_settings) as edge, aiohttp.ClientSession() as http:
             headers: list[dict[str, str]] = [
                 {"X-API-Key": key},
