@@ -6,6 +6,8 @@ standard health service (NOT_SERVING until the service says it is ready), bound
 to a configured address; it returns the bound port, so tests bind port 0. ``ErrorInterceptor`` is the one place where
 a :class:`~services.common.errors.KilnError` becomes a ``google.rpc.Status``
 with an ``ErrorInfo`` whose reason is the contract's error type.
+:meth:`EngineService.create` is the one builder of every capability server:
+a capability's ``server.py`` declares only what differs (an :class:`EngineService`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from services.common.capability import Capability
 from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.errors import ERROR_DOMAIN, KilnError, ProcessingError
 from services.common.mesh_auth import MeshAuthInterceptor, mesh_secret
+from services.common.registry import Registry, load_registry
 from services.common.settings import Settings
 from services.common.telemetry import server_interceptors
 
@@ -232,3 +236,65 @@ def serve_engine_pool(service: GrpcService, pool: EnginePool) -> GrpcService:
     service.background.append(load_engines)
     service.cleanup.append(pool.close)
     return service
+
+
+@dataclass(frozen=True)
+class ServiceParts:
+    """What a capability's servicer is built from."""
+
+    registry: Registry
+    pool: EnginePool
+    decoder: DecodePool
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class EngineService:
+    """Everything that differs between two capability servers: which catalog entry, how to
+    register its servicer, its engine pool builder (called with the registry, the model
+    cache, torch threads, the default model and ``pool_options(settings)``) and its
+    servicer. The rest (registry, decode workers, address, interceptors, health, model
+    loading, shutdown) is :meth:`create`'s, the one builder of every capability server."""
+
+    capability: Capability
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    build_pool: Callable[..., EnginePool]
+    default_model: str
+    build_servicer: Callable[[ServiceParts], Any]
+    pool_options: Callable[[Settings], dict[str, Any]] = lambda settings: {}
+
+    async def create(
+        self,
+        settings: Settings,
+        *,
+        address: str | None = None,
+        registry: Registry | None = None,
+        pool: EnginePool | None = None,
+    ) -> GrpcService:
+        """A bound, not yet started server of this capability.
+
+        ``registry`` defaults to ``settings.registry_path``, ``pool`` to the capability's own
+        (tiny models built in ``settings.resolved_model_cache_dir``), ``address`` to where
+        ``KILN_<NAME>_ADDRESS`` (and ``KILN_GRPC_BIND_HOST``) say. The engines load in the
+        background once the server starts; they and the decode workers close in its cleanup.
+        """
+        registry = registry or load_registry(settings.registry_path)
+        decoder = DecodePool.from_settings(settings)
+        if pool is None:
+            pool = self.build_pool(
+                registry,
+                cache_dir=settings.resolved_model_cache_dir,
+                torch_threads=settings.torch_threads,
+                default=self.default_model,
+                **self.pool_options(settings),
+            )
+        servicer = self.build_servicer(ServiceParts(registry, pool, decoder, settings))
+        return await create_engine_server(
+            address=address or settings.bind_address(settings.address(self.capability.name)),
+            settings=settings,
+            servicer=servicer,
+            add_to_server=self.add_to_server,
+            service_name=self.capability.service,
+            pool=pool,
+            decoder=decoder,
+        )

@@ -16,14 +16,11 @@ Settings used: ``KILN_UPSCALE_ADDRESS`` (unless ``address`` is given),
 from __future__ import annotations
 
 from kiln.upscale.v1 import upscale_service_pb2_grpc as pb_grpc
-from services.common.decoding import DecodePool
-from services.common.engine import EnginePool
-from services.common.grpc_server import GrpcService, create_engine_server
-from services.common.registry import Registry, load_registry
+from services.common.grpc_server import EngineService
 from services.common.settings import Settings
 from services.upscale import CAPABILITY
 from services.upscale.engines import AUTO_GPU_BATCH, DEFAULT_UPSCALE_METHOD, EngineOptions, build_engine_pool
-from services.upscale.servicer import SERVICE_NAME, UpscaleServicer
+from services.upscale.servicer import UpscaleServicer
 
 
 def engine_options(settings: Settings, *, batching: bool = True) -> EngineOptions:
@@ -37,45 +34,22 @@ def engine_options(settings: Settings, *, batching: bool = True) -> EngineOption
     )
 
 
-async def create_service(
-    settings: Settings,
-    *,
-    address: str | None = None,
-    registry: Registry | None = None,
-    pool: EnginePool | None = None,
-    batching: bool = True,
-) -> GrpcService:
-    """A bound, not yet started upscale server.
+#: The upscale capability's server: its catalog entry, its engines and its servicer.
+SERVICE = EngineService(
+    capability=CAPABILITY,
+    add_to_server=pb_grpc.add_UpscaleServiceServicer_to_server,
+    build_pool=build_engine_pool,
+    default_model=DEFAULT_UPSCALE_METHOD,
+    pool_options=lambda settings: {"options": engine_options(settings)},
+    build_servicer=lambda parts: UpscaleServicer(
+        registry=parts.registry,
+        pool=parts.pool,
+        max_input_image_pixels=parts.settings.max_input_image_pixels,
+        max_input_image_bytes=parts.settings.max_input_image_bytes,
+        decoder=parts.decoder,
+    ),
+)
 
-    ``registry`` defaults to ``settings.registry_path``; ``pool`` to one engine
-    per upscale method of the registry. ``batching=False`` turns the dynamic
-    batcher off (each tile runs alone; for comparisons). The engines load in
-    the background once the server starts, and close in its cleanup.
-    """
-    registry = registry or load_registry(settings.registry_path)
-    decoder = DecodePool.from_settings(settings)
-    if pool is None:
-        pool = build_engine_pool(
-            registry,
-            cache_dir=settings.resolved_model_cache_dir,
-            torch_threads=settings.torch_threads,
-            options=engine_options(settings, batching=batching),
-            default=DEFAULT_UPSCALE_METHOD,
-        )
-    servicer = UpscaleServicer(
-        registry=registry,
-        pool=pool,
-        max_input_image_pixels=settings.max_input_image_pixels,
-        max_input_image_bytes=settings.max_input_image_bytes,
-        decoder=decoder,
-    )
 
-    return await create_engine_server(
-        address=address or settings.bind_address(settings.address(CAPABILITY.name)),
-        settings=settings,
-        servicer=servicer,
-        add_to_server=pb_grpc.add_UpscaleServiceServicer_to_server,
-        service_name=SERVICE_NAME,
-        pool=pool,
-        decoder=decoder,
-    )
+#: ``create_service(settings, *, address=None, registry=None, pool=None)``: see :meth:`EngineService.create`.
+create_service = SERVICE.create

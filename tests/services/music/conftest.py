@@ -82,6 +82,7 @@ async def music(music_registry: Registry, tmp_path_factory: pytest.TempPathFacto
         model_cache_dir=data_dir / "models",
         registry_path=DEFAULT_REGISTRY,
         torch_threads=2,
+        max_input_audio_bytes=MAX_INPUT_AUDIO_BYTES,
     )
     pool = build_music_pool(
         music_registry,
@@ -94,7 +95,6 @@ async def music(music_registry: Registry, tmp_path_factory: pytest.TempPathFacto
         address="127.0.0.1:0",
         registry=music_registry,
         pool=pool,
-        max_input_audio_bytes=MAX_INPUT_AUDIO_BYTES,
     )
     await service.start()
     channel = mesh_channel(f"127.0.0.1:{service.port}", settings, "tests")
