@@ -13,7 +13,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.billing.v1 import billing_service_pb2_grpc as billing_grpc
-from kiln.common.v1 import media_pb2 as media_pb
 from kiln.image.v1 import image_service_pb2 as image_pb
 from kiln.image.v1 import image_service_pb2_grpc as image_grpc
 from kiln.llm.v1 import llm_service_pb2 as llm_pb
@@ -32,6 +31,7 @@ from services.catalog import CATALOG
 from services.common.errors import ProcessingError
 from services.common.grpc_client import create_channel, error_from_rpc
 from services.common.mesh_auth import EDGE, METADATA_KEY, mesh_secret, mesh_token
+from services.common.proto_enums import IMAGE_FORMATS
 from services.common.registry import GenerationParams
 from services.common.settings import Settings
 
@@ -163,13 +163,6 @@ class BillingClient(_Client):
         await _call(self._stub.Release(request, timeout=self._timeout, metadata=self._metadata(request_id)))
 
 
-FORMATS = {
-    "png": media_pb.IMAGE_FORMAT_PNG,
-    "jpeg": media_pb.IMAGE_FORMAT_JPEG,
-    "webp": media_pb.IMAGE_FORMAT_WEBP,
-}
-
-
 def generation_request(params: GenerationParams, request_id: str) -> image_pb.GenerateImagesRequest:
     """The image_gen request for checked parameters (every default filled, the style applied)."""
     request = image_pb.GenerateImagesRequest(
@@ -182,7 +175,7 @@ def generation_request(params: GenerationParams, request_id: str) -> image_pb.Ge
         guidance_scale=params.guidance_scale,
         count=params.count,
         request_id=request_id,
-        output_format=FORMATS[params.output_format],
+        output_format=IMAGE_FORMATS[params.output_format],
         embed_metadata=params.embed_metadata,
     )
     if params.seed is not None:
@@ -203,7 +196,7 @@ def edit_request(params: GenerationParams, request_id: str) -> image_pb.EditImag
         guidance_scale=params.guidance_scale,
         count=params.count,
         request_id=request_id,
-        output_format=FORMATS[params.output_format],
+        output_format=IMAGE_FORMATS[params.output_format],
         embed_metadata=params.embed_metadata,
         mask=params.mask,
     )

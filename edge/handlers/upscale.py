@@ -14,7 +14,6 @@ import time
 
 from aiohttp import web
 
-from edge.clients import FORMATS
 from edge.flow import Charge, Done, MediaFile, billed, credential_from
 from edge.forms import read_body
 from edge.handlers.images import media_base, timing_entry
@@ -25,6 +24,7 @@ from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.upscale.v1 import upscale_service_pb2 as upscale_pb
 from services.common.media import probe_image
 from services.common.money import format_credits
+from services.common.proto_enums import IMAGE_FORMATS
 from services.common.registry import upscale_params
 
 
@@ -55,7 +55,7 @@ async def upscale_image(request: web.Request) -> web.StreamResponse:
         method=params.model.id,
         scale=params.scale,
         request_id=request[REQUEST_ID],
-        output_format=FORMATS[body.format or "png"],
+        output_format=IMAGE_FORMATS[body.format or "png"],
     )
 
     media_id = request.app[MEDIA].new_id()

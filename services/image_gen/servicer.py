@@ -38,30 +38,16 @@ from services.common.decoding import DecodePool
 from services.common.engine import EnginePool, Progress
 from services.common.errors import InvalidRequest
 from services.common.media import decode_image
+from services.common.proto_enums import image_format_name
 from services.common.registry import DEFAULT_EDIT_MODEL, IMAGE_EDIT, GenerationParams, Registry
 from services.image_gen.engines import ImageRequest, ImageResult, served_models
 
 #: Full name of the service, for health and reflection.
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ImageService"].full_name
 
-#: ``kiln.common.v1.ImageFormat`` -> the registry's output format names.
-OUTPUT_FORMATS: dict[int, str] = {
-    media_pb2.IMAGE_FORMAT_UNSPECIFIED: "png",
-    media_pb2.IMAGE_FORMAT_PNG: "png",
-    media_pb2.IMAGE_FORMAT_JPEG: "jpeg",
-    media_pb2.IMAGE_FORMAT_WEBP: "webp",
-}
-
 
 def _optional(message: Any, field: str) -> Any:
     return getattr(message, field) if message.HasField(field) else None
-
-
-def output_format(value: int) -> str:
-    fmt = OUTPUT_FORMATS.get(value)
-    if fmt is None:
-        raise InvalidRequest(f"Unknown output_format {value}; use PNG, JPEG or WEBP")
-    return fmt
 
 
 def _result_to_proto(result: ImageResult) -> pb.GeneratedImages:
@@ -112,7 +98,7 @@ class ImageServiceServicer(pb_grpc.ImageServiceServicer):
             guidance_scale=_optional(request, "guidance_scale"),
             seed=_optional(request, "seed"),
             count=request.count or None,
-            output_format=output_format(request.output_format),
+            output_format=image_format_name(request.output_format),
             embed_metadata=request.embed_metadata,
             style_preset=request.style_preset or None,
             max_prompt_chars=self.max_prompt_chars,
@@ -149,7 +135,7 @@ class ImageServiceServicer(pb_grpc.ImageServiceServicer):
             guidance_scale=_optional(request, "guidance_scale"),
             seed=_optional(request, "seed"),
             count=request.count or None,
-            output_format=output_format(request.output_format),
+            output_format=image_format_name(request.output_format),
             embed_metadata=request.embed_metadata,
             style_preset=request.style_preset or None,
             mask=request.mask,

@@ -26,19 +26,12 @@ from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
 from services.common.media import decode_image, encode_image, image_mime_type, probe_image
+from services.common.proto_enums import image_format_name
 from services.common.registry import Registry, UpscaleParams, upscale_params
 from services.upscale.engines import UpscaleEngine, UpscaleRequest
 
 #: Full name of the service, for health and reflection.
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UpscaleService"].full_name
-
-#: ``kiln.common.v1.ImageFormat`` -> output format name.
-OUTPUT_FORMATS: dict[int, str] = {
-    media_pb2.IMAGE_FORMAT_UNSPECIFIED: "png",
-    media_pb2.IMAGE_FORMAT_PNG: "png",
-    media_pb2.IMAGE_FORMAT_JPEG: "jpeg",
-    media_pb2.IMAGE_FORMAT_WEBP: "webp",
-}
 
 
 class UpscaleServicer(pb_grpc.UpscaleServiceServicer):
@@ -62,9 +55,7 @@ class UpscaleServicer(pb_grpc.UpscaleServiceServicer):
     async def UpscaleImage(
         self, request: pb.UpscaleImageRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpscaleImageResponse:
-        fmt = OUTPUT_FORMATS.get(request.output_format)
-        if fmt is None:
-            raise InvalidRequest(f"Unknown output_format {request.output_format}; use PNG, JPEG or WEBP")
+        fmt = image_format_name(request.output_format)
         if request.scale < 0:
             raise InvalidRequest(f"'scale' must be positive, not {request.scale}")
         max_pixels, max_bytes = self.max_input_image_pixels, self.max_input_image_bytes
