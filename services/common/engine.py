@@ -413,8 +413,15 @@ class Engine(ABC, Generic[RequestT, ResultT]):
         )
 
 
-class EnginePool:
-    """The engines of one service, keyed by canonical model id.
+#: The engine type of a pool.
+EngineT = TypeVar("EngineT", bound="Engine[Any, Any]")
+#: The engine type of a pool built from the registry.
+RegistryEngineT = TypeVar("RegistryEngineT", bound="RegistryEngine[Any, Any]")
+
+
+class EnginePool(Generic[EngineT]):
+    """The engines of one service, keyed by canonical model id, all of one type ``EngineT``
+    (so :meth:`get` needs no downcast).
 
     Models whose engine could not even be constructed (an unknown engine key)
     are listed in ``unavailable`` with the reason. :meth:`load` loads the
@@ -423,7 +430,7 @@ class EnginePool:
     """
 
     def __init__(
-        self, engines: dict[str, Engine[Any, Any]], *, default: str, unavailable: dict[str, str] | None = None
+        self, engines: Mapping[str, EngineT], *, default: str, unavailable: dict[str, str] | None = None
     ) -> None:
         self.engines = dict(engines)
         self.default = default
@@ -473,7 +480,7 @@ class EnginePool:
             return False, "the model is still loading"
         return engine.ready, engine.unavailable_reason
 
-    def get(self, model_id: str) -> Engine[Any, Any]:
+    def get(self, model_id: str) -> EngineT:
         """The ready engine of a model, or the error that explains why there is none."""
         engine = self.engines.get(model_id)
         if engine is not None and engine.ready:
@@ -538,15 +545,15 @@ class RegistryEngine(Engine[RequestT, ResultT]):
 def build_engine_pool(
     registry: Registry,
     specs: list[ModelSpec],
-    classes: Mapping[str, type[RegistryEngine[Any, Any]]],
+    classes: Mapping[str, type[RegistryEngineT]],
     *,
     service: str,
     cache_dir: Path,
     torch_threads: int | None,
     default: str,
-) -> EnginePool:
+) -> EnginePool[RegistryEngineT]:
     """One engine per model (not loaded yet); a model whose engine ``service`` lacks is unavailable."""
-    engines: dict[str, Engine[Any, Any]] = {}
+    engines: dict[str, RegistryEngineT] = {}
     unavailable: dict[str, str] = {}
     for spec in specs:
         cls = classes.get(spec.engine)

@@ -633,7 +633,7 @@ def build_engine_pool(
     torch_threads: int | None = None,
     default: str = "z-image-turbo",
     engine_classes: dict[str, type[DiffusersImageEngine]] | None = None,
-) -> EnginePool:
+) -> EnginePool[DiffusersImageEngine]:
     """One engine per text-to-image or image-edit model of the registry (not loaded yet)."""
     return build_pool(
         registry,

@@ -40,7 +40,7 @@ from services.common.errors import InvalidRequest
 from services.common.media import decode_image
 from services.common.proto_enums import image_format_name
 from services.common.registry import DEFAULT_EDIT_MODEL, IMAGE_EDIT, GenerationParams, Registry
-from services.image_gen.engines import ImageRequest, ImageResult, served_models
+from services.image_gen.engines import DiffusersImageEngine, ImageRequest, ImageResult, served_models
 
 #: Full name of the service, for health and reflection.
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ImageService"].full_name
@@ -72,7 +72,7 @@ class ImageServiceServicer(pb_grpc.ImageServiceServicer):
         self,
         *,
         registry: Registry,
-        pool: EnginePool,
+        pool: EnginePool[DiffusersImageEngine],
         max_prompt_chars: int,
         max_input_image_pixels: int = 4096 * 4096,
         max_input_image_bytes: int = 20 * 1024 * 1024,

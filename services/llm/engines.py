@@ -602,7 +602,7 @@ def build_engine_pool(
     max_batch: int = 8,
     default: str = DEFAULT_CHAT_MODEL,
     configure: Callable[[ChatEngine], None] | None = None,
-) -> EnginePool:
+) -> EnginePool[ChatEngine]:
     """One engine per chat model of the registry (not loaded yet), batching up to ``max_batch``."""
     pool = build_pool(
         registry,
@@ -615,12 +615,11 @@ def build_engine_pool(
     )
     vision_models = [m.id for m in registry.for_capability(CHAT) if m.options.get("vision")]
     for engine in pool.engines.values():
-        if isinstance(engine, ChatEngine):
-            engine.max_batch = max_batch
-            if vision_models:
-                engine.vision_model = (
-                    DEFAULT_CHAT_MODEL if DEFAULT_CHAT_MODEL in vision_models else vision_models[0]
-                )
-            if configure is not None:
-                configure(engine)
+        engine.max_batch = max_batch
+        if vision_models:
+            engine.vision_model = (
+                DEFAULT_CHAT_MODEL if DEFAULT_CHAT_MODEL in vision_models else vision_models[0]
+            )
+        if configure is not None:
+            configure(engine)
     return pool

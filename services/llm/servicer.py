@@ -55,7 +55,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         self,
         *,
         registry: Registry,
-        pool: EnginePool,
+        pool: EnginePool[ChatEngine],
         max_input_image_pixels: int = 4096 * 4096,
         max_input_image_bytes: int = 20 * 1024 * 1024,
         decoder: DecodePool | None = None,
@@ -71,8 +71,6 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
     ) -> AsyncIterator[pb.ChatResponse]:
         spec = self.registry.resolve(request.model or None, CHAT, DEFAULT_CHAT_MODEL)
         engine = self.pool.get(spec.id)
-        if not isinstance(engine, ChatEngine):
-            raise InvalidRequest(f"Model '{spec.id}' is not a chat model")
         sampling = self._sampling(request)
         max_tokens = request.max_tokens if request.HasField("max_tokens") else None
         if max_tokens is not None and not 1 <= max_tokens <= engine.context:

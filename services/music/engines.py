@@ -559,7 +559,7 @@ class AceStepEngine(MusicEngine):
 
 
 #: Registry ``engine`` key -> engine class.
-ENGINE_CLASSES: dict[str, type[RegistryEngine[Any, Any]]] = {"ace_step": AceStepEngine}
+ENGINE_CLASSES: dict[str, type[MusicEngine]] = {"ace_step": AceStepEngine}
 
 
 def build_music_pool(
@@ -568,7 +568,7 @@ def build_music_pool(
     cache_dir: Path,
     torch_threads: int | None = None,
     default: str = DEFAULT_MUSIC_MODEL,
-) -> EnginePool:
+) -> EnginePool[MusicEngine]:
     """One engine per music model of the registry (not loaded yet)."""
     return build_engine_pool(
         registry,

@@ -32,7 +32,6 @@ from kiln.music.v1 import music_service_pb2 as pb
 from kiln.music.v1 import music_service_pb2_grpc as pb_grpc
 from services.common.decoding import DecodePool
 from services.common.engine import EnginePool, Progress
-from services.common.errors import InvalidRequest
 from services.common.media import decode_audio
 from services.common.registry import MUSIC, Registry
 from services.music.engines import (
@@ -99,7 +98,7 @@ class MusicServicer(pb_grpc.MusicServiceServicer):
         self,
         *,
         registry: Registry,
-        pool: EnginePool,
+        pool: EnginePool[MusicEngine],
         max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
         max_input_audio_bytes: int = DEFAULT_MAX_INPUT_AUDIO_BYTES,
         decoder: DecodePool | None = None,
@@ -169,7 +168,7 @@ class MusicServicer(pb_grpc.MusicServiceServicer):
         for spec in self.registry.for_capability(MUSIC):
             ready, reason = self.pool.status(spec.id)
             engine = self.pool.engines.get(spec.id)
-            loaded = engine if isinstance(engine, MusicEngine) and engine.ready else None
+            loaded = engine if engine is not None and engine.ready else None
             models.append(
                 pb.ModelInfo(
                     id=spec.id,
@@ -187,10 +186,7 @@ class MusicServicer(pb_grpc.MusicServiceServicer):
 
     def _engine(self, model: str) -> MusicEngine:
         spec = self.registry.resolve(model or None, MUSIC, self.pool.default)
-        engine = self.pool.get(spec.id)
-        if not isinstance(engine, MusicEngine):
-            raise InvalidRequest(f"'{spec.id}' is not a music model")
-        return engine
+        return self.pool.get(spec.id)
 
     async def _decode_source(self, data: bytes, engine: MusicEngine) -> np.ndarray:
         """The untrusted source song, decoded (and resampled) in a decode worker process, at the

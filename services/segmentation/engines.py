@@ -401,7 +401,7 @@ def build_engine_pool(
     cache_dir: Path,
     torch_threads: int | None = None,
     default: str = DEFAULT_SEGMENTATION_MODEL,
-) -> EnginePool:
+) -> EnginePool[Sam3Engine]:
     """One engine per segmentation model of the registry (not loaded yet)."""
     return build_pool(
         registry,

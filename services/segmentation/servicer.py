@@ -113,7 +113,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         self,
         *,
         registry: Registry,
-        pool: EnginePool,
+        pool: EnginePool[Sam3Engine],
         max_prompt_chars: int = 4000,
         max_input_image_pixels: int = 4096 * 4096,
         max_input_image_bytes: int = 20 * 1024 * 1024,
@@ -297,10 +297,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     # --- helpers ---
 
     def _engine(self, spec: ModelSpec) -> Sam3Engine:
-        engine = self.pool.get(spec.id)
-        if not isinstance(engine, Sam3Engine):
-            raise InvalidRequest(f"Model '{spec.id}' is not a segmentation model")
-        return engine
+        return self.pool.get(spec.id)
 
     def _prompt(self, prompt: str, *, required: bool) -> str:
         if len(prompt) > self.max_prompt_chars:

@@ -19,7 +19,7 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.common.engine import (
     EnginePool,
@@ -32,6 +32,9 @@ from services.common.engine import (
 )
 from services.common.errors import InvalidRequest
 from services.common.registry import VOICE_CLONE, ModelSpec, Registry
+
+if TYPE_CHECKING:
+    from services.tts.cloning import CloneEngine
 
 #: The registry capability of speech models.
 SPEECH = "speech"
@@ -214,7 +217,7 @@ class PiperEngine(SpeechEngine):
                 yield event
 
 
-def engine_classes() -> dict[str, type[RegistryEngine[Any, Any]]]:
+def engine_classes() -> dict[str, type[SpeechEngine] | type[CloneEngine]]:
     """Engine key (registry ``engine``) -> class: Piper voices and Qwen3-TTS cloning."""
     from services.tts.cloning import CloneEngine
 
@@ -228,9 +231,8 @@ def build_speech_pool(
     max_chars: int = DEFAULT_MAX_CHARS,
     default: str = DEFAULT_SPEECH_MODEL,
     torch_threads: int | None = None,
-) -> EnginePool:
+) -> EnginePool[SpeechEngine | CloneEngine]:
     """One engine per speech and voice-cloning model of the registry (not loaded yet)."""
-    from services.tts.cloning import CloneEngine
 
     pool = build_engine_pool(
         registry,
@@ -242,6 +244,5 @@ def build_speech_pool(
         default=default,
     )
     for engine in pool.engines.values():
-        if isinstance(engine, SpeechEngine | CloneEngine):
-            engine.max_chars = max_chars
+        engine.max_chars = max_chars
     return pool

@@ -50,7 +50,7 @@ class TtsServicer(pb_grpc.TtsServiceServicer):
         self,
         *,
         registry: Registry,
-        pool: EnginePool,
+        pool: EnginePool[SpeechEngine | CloneEngine],
         max_reference_seconds: float = 60.0,
         max_reference_bytes: int = 20 * 1024 * 1024,
         decoder: DecodePool | None = None,

@@ -548,10 +548,10 @@ def build_engine_pool(
     options: EngineOptions | None = None,
     default: str = DEFAULT_UPSCALE_METHOD,
     classes: dict[str, type[UpscaleEngine]] | None = None,
-) -> EnginePool:
+) -> EnginePool[UpscaleEngine]:
     """One engine per upscale method of the registry (not loaded yet)."""
     classes = classes or ENGINE_CLASSES
-    engines: dict[str, Any] = {}
+    engines: dict[str, UpscaleEngine] = {}
     unavailable: dict[str, str] = {}
     for spec in registry.for_capability(UPSCALE):
         cls = classes.get(spec.engine)

@@ -41,7 +41,7 @@ class UpscaleServicer(pb_grpc.UpscaleServiceServicer):
         self,
         *,
         registry: Registry,
-        pool: EnginePool,
+        pool: EnginePool[UpscaleEngine],
         max_input_image_pixels: int = 4096 * 4096,
         max_input_image_bytes: int = 20 * 1024 * 1024,
         decoder: DecodePool | None = None,
@@ -64,8 +64,6 @@ class UpscaleServicer(pb_grpc.UpscaleServiceServicer):
         )
         params = self._params(request, info.width, info.height)
         engine = self.pool.get(params.model.id)
-        if not isinstance(engine, UpscaleEngine):
-            raise InvalidRequest(f"'{params.model.id}' is not an upscaling method")
         image = await self.decoder.run(
             "The image", decode_image, request.image, max_pixels=max_pixels, max_bytes=max_bytes
         )

@@ -523,7 +523,7 @@ def build_engine_pool(
     torch_threads: int | None = None,
     default: str = DEFAULT_VIDEO_MODEL,
     engine_classes: dict[str, type[WanI2VEngine]] | None = None,
-) -> EnginePool:
+) -> EnginePool[WanI2VEngine]:
     """One engine per image-to-video model of the registry (not loaded yet)."""
     return build_pool(
         registry,

@@ -36,7 +36,7 @@ from services.common.engine import EnginePool, Progress
 from services.common.errors import InvalidRequest
 from services.common.media import decode_image
 from services.common.registry import DEFAULT_VIDEO_MODEL, IMAGE_TO_VIDEO, Registry
-from services.video.engines import VideoRequest, VideoResult, served_models
+from services.video.engines import VideoRequest, VideoResult, WanI2VEngine, served_models
 from services.video.params import VIDEO_RESOLUTIONS, model_fps, video_params, video_size
 
 #: Full name of the service, for health and reflection.
@@ -78,7 +78,7 @@ class VideoServiceServicer(pb_grpc.VideoServiceServicer):
         self,
         *,
         registry: Registry,
-        pool: EnginePool,
+        pool: EnginePool[WanI2VEngine],
         max_prompt_chars: int = 4000,
         max_input_image_pixels: int = 4096 * 4096,
         max_input_image_bytes: int = 20 * 1024 * 1024,
