@@ -54,11 +54,7 @@ def bench_backends(cache_dir: Path, *, size: int, repeats: int, threads: int) ->
     import numpy as np
     import torch
 
-    from services.common.engine import (
-        ensure_onnx_export,
-        onnx_cache_path,
-        onnx_session,
-    )
+    from services.common.onnx import ensure_onnx_export, onnx_cache_path, onnx_session
     from services.upscale.engines import to_array
     from services.upscale.networks import (
         REALESRGAN_NETWORKS,

@@ -219,7 +219,7 @@ def main() -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from services.common.engine import MODEL_LOAD_LOCK, ensure_tiny_model_directory
+    from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
     from services.common.registry import DEFAULT_VIDEO_MODEL
     from services.video.engines import TINY_VERSION, build_tiny_wan_i2v
 

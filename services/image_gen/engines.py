@@ -48,20 +48,11 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from services.common.engine import (
-    MODEL_LOAD_LOCK,
-    EnginePool,
-    EngineUnavailable,
-    JobOutcome,
-    Progress,
-    RegistryEngine,
-    StepControl,
-)
-from services.common.engine import (
-    build_engine_pool as build_pool,
-)
+from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine
+from services.common.engine import build_engine_pool as build_pool
 from services.common.errors import InvalidRequest, ProcessingError
 from services.common.media import encode_image, image_mime_type
+from services.common.model_cache import MODEL_LOAD_LOCK
 from services.common.registry import (
     IMAGE_EDIT,
     MAX_SEED,
@@ -70,6 +61,7 @@ from services.common.registry import (
     ModelSpec,
     Registry,
 )
+from services.common.runner import JobOutcome, Progress, StepControl
 from services.image_gen.tiny import (
     build_tiny_flux2_klein,
     build_tiny_longcat,

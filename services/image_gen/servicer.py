@@ -35,11 +35,12 @@ from kiln.common.v1 import media_pb2
 from kiln.image.v1 import image_service_pb2 as pb
 from kiln.image.v1 import image_service_pb2_grpc as pb_grpc
 from services.common.decoding import DecodePool
-from services.common.engine import EnginePool, Progress
+from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
 from services.common.media import decode_image
 from services.common.proto_enums import image_format_name
 from services.common.registry import DEFAULT_EDIT_MODEL, IMAGE_EDIT, GenerationParams, Registry
+from services.common.runner import Progress
 from services.image_gen.engines import DiffusersImageEngine, ImageRequest, ImageResult, served_models
 
 #: Full name of the service, for health and reflection.

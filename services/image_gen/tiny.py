@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from services.common.engine import ensure_tiny_model_directory, tiny_model_directory
+from services.common.model_cache import ensure_tiny_model_directory, tiny_model_directory
 from services.common.tiny_tokenizer import build_tiny_tokenizer
 
 log = logging.getLogger(__name__)

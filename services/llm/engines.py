@@ -58,18 +58,12 @@ import torch
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from services.common.engine import (
-    MODEL_LOAD_LOCK,
-    EngineHealth,
-    EnginePool,
-    EngineUnavailable,
-    Progress,
-    RegistryEngine,
-    ensure_tiny_model_directory,
-)
+from services.common.engine import EngineHealth, EnginePool, EngineUnavailable, RegistryEngine
 from services.common.engine import build_engine_pool as build_pool
 from services.common.errors import InvalidRequest, ProcessingError, quoted
+from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
 from services.common.registry import CHAT, DEFAULT_CHAT_MODEL, ModelSpec, Registry
+from services.common.runner import Progress
 from services.llm.batching import (
     DecodeLoop,
     Delta,

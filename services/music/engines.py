@@ -79,19 +79,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.common.engine import (
-    MODEL_LOAD_LOCK,
-    EnginePool,
-    EngineUnavailable,
-    JobOutcome,
-    Progress,
-    RegistryEngine,
-    StepControl,
-    build_engine_pool,
-)
+from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine, build_engine_pool
 from services.common.errors import InvalidRequest, ProcessingError, quoted
 from services.common.media import AUDIO_LAYOUTS
+from services.common.model_cache import MODEL_LOAD_LOCK
 from services.common.registry import DEFAULT_MUSIC_MODEL, MAX_SEED, MUSIC, ModelSpec, Registry
+from services.common.runner import JobOutcome, Progress, StepControl
 from services.music.tiny import ensure_tiny_ace_step
 
 #: Shortest song generated or accepted as a source, in seconds.

@@ -31,9 +31,10 @@ from kiln.common.v1 import media_pb2
 from kiln.music.v1 import music_service_pb2 as pb
 from kiln.music.v1 import music_service_pb2_grpc as pb_grpc
 from services.common.decoding import DecodePool
-from services.common.engine import EnginePool, Progress
+from services.common.engine import EnginePool
 from services.common.media import decode_audio
 from services.common.registry import MUSIC, Registry
+from services.common.runner import Progress
 from services.music.engines import (
     DEFAULT_MAX_PROMPT_CHARS,
     MusicConditions,

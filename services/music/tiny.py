@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from services.common.engine import ensure_tiny_model_directory
+from services.common.model_cache import ensure_tiny_model_directory
 from services.common.tiny_tokenizer import build_tiny_tokenizer
 
 TINY_VERSION = 1
@@ -148,5 +148,5 @@ def build_tiny_ace_step(directory: Path) -> None:
 
 def ensure_tiny_ace_step(cache_dir: Path, model_id: str) -> Path:
     """The tiny model's directory, built first when it is not there yet (blocking; hold
-    :data:`~services.common.engine.MODEL_LOAD_LOCK`)."""
+    :data:`~services.common.model_cache.MODEL_LOAD_LOCK`)."""
     return ensure_tiny_model_directory(cache_dir, model_id, build_tiny_ace_step, version=TINY_VERSION)

@@ -57,21 +57,12 @@ import torch
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from services.common.engine import (
-    MODEL_LOAD_LOCK,
-    EnginePool,
-    EngineUnavailable,
-    JobOutcome,
-    Progress,
-    RegistryEngine,
-    StepControl,
-    ensure_tiny_model_directory,
-)
-from services.common.engine import (
-    build_engine_pool as build_pool,
-)
+from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine
+from services.common.engine import build_engine_pool as build_pool
 from services.common.errors import InvalidRequest, ProcessingError
+from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec, Registry
+from services.common.runner import JobOutcome, Progress, StepControl
 from services.segmentation.tiny import DETECTOR_DIR, TINY_VERSION, TRACKER_DIR, build_tiny_sam3
 
 #: Defaults of the registry options, when a model does not set them.

@@ -47,10 +47,11 @@ from kiln.common.v1 import media_pb2
 from kiln.segmentation.v1 import segmentation_service_pb2 as pb
 from kiln.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from services.common.decoding import DecodePool
-from services.common.engine import EnginePool, Progress
+from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
 from services.common.media import decode_image, encode_image
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec, Registry
+from services.common.runner import Progress
 from services.segmentation.engines import Mask, PointPrompt, Sam3Engine, SegmentRequest, SegmentResult
 from services.segmentation.render import CUTOUT, MASK, cutout, render
 from services.segmentation.video import (

@@ -32,7 +32,7 @@ The pieces, in the order a request uses them:
   yields the :class:`VideoProbe` first and does nothing more until the
   consumer asks for the next event (the servicer asks only after the client's
   ``start``); then, per batch of frames, output bytes and a
-  :class:`~services.common.engine.Progress`; last a :class:`VideoSummary`.
+  :class:`~services.common.runner.Progress`; last a :class:`VideoSummary`.
 
 Decisions (documented for the edge and the README):
 
@@ -81,9 +81,9 @@ import numpy as np
 from PIL import Image
 
 from services.common.decoding import DEFAULT_DECODE_MEMORY_BYTES
-from services.common.engine import Progress
 from services.common.errors import InvalidRequest
 from services.common.registry import ModelLimits
+from services.common.runner import Progress
 from services.common.video_decoding import (  # noqa: F401 (re-exported: the video's decoding)
     ACCEPTED_DEMUXERS,
     IsolatedVideo,

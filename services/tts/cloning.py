@@ -39,16 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.common.engine import (
-    MODEL_LOAD_LOCK,
-    EngineUnavailable,
-    Progress,
-    RegistryEngine,
-    StepControl,
-    ensure_tiny_model_directory,
-)
+from services.common.engine import EngineUnavailable, RegistryEngine
 from services.common.errors import InvalidRequest, quoted
+from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
 from services.common.registry import ModelSpec
+from services.common.runner import Progress, StepControl
 from services.tts.engines import DEFAULT_MAX_CHARS, SpeechChunk, SpeechDone, pcm_of, stream_pcm
 
 #: The contract's default language.

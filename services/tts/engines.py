@@ -21,17 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.common.engine import (
-    EnginePool,
-    EngineUnavailable,
-    JobOutcome,
-    Progress,
-    RegistryEngine,
-    StepControl,
-    build_engine_pool,
-)
+from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine, build_engine_pool
 from services.common.errors import InvalidRequest
 from services.common.registry import VOICE_CLONE, ModelSpec, Registry
+from services.common.runner import JobOutcome, Progress, StepControl
 
 if TYPE_CHECKING:
     from services.tts.cloning import CloneEngine

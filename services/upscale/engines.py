@@ -67,20 +67,12 @@ import torch
 from PIL import Image
 
 from services.common.batching import BatcherStats, DynamicBatcher
-from services.common.engine import (
-    MODEL_LOAD_LOCK,
-    EnginePool,
-    EngineUnavailable,
-    Progress,
-    RegistryEngine,
-    ensure_onnx_export,
-    ensure_tiny_model_directory,
-    onnx_cache_path,
-    onnx_session,
-    resolve_engine_backend,
-)
+from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine
 from services.common.errors import InvalidRequest, ProcessingError
+from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
+from services.common.onnx import ensure_onnx_export, onnx_cache_path, onnx_session, resolve_engine_backend
 from services.common.registry import UPSCALE, ModelSpec, Registry
+from services.common.runner import Progress
 from services.upscale.networks import (
     REALESRGAN_NETWORKS,
     TINY_SWIN2SR_VERSION,

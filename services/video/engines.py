@@ -15,7 +15,7 @@ per-call state and are not thread-safe):
 1. The input image is scaled and centre-cropped to the output size
    (:func:`services.video.params.video_size` chose it).
 2. The pipeline denoises to latents (``output_type="latent"``). Each finished
-   step is a :class:`~services.common.engine.Progress`; a cancelled consumer
+   step is a :class:`~services.common.runner.Progress`; a cancelled consumer
    stops it at the next step. Samplers, both flow-matching Euler with the
    registry's ``options.shift`` (else the checkpoint scheduler's shift):
    ``use_ode`` runs the deterministic ODE step; otherwise the stochastic one
@@ -50,20 +50,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image, ImageOps
 
-from services.common.engine import (
-    MODEL_LOAD_LOCK,
-    EnginePool,
-    EngineUnavailable,
-    JobOutcome,
-    Progress,
-    RegistryEngine,
-    StepControl,
-    ensure_tiny_model_directory,
-    tiny_model_directory,
-)
+from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine
 from services.common.engine import build_engine_pool as build_pool
 from services.common.errors import InvalidRequest, ProcessingError
 from services.common.media import MP4_MIME_TYPE, Mp4Encoder
+from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory, tiny_model_directory
 from services.common.registry import (
     DEFAULT_VIDEO_MODEL,
     IMAGE_TO_VIDEO,
@@ -71,6 +62,7 @@ from services.common.registry import (
     ModelSpec,
     Registry,
 )
+from services.common.runner import JobOutcome, Progress, StepControl
 from services.common.tiny_tokenizer import build_tiny_tokenizer
 from services.video.params import FRAME_GROUP, VideoParams
 

@@ -32,10 +32,11 @@ from kiln.common.v1 import media_pb2
 from kiln.video.v1 import video_service_pb2 as pb
 from kiln.video.v1 import video_service_pb2_grpc as pb_grpc
 from services.common.decoding import DecodePool
-from services.common.engine import EnginePool, Progress
+from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
 from services.common.media import decode_image
 from services.common.registry import DEFAULT_VIDEO_MODEL, IMAGE_TO_VIDEO, Registry
+from services.common.runner import Progress
 from services.video.engines import VideoRequest, VideoResult, WanI2VEngine, served_models
 from services.video.params import VIDEO_RESOLUTIONS, model_fps, video_params, video_size
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from PIL import Image
 
 from kiln.image.v1 import image_service_pb2 as pb
-from services.common.engine import Progress
 from services.common.media import encode_image
 from services.common.registry import load_registry
+from services.common.runner import Progress
 from services.image_gen.engines import ImageRequest, ImageResult, build_engine_pool
 from services.image_gen.tiny import tiny_model_dir
 

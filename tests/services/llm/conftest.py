@@ -23,9 +23,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiln.llm.v1 import llm_service_pb2 as pb
 from kiln.llm.v1 import llm_service_pb2_grpc as pb_grpc
-from services.common.engine import MODEL_LOAD_LOCK, EnginePool, ensure_tiny_model_directory
+from services.common.engine import EnginePool
 from services.common.grpc_client import mesh_channel
 from services.common.grpc_server import GrpcService
+from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
 from services.common.registry import DEFAULT_CHAT_MODEL, Registry, load_registry
 from services.common.settings import Settings
 from services.llm.engines import ChatEngine, build_engine_pool

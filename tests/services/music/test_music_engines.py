@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.common.engine import EngineState, Progress
+from services.common.engine import EngineState
 from services.common.errors import InvalidRequest
 from services.common.registry import load_registry
+from services.common.runner import Progress
 from services.music.engines import (
     AceStepEngine,
     MusicRequest,

@@ -22,9 +22,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiln.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
-from services.common.engine import MODEL_LOAD_LOCK, EnginePool, ensure_tiny_model_directory
+from services.common.engine import EnginePool
 from services.common.grpc_client import mesh_channel
 from services.common.grpc_server import GrpcService
+from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
 from services.common.registry import Registry, load_registry
 from services.common.settings import Settings
 from services.segmentation.engines import Sam3Engine, build_engine_pool

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.common.engine import onnx_providers, resolve_engine_backend
+from services.common.onnx import onnx_providers, resolve_engine_backend
 from services.common.registry import load_registry
 from services.common.settings import Settings
 from services.upscale.engines import (
