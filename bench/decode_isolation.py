@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from services.common.decoding import DecodePool  # noqa: E402
-from services.common.media import decode_audio, decode_image, encode_audio  # noqa: E402
+from services.common.media.audio import decode_audio, encode_audio  # noqa: E402
+from services.common.media.image import decode_image  # noqa: E402
 
 
 def png_1024() -> bytes:

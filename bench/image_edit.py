@@ -102,7 +102,7 @@ def _encodes(repeats: int) -> None:
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from services.common.media import encode_image
+    from services.common.media.image import encode_image
 
     pixels = np.zeros((1024, 1024, 3), dtype=np.uint8)
     ramp = np.linspace(0, 255, 1024, dtype=np.uint8)

@@ -54,7 +54,7 @@ def _source_song(seconds: float, rate: int) -> bytes:
     """A stereo 16-bit WAV: a chord pulsing on a beat."""
     import numpy as np
 
-    from services.common.media import encode_audio
+    from services.common.media.audio import encode_audio
 
     t = np.arange(round(seconds * rate)) / rate
     chord = sum(np.sin(2 * np.pi * f * t) for f in (220.0, 277.2, 329.6)) / 3

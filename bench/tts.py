@@ -43,7 +43,7 @@ def _reference_b64() -> str:
 
     import numpy as np
 
-    from services.common.media import encode_audio
+    from services.common.media.audio import encode_audio
 
     t = np.arange(3 * 16000) / 16000
     pcm = (0.3 * np.sin(2 * np.pi * 180 * t) * 32767).astype("<i2").tobytes()

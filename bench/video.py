@@ -133,7 +133,7 @@ def encode_1080p_child(cache_dir: str, frames: int, threads: int, whole: bool) -
     """Runs in a fresh process: decode + encode ``frames`` frames at 1920x1088, measuring RSS."""
     import torch
 
-    from services.common.media import encode_video_mp4
+    from services.common.media.video import encode_video_mp4
     from services.common.registry import DEFAULT_VIDEO_MODEL, load_registry
     from services.common.settings import DEFAULT_REGISTRY
     from services.video.engines import (

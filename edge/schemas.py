@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.errors import InvalidRequest
-from services.common.media import probe_image
+from services.common.media.image import probe_image
 from services.common.registry import (
     ASPECT_RATIOS,
     DEFAULT_EDIT_MODEL,

@@ -37,7 +37,7 @@ from edge.schemas import SPEECH_MODELS, SpeechRequest, VoiceCloneRequest, decode
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.tts.v1 import tts_service_pb2 as tts_pb
 from services.common.errors import InvalidRequest, KilnError, ProcessingError, quoted
-from services.common.media import encode_audio, wav_header
+from services.common.media.audio import encode_audio, wav_header
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_CLONE_MODEL, SPEECH, VOICE_CLONE
 

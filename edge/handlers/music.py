@@ -43,7 +43,7 @@ from edge.schemas import (
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.music.v1 import music_service_pb2 as music_pb
 from services.common.errors import InvalidRequest, KilnError, ProcessingError, quoted
-from services.common.media import encode_audio
+from services.common.media.audio import encode_audio
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_MUSIC_MODEL, MUSIC
 

@@ -36,7 +36,7 @@ from edge.schemas import BackgroundRemovalForm, SegmentationForm, parse_form
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.segmentation.v1 import segmentation_service_pb2 as seg_pb
 from services.common.errors import InvalidRequest, KilnError, ProcessingError, quoted
-from services.common.media import probe_image
+from services.common.media.image import probe_image
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec
 

@@ -22,7 +22,7 @@ from edge.responses import json_response
 from edge.schemas import UpscaleRequest, decode_base64_file, parse_body
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.upscale.v1 import upscale_service_pb2 as upscale_pb
-from services.common.media import probe_image
+from services.common.media.image import probe_image
 from services.common.money import format_credits
 from services.common.proto_enums import IMAGE_FORMATS
 from services.common.registry import upscale_params

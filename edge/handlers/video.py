@@ -44,7 +44,7 @@ from edge.schemas import ImageToVideoForm, parse_form
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.video.v1 import video_service_pb2 as video_pb
 from services.common.errors import InvalidRequest, KilnError, ProcessingError, quoted
-from services.common.media import probe_image
+from services.common.media.image import probe_image
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_VIDEO_MODEL, IMAGE_TO_VIDEO
 

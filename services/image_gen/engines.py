@@ -30,7 +30,7 @@ diffusers pipeline keeps per-call state on itself and is not thread-safe).
 Each finished denoising step is reported as :class:`Progress`; a cancelled
 consumer stops the pipeline at its next step. A ``torch.Generator`` seeded
 per request makes the same seed give the same pixels, and the fixed encoders
-(:func:`services.common.media.encode_image`) the same bytes, metadata
+(:func:`services.common.media.image.encode_image`) the same bytes, metadata
 included.
 """
 
@@ -51,7 +51,7 @@ from PIL import Image, ImageOps
 from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine
 from services.common.engine import build_engine_pool as build_pool
 from services.common.errors import InvalidRequest, ProcessingError
-from services.common.media import encode_image, image_mime_type
+from services.common.media.image import encode_image, image_mime_type
 from services.common.model_cache import MODEL_LOAD_LOCK
 from services.common.registry import (
     IMAGE_EDIT,

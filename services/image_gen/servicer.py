@@ -9,7 +9,7 @@ means PNG). The style preset is applied there, once: the edge sends prompts it
 already styled with an empty ``style_preset``.
 
 ``EditImages`` decodes its untrusted inputs (and mask) through
-:func:`services.common.media.decode_image` in decode worker processes
+:func:`services.common.media.image.decode_image` in decode worker processes
 (:class:`~services.common.decoding.DecodePool`), with the
 configured byte and pixel limits: the first input first (its size is the
 default output size), then, once the request passed the registry's rules (at
@@ -37,7 +37,7 @@ from kiln.image.v1 import image_service_pb2_grpc as pb_grpc
 from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
-from services.common.media import decode_image
+from services.common.media.image import decode_image
 from services.common.proto_enums import image_format_name
 from services.common.registry import DEFAULT_EDIT_MODEL, IMAGE_EDIT, GenerationParams, Registry
 from services.common.runner import Progress

@@ -7,7 +7,7 @@ content and no part is empty; ``temperature`` 0 to 2; ``top_p`` 0 to 1;
 non-empty stop sequences of at most :data:`MAX_STOP_CHARS` characters; a
 ``seed`` of at least 0), decodes images in decode worker processes
 (:class:`~services.common.decoding.DecodePool`) through
-:func:`services.common.media.decode_image` (the configured byte and pixel
+:func:`services.common.media.image.decode_image` (the configured byte and pixel
 limits), and streams the engine's events: one ``start`` (the model that
 answers and the prompt's token count), a ``delta`` for each piece of text as
 soon as the engine produces it, and one ``end`` (finish reason and usage).
@@ -29,7 +29,7 @@ from kiln.llm.v1 import llm_service_pb2_grpc as pb_grpc
 from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest, quoted
-from services.common.media import decode_image
+from services.common.media.image import decode_image
 from services.common.registry import CHAT, DEFAULT_CHAT_MODEL, MAX_SEED, Registry
 from services.llm.batching import LENGTH, Delta, Finished, Sampling, Started
 from services.llm.engines import ROLES, ChatEngine, ChatRequest, ImagePart, Message, TextPart

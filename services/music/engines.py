@@ -81,7 +81,7 @@ import torch
 
 from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine, build_engine_pool
 from services.common.errors import InvalidRequest, ProcessingError, quoted
-from services.common.media import AUDIO_LAYOUTS
+from services.common.media.audio import AUDIO_LAYOUTS
 from services.common.model_cache import MODEL_LOAD_LOCK
 from services.common.registry import DEFAULT_MUSIC_MODEL, MAX_SEED, MUSIC, ModelSpec, Registry
 from services.common.runner import JobOutcome, Progress, StepControl

@@ -4,7 +4,7 @@ The servicer does no model work. Each generating RPC resolves the model (an
 id or alias of capability ``music``; the pool's default when empty), checks
 the text conditions with :func:`~services.music.engines.music_conditions` and
 the cheap numeric rules before anything else, then (cover, repaint) decodes
-the untrusted source through :func:`services.common.media.decode_audio` in a
+the untrusted source through :func:`services.common.media.audio.decode_audio` in a
 decode worker process (:class:`~services.common.decoding.DecodePool`; resampled
 to the model's rate as it decodes; byte limit ``max_input_audio_bytes``, duration limit the
 model's ``max_duration_seconds``) and converts it to the model's rate and
@@ -32,7 +32,7 @@ from kiln.music.v1 import music_service_pb2 as pb
 from kiln.music.v1 import music_service_pb2_grpc as pb_grpc
 from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
-from services.common.media import decode_audio
+from services.common.media.audio import decode_audio
 from services.common.registry import MUSIC, Registry
 from services.common.runner import Progress
 from services.music.engines import (

@@ -3,7 +3,7 @@
 The servicer does no model work and no PyAV work on the event loop.
 
 ``SegmentImage`` decodes the image through
-:func:`services.common.media.decode_image` in a decode worker process
+:func:`services.common.media.image.decode_image` in a decode worker process
 (:class:`~services.common.decoding.DecodePool`; the configured
 byte and pixel limits, and the model's ``max_width`` x ``max_height``), then
 checks the request: a prompt or at least one point; ``multimask_output`` only
@@ -49,7 +49,7 @@ from kiln.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
-from services.common.media import decode_image, encode_image
+from services.common.media.image import decode_image, encode_image
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec, Registry
 from services.common.runner import Progress
 from services.segmentation.engines import Mask, PointPrompt, Sam3Engine, SegmentRequest, SegmentResult

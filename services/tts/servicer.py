@@ -7,8 +7,8 @@ anything is streamed), then streams an :class:`AudioHeader` (sample rate,
 mono), the 16-bit little-endian PCM of each sentence as Piper produces it (in
 messages of at most :data:`MAX_PCM_MESSAGE_BYTES`), and a
 :class:`SynthesisSummary`. Encoding to wav/mp3/... is the edge's job
-(:func:`services.common.media.encode_audio`). ``CloneVoice`` decodes the reference recording in a decode worker process
-(:class:`~services.common.decoding.DecodePool`; :func:`~services.common.media.decode_audio`: WAV, FLAC, MP3, Ogg; too large,
+(:func:`services.common.media.audio.encode_audio`). ``CloneVoice`` decodes the reference recording in a decode worker process
+(:class:`~services.common.decoding.DecodePool`; :func:`~services.common.media.audio.decode_audio`: WAV, FLAC, MP3, Ogg; too large,
 too long, empty or not audio is INVALID_ARGUMENT), checks the texts and the
 language, then streams the same events as ``Synthesize`` from Qwen3-TTS
 (:mod:`services.tts.cloning`). ``ListVoices`` lists every speech and
@@ -30,7 +30,7 @@ from kiln.tts.v1 import tts_service_pb2_grpc as pb_grpc
 from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
-from services.common.media import decode_audio
+from services.common.media.audio import decode_audio
 from services.common.registry import DEFAULT_CLONE_MODEL, VOICE_CLONE, Registry
 from services.tts.cloning import CloneEngine, CloneRequest
 from services.tts.engines import SPEECH, SpeechEngine, voice_info

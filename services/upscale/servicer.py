@@ -1,11 +1,11 @@
 """``kiln.upscale.v1.UpscaleService``: protobuf in, checks, upscale engine, protobuf out.
 
 ``UpscaleImage`` reads the untrusted image's header in a decode worker process
-(:class:`~services.common.decoding.DecodePool`; :func:`services.common.media.probe_image`, within the configured byte and
+(:class:`~services.common.decoding.DecodePool`; :func:`services.common.media.image.probe_image`, within the configured byte and
 pixel limits), lets :func:`services.common.registry.upscale_params` check the
 method, the scale (0 means the method's own), ``face_enhance`` and the output
 size, then decodes the image fully in a decode worker
-(:func:`services.common.media.decode_image`; checked again with the decoded,
+(:func:`services.common.media.image.decode_image`; checked again with the decoded,
 EXIF-upright size), runs the method's engine and encodes the result (PNG
 unless ``output_format`` says otherwise) on a worker thread. Every bad input
 is an :class:`~services.common.errors.InvalidRequest` (INVALID_ARGUMENT).
@@ -25,7 +25,7 @@ from kiln.upscale.v1 import upscale_service_pb2_grpc as pb_grpc
 from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
-from services.common.media import decode_image, encode_image, image_mime_type, probe_image
+from services.common.media.image import decode_image, encode_image, image_mime_type, probe_image
 from services.common.proto_enums import image_format_name
 from services.common.registry import Registry, UpscaleParams, upscale_params
 from services.upscale.engines import UpscaleEngine, UpscaleRequest

@@ -27,7 +27,7 @@ per-call state and are not thread-safe):
 3. The latents are decoded by the VAE one latent frame at a time
    (:func:`decode_latents`: the VAE's own causal loop, which yields 1 frame,
    then 4 per latent frame), and every decoded frame goes straight to the
-   H.264 encoder (:class:`services.common.media.Mp4Encoder`); the job checks
+   H.264 encoder (:class:`services.common.media.video.Mp4Encoder`); the job checks
    for cancellation between latent frames. At no time are all frames held,
    neither as floats nor as bytes.
 
@@ -53,7 +53,7 @@ from PIL import Image, ImageOps
 from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine
 from services.common.engine import build_engine_pool as build_pool
 from services.common.errors import InvalidRequest, ProcessingError
-from services.common.media import MP4_MIME_TYPE, Mp4Encoder
+from services.common.media.video import MP4_MIME_TYPE, Mp4Encoder
 from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory, tiny_model_directory
 from services.common.registry import (
     DEFAULT_VIDEO_MODEL,

@@ -5,7 +5,7 @@ or alias; ``turbodiffusion-wan2.2-i2v`` when empty), checks the request with
 :func:`services.video.params.video_params` (unset proto3 ``optional`` fields
 mean "use the model's default"; a ``num_frames`` or ``num_steps`` of 0 is
 refused), then decodes the untrusted image through
-:func:`services.common.media.decode_image` in a decode worker process
+:func:`services.common.media.image.decode_image` in a decode worker process
 (:class:`~services.common.decoding.DecodePool`; the configured
 byte and pixel limits; not an image is INVALID_ARGUMENT) and picks the output
 size with :func:`services.video.params.video_size`. Every refusal happens
@@ -34,7 +34,7 @@ from kiln.video.v1 import video_service_pb2_grpc as pb_grpc
 from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
-from services.common.media import decode_image
+from services.common.media.image import decode_image
 from services.common.registry import DEFAULT_VIDEO_MODEL, IMAGE_TO_VIDEO, Registry
 from services.common.runner import Progress
 from services.video.engines import VideoRequest, VideoResult, WanI2VEngine, served_models

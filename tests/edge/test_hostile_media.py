@@ -34,7 +34,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from services.common.media import encode_audio, wav_header
+from services.common.media.audio import encode_audio, wav_header
 from tests.conftest import Customer, Mesh, new_customer
 from tests.edge.images_util import bomb_png, png_bytes
 from tests.edge.media_util import moving_square_video, object_png

@@ -41,7 +41,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from services.common.media import encode_audio
+from services.common.media.audio import encode_audio
 from tests.conftest import Mesh, new_customer
 from tests.edge.images_util import b64, png_bytes
 from tests.edge.media_util import moving_square_video, object_png

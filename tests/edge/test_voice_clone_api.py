@@ -12,7 +12,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from services.common.media import encode_audio
+from services.common.media.audio import encode_audio
 from tests.conftest import Mesh, balance, new_customer
 
 CLONE = "/v1/audio/clone"

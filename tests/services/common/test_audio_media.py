@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidRequest
-from services.common.media import AUDIO_MIME_TYPES, decode_audio, encode_audio, wav_header
+from services.common.media.audio import AUDIO_MIME_TYPES, decode_audio, encode_audio, wav_header
 
 RATE = 22050
 
@@ -150,7 +150,7 @@ def _multichannel(channels: int, fmt: str, rate: int = 48000, frames: int = 4800
 
 _DECODE_IN_A_CHILD = """
 import sys, numpy as np
-from services.common.media import decode_audio
+from services.common.media.audio import decode_audio
 data = sys.stdin.buffer.read()
 decoded = decode_audio(data, max_seconds=5, max_bytes=1 << 24)
 sys.stdout.buffer.write(np.ascontiguousarray(decoded.samples, dtype=np.float32).tobytes())

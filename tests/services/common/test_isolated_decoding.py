@@ -25,7 +25,8 @@ from PIL import Image
 
 from services.common.decoding import DecodePool
 from services.common.errors import InvalidRequest
-from services.common.media import decode_audio, decode_image, encode_audio
+from services.common.media.audio import decode_audio, encode_audio
+from services.common.media.image import decode_image
 from services.common.registry import ModelLimits
 from services.common.video_decoding import IsolatedVideo, iter_frames, open_video
 
@@ -172,7 +173,7 @@ def test_what_a_spawned_worker_of_kiln_up_imports_holds_no_torch() -> None:
     """Under ``kiln up`` a spawned worker first re-imports the entry point (``kiln_cli.main``,
     as ``__mp_main__``), then the decoders: none of it may pull in torch."""
     code = (
-        "import sys, kiln_cli.main, services.common.decoding, services.common.media;"
+        "import sys, kiln_cli.main, services.common.decoding, services.common.media.audio, services.common.media.image;"
         "print('torch' in sys.modules)"
     )
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

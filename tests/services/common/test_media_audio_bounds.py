@@ -15,7 +15,7 @@ import soundfile
 
 from services.common.decoding import DecodePool
 from services.common.errors import InvalidRequest
-from services.common.media import MAX_AUDIO_SAMPLES_PER_SECOND, decode_audio, encode_audio, wav_header
+from services.common.media.audio import MAX_AUDIO_SAMPLES_PER_SECOND, decode_audio, encode_audio, wav_header
 
 
 def silent_flac(rate: int, channels: int, seconds: int, *, claim_seconds: int | None = None) -> bytes:

@@ -15,7 +15,7 @@ from PIL import Image
 from kiln.common.v1 import media_pb2
 from kiln.image.v1 import image_service_pb2 as pb
 from kiln.image.v1 import image_service_pb2_grpc as pb_grpc
-from services.common.media import encode_image, read_image_metadata
+from services.common.media.image import encode_image, read_image_metadata
 
 from .conftest import ImageGen
 from .test_image_gen_service import assert_invalid_request

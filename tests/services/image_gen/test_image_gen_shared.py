@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from services.common.errors import InvalidRequest
-from services.common.media import decode_image, encode_image, image_mime_type, read_image_metadata
+from services.common.media.image import decode_image, encode_image, image_mime_type, read_image_metadata
 from services.common.runner import JobOutcome, Progress, StepControl, StepRunner
 from services.common.tiny_tokenizer import build_tiny_tokenizer
 

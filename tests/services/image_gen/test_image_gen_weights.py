@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from kiln.image.v1 import image_service_pb2 as pb
-from services.common.media import encode_image
+from services.common.media.image import encode_image
 from services.common.registry import load_registry
 from services.common.runner import Progress
 from services.image_gen.engines import ImageRequest, ImageResult, build_engine_pool

@@ -23,7 +23,7 @@ from kiln.music.v1 import music_service_pb2_grpc as pb_grpc
 from services.common.engine import EnginePool
 from services.common.grpc_client import mesh_channel
 from services.common.grpc_server import GrpcService
-from services.common.media import encode_audio
+from services.common.media.audio import encode_audio
 from services.common.registry import DEFAULT_MUSIC_MODEL, Registry, load_registry
 from services.common.settings import DEFAULT_REGISTRY, Settings
 from services.music.engines import build_music_pool

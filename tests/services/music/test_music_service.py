@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from kiln.music.v1 import music_service_pb2 as pb
-from services.common.media import encode_audio
+from services.common.media.audio import encode_audio
 from services.music.engines import CROSSFADE_SECONDS
 from services.music.servicer import SERVICE_NAME
 from tests.services.upscale.util import expect_invalid

@@ -14,7 +14,7 @@ import pytest
 from kiln.tts.v1 import tts_service_pb2 as pb
 from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
-from services.common.media import encode_audio
+from services.common.media.audio import encode_audio
 from services.common.registry import DEFAULT_CLONE_MODEL, Registry
 from services.tts.cloning import (
     FRAMES_PER_CHUNK,

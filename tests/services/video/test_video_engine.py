@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from services.common.errors import InvalidRequest
-from services.common.media import MP4_MIME_TYPE, Mp4Encoder, decode_image, encode_video_mp4
+from services.common.media.image import decode_image
+from services.common.media.video import MP4_MIME_TYPE, Mp4Encoder, encode_video_mp4
 from services.common.registry import DEFAULT_VIDEO_MODEL, load_registry
 from services.common.runner import Progress
 from services.common.settings import DEFAULT_REGISTRY
