@@ -301,8 +301,10 @@ def build_engine_pool(
     cache_dir: Path,
     torch_threads: int | None,
     default: str,
+    options: Mapping[str, Any] | None = None,
 ) -> EnginePool[RegistryEngineT]:
-    """One engine per model (not loaded yet); a model whose engine ``service`` lacks is unavailable."""
+    """One engine per model (not loaded yet); a model whose engine ``service`` lacks is unavailable.
+    ``options`` are the engines' own settings, passed to each constructor."""
     engines: dict[str, RegistryEngineT] = {}
     unavailable: dict[str, str] = {}
     for spec in specs:
@@ -315,5 +317,6 @@ def build_engine_pool(
             weights_dir=spec.weights_path(registry.path),
             cache_dir=cache_dir,
             torch_threads=torch_threads,
+            **(options or {}),
         )
     return EnginePool(engines, default=default, unavailable=unavailable)

@@ -49,7 +49,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,16 +165,18 @@ class ChatEngine(RegistryEngine[ChatRequest, ChatEvent]):
         weights_dir: Path | None,
         cache_dir: Path,
         torch_threads: int | None = None,
+        max_batch: int = 8,
+        vision_model: str = DEFAULT_CHAT_MODEL,
     ) -> None:
         super().__init__(spec, weights_dir=weights_dir, cache_dir=cache_dir, torch_threads=torch_threads)
         self.vision = bool(spec.options.get("vision", False))
         self.context = DEFAULT_CONTEXT
         self.default_max_tokens = DEFAULT_MAX_TOKENS
         self.max_images = DEFAULT_MAX_IMAGES
-        #: Most requests generating together (set by the pool builder from ``batch_max_size``).
-        self.max_batch = 8
-        #: The model to suggest for images when this one has no vision (set by the pool builder).
-        self.vision_model = DEFAULT_CHAT_MODEL
+        #: Most requests generating together (``batch_max_size``).
+        self.max_batch = max_batch
+        #: The model to suggest for images when this one has no vision.
+        self.vision_model = vision_model
         self.model: Any = None
         self.tokenizer: Any = None
         self.eos_ids: frozenset[int] = frozenset()
@@ -595,10 +597,14 @@ def build_engine_pool(
     torch_threads: int | None = None,
     max_batch: int = 8,
     default: str = DEFAULT_CHAT_MODEL,
-    configure: Callable[[ChatEngine], None] | None = None,
 ) -> EnginePool[ChatEngine]:
-    """One engine per chat model of the registry (not loaded yet), batching up to ``max_batch``."""
-    pool = build_pool(
+    """One engine per chat model of the registry (not loaded yet), batching up to ``max_batch``;
+    a model without vision names the registry's vision model (the default if it has vision)."""
+    vision_models = [m.id for m in registry.for_capability(CHAT) if m.options.get("vision")]
+    vision_model = (
+        DEFAULT_CHAT_MODEL if DEFAULT_CHAT_MODEL in vision_models or not vision_models else vision_models[0]
+    )
+    return build_pool(
         registry,
         registry.for_capability(CHAT),
         ENGINE_CLASSES,
@@ -606,14 +612,5 @@ def build_engine_pool(
         cache_dir=cache_dir,
         torch_threads=torch_threads,
         default=default,
+        options={"max_batch": max_batch, "vision_model": vision_model},
     )
-    vision_models = [m.id for m in registry.for_capability(CHAT) if m.options.get("vision")]
-    for engine in pool.engines.values():
-        engine.max_batch = max_batch
-        if vision_models:
-            engine.vision_model = (
-                DEFAULT_CHAT_MODEL if DEFAULT_CHAT_MODEL in vision_models else vision_models[0]
-            )
-        if configure is not None:
-            configure(engine)
-    return pool

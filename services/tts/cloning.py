@@ -287,12 +287,12 @@ def frame_budget(text: str, limit: int) -> int:
 class CloneEngine(RegistryEngine[CloneRequest, SpeechChunk | SpeechDone]):
     """Qwen3-TTS Base: a reference recording's voice for any text, streamed."""
 
-    def __init__(self, spec: ModelSpec, **kwargs: Any) -> None:
+    def __init__(self, spec: ModelSpec, *, max_chars: int = DEFAULT_MAX_CHARS, **kwargs: Any) -> None:
         super().__init__(spec, **kwargs)
         self.model: Any = None
         self.sample_rate = 24000
         self.languages: tuple[str, ...] = ()
-        self.max_chars = DEFAULT_MAX_CHARS
+        self.max_chars = max_chars
         self.max_frames = 2048
 
     def model_directory(self) -> Path:

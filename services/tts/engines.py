@@ -148,9 +148,13 @@ def check_speech(text: str, speed: float, *, max_chars: int) -> None:
 class SpeechEngine(RegistryEngine[SpeechRequest, SpeechChunk | SpeechDone]):
     """A speech engine: :meth:`synthesize` streams PCM; ``sample_rate`` once loaded."""
 
-    max_chars: int = DEFAULT_MAX_CHARS
     sample_rate: int = 0
     language: str = ""
+
+    def __init__(self, spec: ModelSpec, *, max_chars: int = DEFAULT_MAX_CHARS, **kwargs: Any) -> None:
+        super().__init__(spec, **kwargs)
+        #: The longest text to speak (``max_speech_chars``).
+        self.max_chars = max_chars
 
     def check(self, text: str, speed: float = 1.0) -> None:
         check_speech(text, speed, max_chars=self.max_chars)
@@ -227,7 +231,7 @@ def build_speech_pool(
 ) -> EnginePool[SpeechEngine | CloneEngine]:
     """One engine per speech and voice-cloning model of the registry (not loaded yet)."""
 
-    pool = build_engine_pool(
+    return build_engine_pool(
         registry,
         [*registry.for_capability(SPEECH), *registry.for_capability(VOICE_CLONE)],
         engine_classes(),
@@ -235,7 +239,5 @@ def build_speech_pool(
         cache_dir=cache_dir,
         torch_threads=torch_threads,
         default=default,
+        options={"max_chars": max_chars},
     )
-    for engine in pool.engines.values():
-        engine.max_chars = max_chars
-    return pool
