@@ -26,7 +26,7 @@ import multiprocessing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, cast
 
 import av
 from PIL import Image
@@ -147,12 +147,19 @@ class _Stopped(Exception):
     """The parent ended the job while the worker waited for bytes."""
 
 
-class _RemoteReader:
-    """The worker's file object: reads and the size come from the parent, over the pipe."""
+class PositionalReader:
+    """A read-only, seekable file object (what PyAV reads) over a source that reads at a
+    position and may not know its size yet: :meth:`_read_at` and :meth:`_size`."""
 
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
+    def __init__(self) -> None:
         self._position = 0
+
+    def _read_at(self, position: int, size: int) -> bytes:
+        raise NotImplementedError
+
+    def _size(self) -> int | None:
+        """The source's size, or None while it is still unknown."""
+        raise NotImplementedError
 
     def readable(self) -> bool:
         return True
@@ -161,23 +168,18 @@ class _RemoteReader:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        self._conn.send(("read", self._position, size))
-        kind, data = self._conn.recv()
-        if kind != "data":
-            raise _Stopped
+        data = self._read_at(self._position, size)
         self._position += len(data)
-        return bytes(data)
+        return data
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Moves the position; relative to the end only once the size is known (else -1: unknown)."""
         if whence == io.SEEK_SET:
             target = offset
         elif whence == io.SEEK_CUR:
             target = self._position + offset
         elif whence == io.SEEK_END:
-            self._conn.send(("size",))
-            kind, size = self._conn.recv()
-            if kind != "size":
-                raise _Stopped
+            size = self._size()
             if size is None:
                 return -1  # FFmpeg's "size unknown": it reads on instead of jumping to the end
             target = size + offset
@@ -190,6 +192,28 @@ class _RemoteReader:
 
     def tell(self) -> int:
         return self._position
+
+
+class _RemoteReader(PositionalReader):
+    """The worker's file object: reads and the size come from the parent, over the pipe."""
+
+    def __init__(self, conn: Any) -> None:
+        super().__init__()
+        self._conn = conn
+
+    def _read_at(self, position: int, size: int) -> bytes:
+        self._conn.send(("read", position, size))
+        kind, data = self._conn.recv()
+        if kind != "data":
+            raise _Stopped
+        return bytes(data)
+
+    def _size(self) -> int | None:
+        self._conn.send(("size",))
+        kind, size = self._conn.recv()
+        if kind != "size":
+            raise _Stopped
+        return cast("int | None", size)
 
 
 def video_worker(conn: Any, limits: ModelLimits, memory_bytes: int, cpu_seconds: int) -> None:

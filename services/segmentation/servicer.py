@@ -52,13 +52,12 @@ from services.common.errors import InvalidRequest
 from services.common.media.image import decode_image, encode_image
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec, Registry
 from services.common.runner import Progress
+from services.common.video_decoding import UploadAborted, VideoProbe
 from services.segmentation.engines import Mask, PointPrompt, Sam3Engine, SegmentRequest, SegmentResult
 from services.segmentation.render import CUTOUT, MASK, cutout, render
 from services.segmentation.video import (
     DEFAULT_MAX_VIDEO_BYTES,
-    UploadAborted,
     UploadSpool,
-    VideoProbe,
     VideoSummary,
     remove_video_background,
 )

@@ -64,7 +64,6 @@ wakes a blocked read, and the job's thread closes its containers.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import tempfile
@@ -84,14 +83,7 @@ from services.common.decoding import DEFAULT_DECODE_MEMORY_BYTES
 from services.common.errors import InvalidRequest
 from services.common.registry import ModelLimits
 from services.common.runner import Progress
-from services.common.video_decoding import (  # noqa: F401 (re-exported: the video's decoding)
-    ACCEPTED_DEMUXERS,
-    IsolatedVideo,
-    UploadAborted,
-    VideoProbe,
-    iter_frames,
-    open_video,
-)
+from services.common.video_decoding import IsolatedVideo, PositionalReader, UploadAborted, VideoProbe
 from services.segmentation.engines import Sam3Engine
 
 log = logging.getLogger(__name__)
@@ -193,47 +185,21 @@ class UploadSpool:
             return self._size if self._complete else None
 
 
-class SpoolReader:
-    """A read-only, seekable file object over an :class:`UploadSpool` (what PyAV reads)."""
+class SpoolReader(PositionalReader):
+    """A read-only, seekable file object over an :class:`UploadSpool`: a read blocks until
+    some bytes exist past the position or the upload ended."""
 
     def __init__(self, spool: UploadSpool) -> None:
+        super().__init__()
         self._spool = spool
-        self._position = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes; blocks until some exist past the position or the upload ended."""
+    def _read_at(self, position: int, size: int) -> bytes:
         if size is None or size < 0:
             size = 1 << 20
-        data = self._spool._read_at(self._position, size)
-        self._position += len(data)
-        return data
+        return self._spool._read_at(position, size)
 
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        """Moves the position; relative to the end only once the size is known (else -1: unknown)."""
-        if whence == io.SEEK_SET:
-            target = offset
-        elif whence == io.SEEK_CUR:
-            target = self._position + offset
-        elif whence == io.SEEK_END:
-            size = self._spool._final_size()
-            if size is None:
-                return -1  # FFmpeg's "size unknown": it reads on instead of jumping to the end
-            target = size + offset
-        else:
-            return -1
-        if target < 0:
-            return -1
-        self._position = target
-        return target
-
-    def tell(self) -> int:
-        return self._position
+    def _size(self) -> int | None:
+        return self._spool._final_size()
 
 
 @dataclass(frozen=True)
