@@ -221,7 +221,7 @@ def main() -> None:
 
     from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
     from services.common.registry import DEFAULT_VIDEO_MODEL
-    from services.video.engines import TINY_VERSION, build_tiny_wan_i2v
+    from services.video.tiny import TINY_VERSION, build_tiny_wan_i2v
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()

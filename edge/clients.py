@@ -32,8 +32,8 @@ from services.common.errors import ProcessingError
 from services.common.grpc_client import create_channel, error_from_rpc
 from services.common.mesh_auth import EDGE, METADATA_KEY, mesh_secret, mesh_token
 from services.common.proto_enums import IMAGE_FORMATS
-from services.common.registry import GenerationParams
 from services.common.settings import Settings
+from services.image_gen.rules import GenerationParams
 
 T = TypeVar("T")
 

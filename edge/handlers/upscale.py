@@ -25,7 +25,7 @@ from kiln.upscale.v1 import upscale_service_pb2 as upscale_pb
 from services.common.media.image import probe_image
 from services.common.money import format_credits
 from services.common.proto_enums import IMAGE_FORMATS
-from services.common.registry import upscale_params
+from services.upscale.rules import upscale_params
 
 
 async def upscale_image(request: web.Request) -> web.StreamResponse:

@@ -2,8 +2,10 @@
 
 Image-to-video takes the contract's multipart form (an ``image`` file plus
 text fields). The picture is checked from its header (format, pixels, bytes)
-before anything is reserved; the video service streams progress, then the MP4
-in chunks, then a summary. The MP4 is stored in the media store and recorded in
+and the fields with the video service's own rules
+(:func:`services.video.rules.video_params`) before anything is reserved; the
+video service streams progress, then the MP4 in chunks, then a summary. The
+MP4 is stored in the media store and recorded in
 the caller's video library in the same transaction as the charge (billing's
 ``Commit``), so the library lists exactly the videos that were paid for. The
 answer is JSON (the contract shows none): ``id``, ``url``, ``object``
@@ -47,6 +49,7 @@ from services.common.errors import InvalidRequest, KilnError, ProcessingError, q
 from services.common.media.image import probe_image
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_VIDEO_MODEL, IMAGE_TO_VIDEO
+from services.video.rules import video_params
 
 #: The library's kind of media record.
 VIDEO = "video"
@@ -74,6 +77,18 @@ async def create_video(request: web.Request) -> web.StreamResponse:
     form = parse_form(ImageToVideoForm, fields)
     probe_image(image, max_pixels=settings.max_input_image_pixels, max_bytes=settings.max_input_image_bytes)
     spec = request.app[REGISTRY].resolve(form.model, IMAGE_TO_VIDEO, DEFAULT_VIDEO_MODEL)
+    video_params(  # the service checks again; a bad field is refused here before credits are held
+        spec,
+        prompt=form.prompt,
+        negative_prompt=form.negative_prompt,
+        num_frames=form.num_frames,
+        steps=form.num_steps,
+        resolution=form.resolution,
+        use_ode=form.use_ode,
+        guidance_scale=form.guidance_scale,
+        seed=form.seed,
+        max_prompt_chars=settings.max_prompt_chars,
+    )
     call = video_pb.GenerateVideoRequest(
         model=spec.id,
         image=image,

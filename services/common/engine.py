@@ -27,12 +27,13 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from services.common.errors import InvalidRequest, MaintenanceMode
+from services.common.errors import InvalidRequest, MaintenanceMode, ProcessingError
 from services.common.registry import ModelSpec, Registry
 from services.common.runner import Progress, StepRunner
 
@@ -73,7 +74,7 @@ class Engine(ABC, Generic[RequestT, ResultT]):
 
     Subclasses implement :meth:`load_blocking` (build or load the model; runs
     on the engine's worker thread), :meth:`run` (usually with
-    ``self.runner.stream``) and optionally :meth:`close_blocking`.
+    ``self.runner.start``) and optionally :meth:`close_blocking`.
     """
 
     def __init__(self, name: str, *, concurrency: int = 1) -> None:
@@ -132,6 +133,17 @@ class Engine(ABC, Generic[RequestT, ResultT]):
     @abstractmethod
     def run(self, request: RequestT, *, request_id: str = "") -> AsyncGenerator[Progress | ResultT, None]:
         """Progress events, then exactly one result; stop iterating to abort."""
+
+    async def result(self, request: RequestT, *, request_id: str = "") -> ResultT:
+        """:meth:`run` for callers that want only the result (the last event)."""
+        result: ResultT | None = None
+        async with aclosing(self.run(request, request_id=request_id)) as events:
+            async for event in events:
+                if not isinstance(event, Progress):
+                    result = event
+        if result is None:
+            raise ProcessingError(f"The {self.name} job ended without a result.")
+        return result
 
     def abort(self, request_id: str) -> int:
         """Stops the running jobs of one request at their next step; returns how many."""

@@ -34,6 +34,7 @@ from services.common.engine import EnginePool
 from services.common.errors import ERROR_DOMAIN, KilnError, ProcessingError
 from services.common.mesh_auth import MeshAuthInterceptor, mesh_secret
 from services.common.registry import Registry, load_registry
+from services.common.servicer import ServiceParts
 from services.common.settings import Settings
 from services.common.telemetry import server_interceptors
 
@@ -239,16 +240,6 @@ def serve_engine_pool(service: GrpcService, pool: EnginePool) -> GrpcService:
 
 
 @dataclass(frozen=True)
-class ServiceParts:
-    """What a capability's servicer is built from."""
-
-    registry: Registry
-    pool: EnginePool
-    decoder: DecodePool
-    settings: Settings
-
-
-@dataclass(frozen=True)
 class EngineService:
     """Everything that differs between two capability servers: which catalog entry, how to
     register its servicer, its engine pool builder (called with the registry, the model
@@ -260,7 +251,7 @@ class EngineService:
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     build_pool: Callable[..., EnginePool]
     default_model: str
-    build_servicer: Callable[[ServiceParts], Any]
+    servicer: Callable[[ServiceParts[Any]], Any]
     pool_options: Callable[[Settings], dict[str, Any]] = lambda settings: {}
 
     async def create(
@@ -288,7 +279,7 @@ class EngineService:
                 default=self.default_model,
                 **self.pool_options(settings),
             )
-        servicer = self.build_servicer(ServiceParts(registry, pool, decoder, settings))
+        servicer = self.servicer(ServiceParts(registry, pool, decoder, settings))
         return await create_engine_server(
             address=address or settings.bind_address(settings.address(self.capability.name)),
             settings=settings,

@@ -125,8 +125,9 @@ _DONE = object()
 class StepRunner:
     """Runs blocking, step-wise jobs on dedicated worker threads, ``concurrency`` at a time.
 
-    One runner per engine. :meth:`stream` yields :class:`Progress` events and,
-    last, one :class:`JobOutcome`; :meth:`call` runs a plain blocking function
+    One runner per engine. :meth:`start` runs a job as a :class:`RunningJob`
+    (its :class:`Progress` events, then its :class:`JobOutcome`), :meth:`result`
+    runs one to its outcome; :meth:`call` runs a plain blocking function
     (model loading) on the same worker threads.
     """
 
@@ -160,7 +161,7 @@ class StepRunner:
         async with slots:
             return await asyncio.wrap_future(self._executor.submit(fn))
 
-    async def stream(
+    async def _stream(
         self, job: Callable[[StepControl], T], *, key: str = "", label: str = ""
     ) -> AsyncGenerator[Progress | JobOutcome[T], None]:
         """Runs ``job(control)`` on a worker thread, yielding its progress and then its outcome.
@@ -238,6 +239,15 @@ class StepRunner:
             # The slot is released by `finished` when the worker returns.
             control.cancel()
 
+    def start(self, job: Callable[[StepControl], T], *, key: str = "", label: str = "") -> RunningJob[T]:
+        """:meth:`_stream` as a :class:`RunningJob`: iterate it for progress, then read its outcome."""
+        return RunningJob(self._stream(job, key=key, label=label))
+
+    async def result(self, job: Callable[[StepControl], T], *, key: str = "", label: str = "") -> JobOutcome[T]:
+        """Runs ``job`` to the end, ignoring its progress, and returns its outcome."""
+        async with self.start(job, key=key, label=label) as running:
+            return await running.wait()
+
     def abort(self, key: str) -> int:
         """Asks every running job with this key to stop at its next step; returns how many."""
         hits = [control for job_key, control in self._controls.values() if job_key == key]
@@ -254,3 +264,50 @@ class StepRunner:
         self._closed = True
         self.abort_all()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class RunningJob(Generic[T]):
+    """A job on a :class:`StepRunner`: an async iterator of its :class:`Progress` and, once
+    that ends, its :attr:`outcome`. Use it as an async context manager, so that leaving
+    early (the consumer was cancelled or closed) stops the job at its next step::
+
+        async with self.runner.start(job, key=request_id) as running:
+            async for progress in running:
+                yield progress
+        value = running.outcome.value
+    """
+
+    def __init__(self, events: AsyncGenerator[Progress | JobOutcome[T], None]) -> None:
+        self._events = events
+        self._outcome: JobOutcome[T] | None = None
+
+    async def __aenter__(self) -> RunningJob[T]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._events.aclose()
+
+    def __aiter__(self) -> RunningJob[T]:
+        return self
+
+    async def __anext__(self) -> Progress:
+        if self._outcome is not None:
+            raise StopAsyncIteration
+        event = await self._events.__anext__()
+        if isinstance(event, JobOutcome):
+            self._outcome = event
+            raise StopAsyncIteration
+        return event
+
+    @property
+    def outcome(self) -> JobOutcome[T]:
+        """What the job returned, with its timings (once iteration has ended)."""
+        if self._outcome is None:  # the runner always ends with an outcome or an exception
+            raise ProcessingError("The job ended without a result.")
+        return self._outcome
+
+    async def wait(self) -> JobOutcome[T]:
+        """Skips the remaining progress and returns the outcome."""
+        async for _ in self:
+            pass
+        return self.outcome

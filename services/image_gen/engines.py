@@ -40,7 +40,6 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,23 +49,23 @@ from PIL import Image, ImageOps
 
 from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine
 from services.common.engine import build_engine_pool as build_pool
-from services.common.errors import InvalidRequest, ProcessingError
+from services.common.errors import InvalidRequest
 from services.common.media.image import encode_image, image_mime_type
-from services.common.model_cache import MODEL_LOAD_LOCK
+from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
 from services.common.registry import (
     IMAGE_EDIT,
     MAX_SEED,
     TEXT_TO_IMAGE,
-    GenerationParams,
     ModelSpec,
     Registry,
 )
-from services.common.runner import JobOutcome, Progress, StepControl
+from services.common.runner import Progress, StepControl
+from services.image_gen.rules import GenerationParams
 from services.image_gen.tiny import (
+    TINY_VERSION,
     build_tiny_flux2_klein,
     build_tiny_longcat,
     build_tiny_zimage,
-    ensure_tiny_model,
 )
 
 #: What this service's models do.
@@ -193,7 +192,9 @@ class DiffusersImageEngine(RegistryEngine[ImageRequest, ImageResult]):
     def load_blocking(self) -> None:
         self.prepare_pipeline_load()
         with MODEL_LOAD_LOCK:
-            directory = self.weights_dir or ensure_tiny_model(self.cache_dir, self.spec.id, self.build_tiny)
+            directory = self.weights_dir or ensure_tiny_model_directory(
+                self.cache_dir, self.spec.id, self.build_tiny, version=TINY_VERSION
+            )
             self.pipe = self.load_pipeline(directory)
         self.pipe.set_progress_bar_config(disable=True)
         self.pixel_multiple = int(self.pipe.vae_scale_factor) * 2
@@ -224,16 +225,11 @@ class DiffusersImageEngine(RegistryEngine[ImageRequest, ImageResult]):
             with torch.inference_mode():
                 return self.generate_blocking(request, generator, control)
 
-        outcome: JobOutcome[list[Image.Image]] | None = None
         label = f"{self.spec.id} {request.width}x{request.height} x{request.count} {request.steps} steps"
-        async with aclosing(self.runner.stream(job, key=request_id, label=label)) as events:
-            async for event in events:
-                if isinstance(event, Progress):
-                    yield event
-                else:
-                    outcome = event
-        if outcome is None:  # the runner always ends with an outcome or an exception
-            raise ProcessingError("Image generation ended without a result.")
+        async with self.runner.start(job, key=request_id, label=label) as running:
+            async for progress in running:
+                yield progress
+        outcome = running.outcome
 
         metadata = (
             {

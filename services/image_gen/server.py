@@ -28,14 +28,7 @@ SERVICE = EngineService(
     add_to_server=pb_grpc.add_ImageServiceServicer_to_server,
     build_pool=build_engine_pool,
     default_model=DEFAULT_IMAGE_MODEL,
-    build_servicer=lambda parts: ImageServiceServicer(
-        registry=parts.registry,
-        pool=parts.pool,
-        max_prompt_chars=parts.settings.max_prompt_chars,
-        max_input_image_pixels=parts.settings.max_input_image_pixels,
-        max_input_image_bytes=parts.settings.max_input_image_bytes,
-        decoder=parts.decoder,
-    ),
+    servicer=ImageServiceServicer,
 )
 
 

@@ -1,9 +1,10 @@
 """``kiln.image.v1.ImageService``: protobuf in, registry rules, engine, protobuf out.
 
 The servicer does no model work. ``GenerateImages`` checks the request with
-:meth:`Registry.generation_params` and ``EditImages`` with
-:meth:`Registry.output_size` and :meth:`Registry.edit_params` (the single
-place where request rules and defaults live; unset proto3 ``optional`` fields
+:func:`services.image_gen.rules.generation_params` and ``EditImages`` with
+:func:`~services.image_gen.rules.output_size` and
+:func:`~services.image_gen.rules.edit_params` (the single place where request
+rules and defaults live; unset proto3 ``optional`` fields
 mean "use the default", a ``count`` of 0 means 1, ``IMAGE_FORMAT_UNSPECIFIED``
 means PNG). The style preset is applied there, once: the edge sends prompts it
 already styled with an empty ``style_preset``.
@@ -34,14 +35,13 @@ from PIL import Image
 from kiln.common.v1 import media_pb2
 from kiln.image.v1 import image_service_pb2 as pb
 from kiln.image.v1 import image_service_pb2_grpc as pb_grpc
-from services.common.decoding import DecodePool
-from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
-from services.common.media.image import decode_image
 from services.common.proto_enums import image_format_name
-from services.common.registry import DEFAULT_EDIT_MODEL, IMAGE_EDIT, GenerationParams, Registry
+from services.common.registry import DEFAULT_EDIT_MODEL, IMAGE_EDIT
 from services.common.runner import Progress
+from services.common.servicer import EngineServicer
 from services.image_gen.engines import DiffusersImageEngine, ImageRequest, ImageResult, served_models
+from services.image_gen.rules import GenerationParams, edit_params, generation_params, output_size
 
 #: Full name of the service, for health and reflection.
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ImageService"].full_name
@@ -66,30 +66,14 @@ def _result_to_proto(result: ImageResult) -> pb.GeneratedImages:
     )
 
 
-class ImageServiceServicer(pb_grpc.ImageServiceServicer):
+class ImageServiceServicer(EngineServicer[DiffusersImageEngine], pb_grpc.ImageServiceServicer):
     """Text-to-image and image editing over gRPC."""
-
-    def __init__(
-        self,
-        *,
-        registry: Registry,
-        pool: EnginePool[DiffusersImageEngine],
-        max_prompt_chars: int,
-        max_input_image_pixels: int = 4096 * 4096,
-        max_input_image_bytes: int = 20 * 1024 * 1024,
-        decoder: DecodePool | None = None,
-    ) -> None:
-        self.registry = registry
-        self.pool = pool
-        self.decoder = decoder or DecodePool()
-        self.max_prompt_chars = max_prompt_chars
-        self.max_input_image_pixels = max_input_image_pixels
-        self.max_input_image_bytes = max_input_image_bytes
 
     async def GenerateImages(
         self, request: pb.GenerateImagesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateImagesResponse]:
-        params = self.registry.generation_params(
+        params = generation_params(
+            self.registry,
             model=request.model or None,
             prompt=request.prompt,
             width=request.width,
@@ -102,7 +86,7 @@ class ImageServiceServicer(pb_grpc.ImageServiceServicer):
             output_format=image_format_name(request.output_format),
             embed_metadata=request.embed_metadata,
             style_preset=request.style_preset or None,
-            max_prompt_chars=self.max_prompt_chars,
+            max_prompt_chars=self.settings.max_prompt_chars,
         )
         async for event in self._run(params, ImageRequest.from_params(params), request.request_id):
             if isinstance(event, Progress):
@@ -118,14 +102,15 @@ class ImageServiceServicer(pb_grpc.ImageServiceServicer):
         spec = self.registry.resolve(request.model or None, IMAGE_EDIT, DEFAULT_EDIT_MODEL)
         inputs = list(request.input_images)
         first = await self._decode(inputs[:1], "input image") if inputs else []
-        width, height = self.registry.output_size(
+        width, height = output_size(
             spec,
             width=request.width or None,
             height=request.height or None,
             first_input=first[0].size if first else None,
             match_image_size=request.match_image_size,
         )
-        params = self.registry.edit_params(
+        params = edit_params(
+            self.registry,
             model=spec.id,
             inputs=inputs,
             prompt=request.prompt,
@@ -140,7 +125,7 @@ class ImageServiceServicer(pb_grpc.ImageServiceServicer):
             embed_metadata=request.embed_metadata,
             style_preset=request.style_preset or None,
             mask=request.mask,
-            max_prompt_chars=self.max_prompt_chars,
+            max_prompt_chars=self.settings.max_prompt_chars,
         )
         rest = await self._decode(inputs[1:], "input image", start=2)
         mask = (await self._decode([request.mask], "mask"))[0] if request.mask else None
@@ -159,13 +144,7 @@ class ImageServiceServicer(pb_grpc.ImageServiceServicer):
         for number, data in enumerate(blobs, start):
             try:
                 images.append(
-                    await self.decoder.run(
-                        "The image",
-                        decode_image,
-                        data,
-                        max_pixels=self.max_input_image_pixels,
-                        max_bytes=self.max_input_image_bytes,
-                    )
+                    await self.decode_image(data)
                 )
             except InvalidRequest as exc:
                 label = f"{what.capitalize()} {number}" if what != "mask" else "The mask"

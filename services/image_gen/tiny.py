@@ -18,13 +18,11 @@ ignored (and may be deleted by hand).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from services.common.model_cache import ensure_tiny_model_directory, tiny_model_directory
 from services.common.tiny_tokenizer import build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -32,8 +30,6 @@ log = logging.getLogger(__name__)
 TINY_VERSION = 1
 #: The seed every tiny model's weights are drawn from.
 TINY_SEED = 0
-
-TinyBuilder = Callable[[Path], None]
 
 
 def _tiny_qwen3_config(tokenizer: Any) -> Any:
@@ -272,13 +268,3 @@ def build_tiny_flux2_klein(directory: Path, *, distilled: bool) -> None:
         is_distilled=distilled,
     )
     pipe.save_pretrained(directory)
-
-
-def tiny_model_dir(cache_dir: Path, model_id: str) -> Path:
-    """Where the tiny build of a model lives (see :func:`tiny_model_directory`)."""
-    return tiny_model_directory(cache_dir, model_id, version=TINY_VERSION)
-
-
-def ensure_tiny_model(cache_dir: Path, model_id: str, build: TinyBuilder) -> Path:
-    """The tiny model's directory, building it first if it is not there yet (blocking)."""
-    return ensure_tiny_model_directory(cache_dir, model_id, build, version=TINY_VERSION)

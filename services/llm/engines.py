@@ -60,10 +60,11 @@ from transformers.utils import logging as transformers_logging
 
 from services.common.engine import EngineHealth, EnginePool, EngineUnavailable, RegistryEngine
 from services.common.engine import build_engine_pool as build_pool
-from services.common.errors import InvalidRequest, ProcessingError, quoted
+from services.common.errors import InvalidRequest, ProcessingError
 from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
 from services.common.registry import CHAT, DEFAULT_CHAT_MODEL, ModelSpec, Registry
 from services.common.runner import Progress
+from services.llm import rules
 from services.llm.batching import (
     DecodeLoop,
     Delta,
@@ -80,13 +81,9 @@ from services.llm.tiny import TINY_VERSION, build_tiny_qwen3_5
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
 DEFAULT_CONTEXT = 4096
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_IMAGES = 8
-#: A prompt's characters are checked against ``context * MAX_CHARS_PER_TOKEN`` before tokenizing,
-#: so a huge prompt is refused without spending time on it.
-MAX_CHARS_PER_TOKEN = 16
 #: Version of the GGUF conversion layout (part of the cache directory name).
 GGUF_CONVERSION_VERSION = 1
 
@@ -236,17 +233,9 @@ class ChatEngine(RegistryEngine[ChatRequest, ChatEvent]):
     def prepare(self, request: ChatRequest) -> Prompt:
         """Tokenizes the conversation (and processes its images); checks it fits the context."""
         chars = sum(len(m.text) for m in request.messages)
-        if chars > self.context * MAX_CHARS_PER_TOKEN:
-            raise InvalidRequest(
-                f"Model '{self.spec.id}': prompt too long: {chars} characters, the context is "
-                f"{self.context} tokens"
-            )
+        rules.check_prompt_chars(chars, context=self.context, model=self.spec.id)
         prompt = self.tokenize(request)
-        if prompt.tokens >= self.context:
-            raise InvalidRequest(
-                f"Model '{self.spec.id}': prompt too long: {prompt.tokens} tokens, the context is "
-                f"{self.context} tokens (prompt and answer together)"
-            )
+        rules.check_prompt_tokens(prompt.tokens, context=self.context, model=self.spec.id)
         return prompt
 
     def tokenize(self, request: ChatRequest) -> Prompt:
@@ -269,29 +258,22 @@ class ChatEngine(RegistryEngine[ChatRequest, ChatEvent]):
 
     def check_images(self, count: int) -> None:
         """Images only for a vision model (the contract's message), at most ``max_images``."""
-        if count and not self.vision:
-            raise InvalidRequest(
-                f"Model '{self.spec.id}' does not support vision. Use '{self.vision_model}' for image inputs."
-            )
-        if count > self.max_images:
-            raise InvalidRequest(
-                f"Too many images: {count}; model '{self.spec.id}' accepts at most {self.max_images}"
-            )
+        rules.check_images(
+            count,
+            model=self.spec.id,
+            vision=self.vision,
+            max_images=self.max_images,
+            vision_model=self.vision_model,
+        )
 
     def check_request(self, request: ChatRequest) -> None:
-        """The rules that need no tokenizer: vision, image count, max_tokens within the context."""
+        """The rules that need no tokenizer (:mod:`services.llm.rules`): vision, image count,
+        max_tokens within the context, the messages' count and roles."""
         self.check_images(request.images)
-        if request.max_tokens is not None and not 1 <= request.max_tokens <= self.context:
-            raise InvalidRequest(
-                f"'max_tokens' must be between 1 and {self.context} for model '{self.spec.id}'"
-            )
-        if not request.messages:
-            raise InvalidRequest("'messages' must not be empty")
-        for message in request.messages:
-            if message.role not in ROLES:
-                raise InvalidRequest(
-                    f"Invalid role '{quoted(message.role)}'. Supported roles: {', '.join(ROLES)}"
-                )
+        rules.check_max_tokens(request.max_tokens, context=self.context, model=self.spec.id)
+        rules.check_message_count(len(request.messages))
+        for number, message in enumerate(request.messages, 1):
+            rules.check_role(message.role, number)
 
     async def run(
         self, request: ChatRequest, *, request_id: str = ""

@@ -35,13 +35,7 @@ SERVICE = EngineService(
     build_pool=build_engine_pool,
     default_model=DEFAULT_CHAT_MODEL,
     pool_options=lambda settings: {"max_batch": settings.batch_max_size or AUTO_CHAT_BATCH},
-    build_servicer=lambda parts: LlmServicer(
-        registry=parts.registry,
-        pool=parts.pool,
-        max_input_image_pixels=parts.settings.max_input_image_pixels,
-        max_input_image_bytes=parts.settings.max_input_image_bytes,
-        decoder=parts.decoder,
-    ),
+    servicer=LlmServicer,
 )
 
 

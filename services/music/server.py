@@ -27,13 +27,7 @@ SERVICE = EngineService(
     add_to_server=pb_grpc.add_MusicServiceServicer_to_server,
     build_pool=build_music_pool,
     default_model=DEFAULT_MUSIC_MODEL,
-    build_servicer=lambda parts: MusicServicer(
-        registry=parts.registry,
-        pool=parts.pool,
-        max_prompt_chars=parts.settings.max_prompt_chars,
-        max_input_audio_bytes=parts.settings.max_input_audio_bytes,
-        decoder=parts.decoder,
-    ),
+    servicer=MusicServicer,
 )
 
 

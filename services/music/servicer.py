@@ -2,7 +2,7 @@
 
 The servicer does no model work. Each generating RPC resolves the model (an
 id or alias of capability ``music``; the pool's default when empty), checks
-the text conditions with :func:`~services.music.engines.music_conditions` and
+the text conditions with :func:`~services.music.rules.music_conditions` and
 the cheap numeric rules before anything else, then (cover, repaint) decodes
 the untrusted source through :func:`services.common.media.audio.decode_audio` in a
 decode worker process (:class:`~services.common.decoding.DecodePool`; resampled
@@ -30,21 +30,15 @@ import numpy as np
 from kiln.common.v1 import media_pb2
 from kiln.music.v1 import music_service_pb2 as pb
 from kiln.music.v1 import music_service_pb2_grpc as pb_grpc
-from services.common.decoding import DecodePool
-from services.common.engine import EnginePool
 from services.common.media.audio import decode_audio
-from services.common.registry import MUSIC, Registry
+from services.common.registry import MUSIC
 from services.common.runner import Progress
-from services.music.engines import (
-    DEFAULT_MAX_PROMPT_CHARS,
+from services.common.servicer import EngineServicer
+from services.music.engines import MusicEngine, MusicRequest, MusicResult, TaskType, conform_audio
+from services.music.rules import (
     MusicConditions,
-    MusicEngine,
-    MusicRequest,
-    MusicResult,
-    TaskType,
     check_cover_strength,
     check_region_bounds,
-    conform_audio,
     max_duration_seconds,
     music_conditions,
 )
@@ -92,23 +86,8 @@ def _result_to_proto(result: MusicResult) -> pb.GeneratedMusic:
     )
 
 
-class MusicServicer(pb_grpc.MusicServiceServicer):
+class MusicServicer(EngineServicer[MusicEngine], pb_grpc.MusicServiceServicer):
     """Music generation, covers and repaints over gRPC."""
-
-    def __init__(
-        self,
-        *,
-        registry: Registry,
-        pool: EnginePool[MusicEngine],
-        max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
-        max_input_audio_bytes: int = DEFAULT_MAX_INPUT_AUDIO_BYTES,
-        decoder: DecodePool | None = None,
-    ) -> None:
-        self.registry = registry
-        self.pool = pool
-        self.max_prompt_chars = max_prompt_chars
-        self.max_input_audio_bytes = max_input_audio_bytes
-        self.decoder = decoder or DecodePool()
 
     async def GenerateMusic(
         self, request: pb.GenerateMusicRequest, context: grpc.aio.ServicerContext
@@ -116,7 +95,7 @@ class MusicServicer(pb_grpc.MusicServiceServicer):
         engine = self._engine(request.model)
         music = MusicRequest(
             task=TaskType.TEXT2MUSIC,
-            conditions=_conditions(request, self.max_prompt_chars),
+            conditions=_conditions(request, self.settings.max_prompt_chars),
             duration_seconds=_optional(request, "duration_seconds"),
             seed=_optional(request, "seed"),
             steps=_optional(request, "num_inference_steps"),
@@ -128,7 +107,7 @@ class MusicServicer(pb_grpc.MusicServiceServicer):
         self, request: pb.CoverMusicRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CoverMusicResponse]:
         engine = self._engine(request.model)
-        conditions = _conditions(request, self.max_prompt_chars)
+        conditions = _conditions(request, self.settings.max_prompt_chars)
         strength = _optional(request, "audio_cover_strength")
         strength = 1.0 if strength is None else strength
         check_cover_strength(strength)
@@ -147,7 +126,7 @@ class MusicServicer(pb_grpc.MusicServiceServicer):
         self, request: pb.RepaintMusicRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RepaintMusicResponse]:
         engine = self._engine(request.model)
-        conditions = _conditions(request, self.max_prompt_chars)
+        conditions = _conditions(request, self.settings.max_prompt_chars)
         end = _optional(request, "end_seconds")
         check_region_bounds(request.start_seconds, end)
         music = MusicRequest(
@@ -197,7 +176,7 @@ class MusicServicer(pb_grpc.MusicServiceServicer):
             decode_audio,
             data,
             max_seconds=engine.max_duration_seconds,
-            max_bytes=self.max_input_audio_bytes,
+            max_bytes=self.settings.max_input_audio_bytes,
             field="source_audio",
             sample_rate=engine.sample_rate,
         )

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,10 +58,10 @@ from transformers.utils import logging as transformers_logging
 
 from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine
 from services.common.engine import build_engine_pool as build_pool
-from services.common.errors import InvalidRequest, ProcessingError
 from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
 from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec, Registry
-from services.common.runner import JobOutcome, Progress, StepControl
+from services.common.runner import Progress, StepControl
+from services.segmentation import rules
 from services.segmentation.tiny import DETECTOR_DIR, TINY_VERSION, TRACKER_DIR, build_tiny_sam3
 
 #: Defaults of the registry options, when a model does not set them.
@@ -218,17 +217,16 @@ class Sam3Engine(RegistryEngine[SegmentRequest, SegmentResult]):
     ) -> AsyncGenerator[Progress | SegmentResult, None]:
         """One :class:`SegmentResult` (no progress events: one forward pass or two)."""
         self._check_ready()
-        if not request.prompt.strip() and not request.points:
-            raise InvalidRequest("Give a prompt or at least one point to segment")
-        if request.multimask_output and not request.points:
-            raise InvalidRequest("'multimask_output' needs points")
+        rules.check_prompt_or_points(
+            request.prompt, len(request.points), multimask_output=request.multimask_output
+        )
 
         def job(control: StepControl) -> tuple[Mask, ...]:
             with torch.inference_mode():
                 return self.segment_blocking(request)
 
-        outcome = await self._one(
-            job, request_id, f"{self.spec.id} {request.image.width}x{request.image.height}"
+        outcome = await self.runner.result(
+            job, key=request_id, label=f"{self.spec.id} {request.image.width}x{request.image.height}"
         )
         masks = outcome.value
         yield SegmentResult(
@@ -238,17 +236,6 @@ class Sam3Engine(RegistryEngine[SegmentRequest, SegmentResult]):
             queue_ms=outcome.queue_ms,
             inference_ms=outcome.run_ms,
         )
-
-    async def segment(self, request: SegmentRequest, *, request_id: str = "") -> SegmentResult:
-        """:meth:`run` for callers that want only the result."""
-        result: SegmentResult | None = None
-        async with aclosing(self.run(request, request_id=request_id)) as events:
-            async for event in events:
-                if isinstance(event, SegmentResult):
-                    result = event
-        if result is None:
-            raise ProcessingError("Segmentation ended without a result.")
-        return result
 
     async def detect_frames(
         self, images: Sequence[Image.Image], prompt: str, *, request_id: str = ""
@@ -265,21 +252,11 @@ class Sam3Engine(RegistryEngine[SegmentRequest, SegmentResult]):
                     found.extend(self.detect_blocking(frames[start : start + self.frame_batch], prompt))
             return found
 
-        outcome = await self._one(job, request_id, f"{self.spec.id} {len(frames)} frames")
+        outcome = await self.runner.result(job, key=request_id, label=f"{self.spec.id} {len(frames)} frames")
         return FrameDetections(tuple(outcome.value), outcome.queue_ms, outcome.run_ms)
 
     def _check_ready(self) -> None:
         self.require_ready()
-
-    async def _one(self, job: Any, request_id: str, label: str) -> JobOutcome[Any]:
-        outcome: JobOutcome[Any] | None = None
-        async with aclosing(self.runner.stream(job, key=request_id, label=label)) as events:
-            async for event in events:
-                if isinstance(event, JobOutcome):
-                    outcome = event
-        if outcome is None:  # the runner always ends with an outcome or an exception
-            raise ProcessingError("Segmentation ended without a result.")
-        return outcome
 
     # --- model work (worker thread; each method runs in torch.inference_mode) ---
 

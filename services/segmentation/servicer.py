@@ -6,10 +6,10 @@ The servicer does no model work and no PyAV work on the event loop.
 :func:`services.common.media.image.decode_image` in a decode worker process
 (:class:`~services.common.decoding.DecodePool`; the configured
 byte and pixel limits, and the model's ``max_width`` x ``max_height``), then
-checks the request: a prompt or at least one point; ``multimask_output`` only
-with points; every point inside the image (``0 <= x < width``,
-``0 <= y < height``; the error names the point); at most :data:`MAX_POINTS`
-points. The engine answers with boolean masks; each is rendered
+checks the request with :mod:`services.segmentation.rules`: a prompt or at
+least one point; ``multimask_output`` only with points; every point inside
+the image (``0 <= x < width``, ``0 <= y < height``; the error names the
+point); at most :data:`~services.segmentation.rules.MAX_POINTS` points. The engine answers with boolean masks; each is rendered
 (:mod:`services.segmentation.render`: the object on transparency by default,
 or a grey mask) and encoded as PNG on a worker thread, with its score and
 coverage. A prompt that finds nothing gives ``found`` false and one empty
@@ -35,7 +35,6 @@ generator aborts the spool, which stops the job's thread, and frees the engine.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -46,17 +45,16 @@ from PIL import Image
 from kiln.common.v1 import media_pb2
 from kiln.segmentation.v1 import segmentation_service_pb2 as pb
 from kiln.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
-from services.common.decoding import DecodePool
-from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
-from services.common.media.image import decode_image, encode_image
-from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec, Registry
+from services.common.media.image import encode_image
+from services.common.registry import DEFAULT_SEGMENTATION_MODEL, SEGMENTATION, ModelSpec
 from services.common.runner import Progress
+from services.common.servicer import EngineServicer
 from services.common.video_decoding import UploadAborted, VideoProbe
+from services.segmentation import rules
 from services.segmentation.engines import Mask, PointPrompt, Sam3Engine, SegmentRequest, SegmentResult
 from services.segmentation.render import CUTOUT, MASK, cutout, render
 from services.segmentation.video import (
-    DEFAULT_MAX_VIDEO_BYTES,
     UploadSpool,
     VideoSummary,
     remove_video_background,
@@ -66,8 +64,6 @@ T = TypeVar("T")
 
 #: Full name of the service, for health and reflection.
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
-#: Most points one request may give.
-MAX_POINTS = 64
 
 #: ``SegmentationOutput`` -> what the PNG shows.
 OUTPUTS: dict[int, str] = {
@@ -106,27 +102,8 @@ def _summary_to_proto(summary: VideoSummary) -> pb.VideoSummary:
     )
 
 
-class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
+class SegmentationServicer(EngineServicer[Sam3Engine], pb_grpc.SegmentationServiceServicer):
     """Segmentation and background removal (images and videos) over gRPC."""
-
-    def __init__(
-        self,
-        *,
-        registry: Registry,
-        pool: EnginePool[Sam3Engine],
-        max_prompt_chars: int = 4000,
-        max_input_image_pixels: int = 4096 * 4096,
-        max_input_image_bytes: int = 20 * 1024 * 1024,
-        max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
-        decoder: DecodePool | None = None,
-    ) -> None:
-        self.registry = registry
-        self.pool = pool
-        self.decoder = decoder or DecodePool()
-        self.max_prompt_chars = max_prompt_chars
-        self.max_input_image_pixels = max_input_image_pixels
-        self.max_input_image_bytes = max_input_image_bytes
-        self.max_video_bytes = max_video_bytes
 
     # --- images ---
 
@@ -138,16 +115,12 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         if kind is None:
             raise InvalidRequest(f"Unknown output {request.output}; use CUTOUT or MASK")
         prompt = self._prompt(request.prompt, required=False)
-        if len(request.points) > MAX_POINTS:
-            raise InvalidRequest(f"Too many points: {len(request.points)}; the maximum is {MAX_POINTS}")
-        if not prompt and not request.points:
-            raise InvalidRequest("Give a 'prompt' or at least one point ('point_coords') to segment")
-        if request.multimask_output and not request.points:
-            raise InvalidRequest("'multimask_output' is only allowed with points ('point_coords')")
+        rules.check_point_count(len(request.points))
+        rules.check_prompt_or_points(prompt, len(request.points), multimask_output=request.multimask_output)
         engine = self._engine(spec)
         image = await self._decode(request.image, spec)
         points = self._points(request.points, image)
-        result = await engine.segment(
+        result = await engine.result(
             SegmentRequest(image, prompt, points, request.multimask_output), request_id=request.request_id
         )
         masks, encode_ms = await self._render(image, result.masks, kind)
@@ -165,7 +138,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         prompt = self._prompt(request.prompt, required=True)
         engine = self._engine(spec)
         image = await self._decode(request.image, spec)
-        result: SegmentResult = await engine.segment(
+        result: SegmentResult = await engine.result(
             SegmentRequest(image, prompt), request_id=request.request_id
         )
         best = result.masks[0]
@@ -187,7 +160,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         request_iterator: AsyncIterator[pb.RemoveVideoBackgroundRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.RemoveVideoBackgroundResponse]:
-        spool = UploadSpool(max_bytes=self.max_video_bytes)
+        spool = UploadSpool(max_bytes=self.settings.max_video_bytes)
         jobs: asyncio.Future[pb.VideoJob] = asyncio.get_running_loop().create_future()
         probed = asyncio.Event()
         started = asyncio.Event()
@@ -196,8 +169,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             job = await self._unless_receiver_fails(jobs, receiver, spool)
             prompt = self._prompt(job.prompt, required=True)
             spec = self.registry.resolve(job.model or None, SEGMENTATION, DEFAULT_SEGMENTATION_MODEL)
-            if not spec.limits.max_frames:
-                raise InvalidRequest(f"Model '{spec.id}' does not process videos")
+            rules.check_video_model(spec.id, max_frames=spec.limits.max_frames)
             engine = self._engine(spec)
             events = remove_video_background(
                 spool,
@@ -300,11 +272,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         return self.pool.get(spec.id)
 
     def _prompt(self, prompt: str, *, required: bool) -> str:
-        if len(prompt) > self.max_prompt_chars:
-            raise InvalidRequest(f"'prompt' is longer than {self.max_prompt_chars} characters")
-        if required and not prompt.strip():
-            raise InvalidRequest("'prompt' is required and must not be empty")
-        return prompt.strip()
+        return rules.check_prompt(prompt, max_chars=self.settings.max_prompt_chars, required=required)
 
     @staticmethod
     def _points(points: Any, image: Image.Image) -> tuple[PointPrompt, ...]:
@@ -312,11 +280,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         checked = []
         for number, point in enumerate(points, 1):
             x, y = float(point.x), float(point.y)
-            if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < width and 0 <= y < height):
-                raise InvalidRequest(
-                    f"Point {number} ({x:g}, {y:g}) is outside the {width}x{height} image; "
-                    f"x must be in [0, {width}) and y in [0, {height})"
-                )
+            rules.check_point(number, x, y, width=width, height=height)
             foreground = point.foreground if point.HasField("foreground") else True
             checked.append(PointPrompt(x, y, foreground))
         return tuple(checked)
@@ -325,18 +289,10 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         """Decodes the untrusted image in a decode worker process, within the settings' and the
         model's limits."""
         limits = spec.limits
-        image: Image.Image = await self.decoder.run(
-            "The image",
-            decode_image,
-            data,
-            max_pixels=self.max_input_image_pixels,
-            max_bytes=self.max_input_image_bytes,
+        image: Image.Image = await self.decode_image(data)
+        rules.check_image_size(
+            image.width, image.height, model=spec.id, max_width=limits.max_width, max_height=limits.max_height
         )
-        if image.width > limits.max_width or image.height > limits.max_height:
-            raise InvalidRequest(
-                f"The image is {image.width}x{image.height} pixels; the {spec.id} model accepts at most "
-                f"{limits.max_width}x{limits.max_height}"
-            )
         return image
 
     @staticmethod

@@ -19,17 +19,16 @@ tokenizer are refused at load time (the released Qwen3-TTS models use the
 12 Hz one).
 
 Without registry weights a tiny random-weight model of the real architecture
-is built, saved with ``save_pretrained`` and loaded back through the same
-``from_pretrained`` path real weights take. Its voice is noise, but every
-stage runs: reference encoding, speaker embedding, generation, streaming
-decode.
+(:mod:`services.tts.tiny`) is built, saved with ``save_pretrained`` and loaded
+back through the same ``from_pretrained`` path real weights take. Its voice is
+noise, but every stage runs: reference encoding, speaker embedding,
+generation, streaming decode.
 """
 
 from __future__ import annotations
 
 import importlib.machinery
 import io
-import json
 import logging
 import sys
 import types
@@ -40,14 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from services.common.engine import EngineUnavailable, RegistryEngine
-from services.common.errors import InvalidRequest, quoted
 from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
 from services.common.registry import ModelSpec
 from services.common.runner import Progress, StepControl
-from services.tts.engines import DEFAULT_MAX_CHARS, SpeechChunk, SpeechDone, pcm_of, stream_pcm
+from services.tts.engines import SpeechChunk, SpeechDone, stream_pcm
+from services.tts.rules import DEFAULT_LANGUAGE, DEFAULT_MAX_CHARS, check_clone, language_names
+from services.tts.tiny import TINY_VERSION, build_tiny_qwen3_tts
 
-#: The contract's default language.
-DEFAULT_LANGUAGE = "English"
 #: Codec frames decoded together while streaming (12.5 frames/s: 320 ms of audio).
 FRAMES_PER_CHUNK = 4
 #: Frames of left context the decoder sees before each chunk (as upstream's chunked decode).
@@ -56,21 +54,6 @@ LEFT_CONTEXT_FRAMES = 25
 #: speech runs at about 12-15 characters a second, so this allows a slow reading).
 FRAMES_PER_CHARACTER = 2
 EXTRA_FRAMES = 25
-#: Bump when the tiny build changes, so old cached builds are not reused.
-TINY_VERSION = 1
-#: The languages of the released Qwen3-TTS models (the tiny build speaks the same list).
-QWEN3_TTS_LANGUAGES = (
-    "chinese",
-    "english",
-    "japanese",
-    "korean",
-    "german",
-    "french",
-    "russian",
-    "portuguese",
-    "spanish",
-    "italian",
-)
 
 
 @dataclass(frozen=True)
@@ -144,141 +127,6 @@ def import_qwen_tts() -> Any:
     return qwen_tts
 
 
-def build_tiny_qwen3_tts(directory: Path) -> None:
-    """Saves a tiny random-weight Qwen3-TTS Base model (talker, code predictor, speaker
-    encoder, 12 Hz codec, text tokenizer) in the layout of the released checkpoints."""
-    import torch
-    from transformers import EncodecFeatureExtractor
-
-    from services.common.tiny_tokenizer import build_tiny_tokenizer
-
-    import_qwen_tts()
-    from qwen_tts.core import Qwen3TTSTokenizerV2Config, Qwen3TTSTokenizerV2Model
-    from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration, Qwen3TTSProcessor
-
-    torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.add_tokens(["<tts_pad>", "<tts_text_bos>", "<tts_text_eod>"], special_tokens=True)
-    tokenizer.add_tokens(["assistant"])  # "<|im_start|>assistant\n" must be three tokens, as in Qwen's
-    token_id = tokenizer.convert_tokens_to_ids
-    # Codec codes are 0..2047; control tokens and languages live in the talker's
-    # top 1024 ids (generation suppresses them, but for end-of-speech).
-    codebook = 2048
-    config = Qwen3TTSConfig(
-        talker_config={
-            "vocab_size": codebook + 1024,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 8,
-            "num_code_groups": 4,
-            "text_hidden_size": 32,
-            "text_vocab_size": len(tokenizer),
-            "spk_id": {},
-            "spk_is_dialect": {},
-            "codec_language_id": {name: codebook + 2 + i for i, name in enumerate(QWEN3_TTS_LANGUAGES)},
-            "codec_eos_token_id": codebook + 100,
-            "codec_think_id": codebook + 101,
-            "codec_nothink_id": codebook + 102,
-            "codec_think_bos_id": codebook + 103,
-            "codec_think_eos_id": codebook + 104,
-            "codec_pad_id": codebook + 105,
-            "codec_bos_id": codebook + 106,
-            "rope_scaling": {"rope_type": "default", "mrope_section": [2, 1, 1], "interleaved": True},
-            "code_predictor_config": {
-                "vocab_size": codebook,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "head_dim": 8,
-                "num_code_groups": 4,
-            },
-        },
-        speaker_encoder_config={
-            "mel_dim": 128,
-            "enc_dim": 32,
-            "enc_channels": [16, 16, 16, 16, 48],
-            "enc_attention_channels": 8,
-            "enc_se_channels": 8,
-        },
-        tts_model_type="base",
-        tokenizer_type="qwen3_tts_tokenizer_12hz",
-        tts_model_size="tiny",
-        im_start_token_id=token_id("<|im_start|>"),
-        im_end_token_id=token_id("<|im_end|>"),
-        tts_pad_token_id=token_id("<tts_pad>"),
-        tts_bos_token_id=token_id("<tts_text_bos>"),
-        tts_eos_token_id=token_id("<tts_text_eod>"),
-    )
-    codec = Qwen3TTSTokenizerV2Model(
-        Qwen3TTSTokenizerV2Config(
-            encoder_config={
-                "hidden_size": 32,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 4,
-                "head_dim": 8,
-                "intermediate_size": 64,
-                "codebook_size": codebook,
-                "codebook_dim": 16,
-                "num_filters": 8,
-                "num_residual_layers": 1,
-                "upsampling_ratios": [8, 6, 5, 4],
-                "num_quantizers": 4,
-                "num_semantic_quantizers": 1,
-                "frame_rate": 12.5,
-                "sampling_rate": 24000,
-                "upsample_groups": 32,
-                "vector_quantization_hidden_dimension": 16,
-            },
-            decoder_config={
-                "codebook_size": codebook,
-                "hidden_size": 32,
-                "latent_dim": 32,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 4,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_quantizers": 4,
-                "decoder_dim": 32,
-                "upsample_rates": [8, 5, 4, 3],
-                "upsampling_ratios": [2, 2],
-                "sliding_window": 8,
-                "codebook_dim": 16,
-            },
-            encoder_valid_num_quantizers=4,
-        )
-    )
-    Qwen3TTSForConditionalGeneration(config).save_pretrained(directory)
-    Qwen3TTSProcessor(tokenizer=tokenizer).save_pretrained(directory)
-    codec.save_pretrained(directory / "speech_tokenizer")
-    EncodecFeatureExtractor(feature_size=1, sampling_rate=24000).save_pretrained(
-        directory / "speech_tokenizer"
-    )
-    # The released checkpoints' generation defaults (generation_config.json).
-    defaults = {
-        "do_sample": True,
-        "top_k": 50,
-        "top_p": 1.0,
-        "temperature": 0.9,
-        "repetition_penalty": 1.05,
-        "subtalker_dosample": True,
-        "subtalker_top_k": 50,
-        "subtalker_top_p": 1.0,
-        "subtalker_temperature": 0.9,
-        "max_new_tokens": 2048,
-    }
-    (directory / "generation_config.json").write_text(json.dumps(defaults, indent=2), encoding="utf-8")
-    # The speaker encoder's sub-config is not a registered model type of its own.
-    saved = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    saved.get("speaker_encoder_config", {}).pop("model_type", None)
-    (directory / "config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
-
-
 def frame_budget(text: str, limit: int) -> int:
     """How many codec frames a text may take: proportional to its length, at most ``limit``."""
     return max(1, min(limit, FRAMES_PER_CHARACTER * len(text) + EXTRA_FRAMES))
@@ -341,29 +189,12 @@ class CloneEngine(RegistryEngine[CloneRequest, SpeechChunk | SpeechDone]):
 
     def language_names(self) -> list[str]:
         """The languages a request may ask for, capitalised as the contract writes them ("Auto" first)."""
-        return [name.capitalize() for name in ("auto", *(n for n in self.languages if n != "auto"))]
+        return language_names(self.languages)
 
     def check(self, text: str, ref_text: str, language: str) -> str:
-        """Raises :class:`InvalidRequest` for an unusable request; returns the language to use."""
-        for field, value in (("text", text), ("ref_text", ref_text)):
-            if not value.strip():
-                raise InvalidRequest(f"'{field}' must not be empty")
-            if len(value) > self.max_chars:
-                raise InvalidRequest(
-                    f"'{field}' is {len(value)} characters long; the limit is {self.max_chars}"
-                )
-        language = language.strip() or DEFAULT_LANGUAGE
-        if language.lower() != "auto" and language.lower() not in self.languages:
-            raise InvalidRequest(
-                f"Unsupported language '{quoted(language)}'. Supported languages: {', '.join(self.language_names())}"
-            )
-        return language
-
-    async def clone(self, request: CloneRequest, *, request_id: str = "") -> AsyncGenerator[bytes, None]:
-        """The PCM chunks of the cloned speech, as they are decoded."""
-        async with aclosing(pcm_of(self.run(request, request_id=request_id))) as chunks:
-            async for pcm in chunks:
-                yield pcm
+        """Raises :class:`InvalidRequest` for an unusable request (:func:`services.tts.rules.check_clone`);
+        returns the language to use."""
+        return check_clone(text, ref_text, language, max_chars=self.max_chars, languages=self.languages)
 
     async def run(
         self, request: CloneRequest, *, request_id: str = ""

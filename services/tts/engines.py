@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine, build_engine_pool
-from services.common.errors import InvalidRequest
 from services.common.registry import VOICE_CLONE, ModelSpec, Registry
-from services.common.runner import JobOutcome, Progress, StepControl
+from services.common.runner import Progress, StepControl
+from services.tts.rules import DEFAULT_MAX_CHARS, check_speech
 
 if TYPE_CHECKING:
     from services.tts.cloning import CloneEngine
@@ -33,11 +33,6 @@ if TYPE_CHECKING:
 SPEECH = "speech"
 #: The voice used when a request names none.
 DEFAULT_SPEECH_MODEL = "piper-joe"
-#: Accepted speaking rates (OpenAI's range).
-MIN_SPEED = 0.25
-MAX_SPEED = 4.0
-#: Default longest text (``settings.max_speech_chars`` overrides it per engine).
-DEFAULT_MAX_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -77,18 +72,18 @@ async def stream_pcm(
     reported (in order), then :class:`SpeechDone`. Closing the iterator cancels the job."""
     produced: collections.deque[bytes] = collections.deque()
     started = time.perf_counter()
-    events = engine.runner.stream(lambda control: job(control, produced.append), key=request_id, label=label)
-    async with aclosing(events):
-        async for event in events:
-            if isinstance(event, Progress):
-                yield SpeechChunk(produced.popleft())
-            elif isinstance(event, JobOutcome):
-                yield SpeechDone(
-                    samples=int(event.value),
-                    sample_rate=sample_rate,
-                    queue_ms=event.queue_ms,
-                    synthesis_ms=(time.perf_counter() - started) * 1000 - event.queue_ms,
-                )
+    async with engine.runner.start(
+        lambda control: job(control, produced.append), key=request_id, label=label
+    ) as running:
+        async for _ in running:
+            yield SpeechChunk(produced.popleft())
+    outcome = running.outcome
+    yield SpeechDone(
+        samples=int(outcome.value),
+        sample_rate=sample_rate,
+        queue_ms=outcome.queue_ms,
+        synthesis_ms=(time.perf_counter() - started) * 1000 - outcome.queue_ms,
+    )
 
 
 async def pcm_of(
@@ -135,16 +130,6 @@ def voice_info(spec: ModelSpec) -> VoiceInfo:
     return VoiceInfo(language=language, sample_rate=int(config["audio"]["sample_rate"]))
 
 
-def check_speech(text: str, speed: float, *, max_chars: int) -> None:
-    """Raises :class:`InvalidRequest` for empty or too long text or a speed out of range."""
-    if not text.strip():
-        raise InvalidRequest("'input' must not be empty")
-    if len(text) > max_chars:
-        raise InvalidRequest(f"'input' is {len(text)} characters long; the limit is {max_chars}")
-    if not MIN_SPEED <= speed <= MAX_SPEED:
-        raise InvalidRequest(f"'speed' must be between {MIN_SPEED} and {MAX_SPEED}, not {speed}")
-
-
 class SpeechEngine(RegistryEngine[SpeechRequest, SpeechChunk | SpeechDone]):
     """A speech engine: :meth:`synthesize` streams PCM; ``sample_rate`` once loaded."""
 
@@ -158,14 +143,6 @@ class SpeechEngine(RegistryEngine[SpeechRequest, SpeechChunk | SpeechDone]):
 
     def check(self, text: str, speed: float = 1.0) -> None:
         check_speech(text, speed, max_chars=self.max_chars)
-
-    async def synthesize(
-        self, text: str, speed: float = 1.0, *, request_id: str = ""
-    ) -> AsyncGenerator[bytes, None]:
-        """The PCM chunks of ``text`` spoken at ``speed``, as they are produced."""
-        async with aclosing(pcm_of(self.run(SpeechRequest(text, speed), request_id=request_id))) as chunks:
-            async for pcm in chunks:
-                yield pcm
 
 
 class PiperEngine(SpeechEngine):

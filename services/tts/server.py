@@ -27,13 +27,7 @@ SERVICE = EngineService(
     build_pool=build_speech_pool,
     default_model=DEFAULT_SPEECH_MODEL,
     pool_options=lambda settings: {"max_chars": settings.max_speech_chars},
-    build_servicer=lambda parts: TtsServicer(
-        registry=parts.registry,
-        pool=parts.pool,
-        max_reference_seconds=parts.settings.max_reference_audio_seconds,
-        max_reference_bytes=parts.settings.max_reference_audio_bytes,
-        decoder=parts.decoder,
-    ),
+    servicer=TtsServicer,
 )
 
 

@@ -27,39 +27,22 @@ import grpc
 
 from kiln.tts.v1 import tts_service_pb2 as pb
 from kiln.tts.v1 import tts_service_pb2_grpc as pb_grpc
-from services.common.decoding import DecodePool
-from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
 from services.common.media.audio import decode_audio
-from services.common.registry import DEFAULT_CLONE_MODEL, VOICE_CLONE, Registry
+from services.common.registry import DEFAULT_CLONE_MODEL, VOICE_CLONE
+from services.common.servicer import EngineServicer
 from services.tts.cloning import CloneEngine, CloneRequest
-from services.tts.engines import SPEECH, SpeechEngine, voice_info
+from services.tts.engines import SPEECH, SpeechEngine, SpeechRequest, pcm_of, voice_info
+from services.tts.rules import check_reference_duration
 
 #: Full name of the service, for health and reflection.
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["TtsService"].full_name
 #: Largest PCM payload of one stream message (a long sentence is split).
 MAX_PCM_MESSAGE_BYTES = 256 * 1024
-#: Shortest usable reference recording (a few codec frames).
-MIN_REFERENCE_SECONDS = 0.5
 
 
-class TtsServicer(pb_grpc.TtsServiceServicer):
+class TtsServicer(EngineServicer[SpeechEngine | CloneEngine], pb_grpc.TtsServiceServicer):
     """Speech synthesis over gRPC."""
-
-    def __init__(
-        self,
-        *,
-        registry: Registry,
-        pool: EnginePool[SpeechEngine | CloneEngine],
-        max_reference_seconds: float = 60.0,
-        max_reference_bytes: int = 20 * 1024 * 1024,
-        decoder: DecodePool | None = None,
-    ) -> None:
-        self.registry = registry
-        self.pool = pool
-        self.decoder = decoder or DecodePool()
-        self.max_reference_seconds = max_reference_seconds
-        self.max_reference_bytes = max_reference_bytes
 
     async def Synthesize(
         self, request: pb.SynthesizeRequest, context: grpc.aio.ServicerContext
@@ -73,7 +56,7 @@ class TtsServicer(pb_grpc.TtsServiceServicer):
         yield pb.SynthesizeResponse(
             header=pb.AudioHeader(sample_rate=engine.sample_rate, channels=1, voice=spec.id)
         )
-        chunks = engine.synthesize(request.text, speed, request_id=request.request_id)
+        chunks = pcm_of(engine.run(SpeechRequest(request.text, speed), request_id=request.request_id))
         async for event in _pcm_events(chunks, engine.sample_rate, pb.SynthesizeResponse):
             yield event
 
@@ -89,15 +72,11 @@ class TtsServicer(pb_grpc.TtsServiceServicer):
             "'ref_audio'",
             decode_audio,
             request.ref_audio,
-            max_seconds=self.max_reference_seconds,
-            max_bytes=self.max_reference_bytes,
+            max_seconds=self.settings.max_reference_audio_seconds,
+            max_bytes=self.settings.max_reference_audio_bytes,
             field="ref_audio",
         )
-        if reference.duration < MIN_REFERENCE_SECONDS:
-            raise InvalidRequest(
-                f"'ref_audio' is {reference.duration:.2f} seconds long; "
-                f"at least {MIN_REFERENCE_SECONDS} seconds of speech are needed"
-            )
+        check_reference_duration(reference.duration)
         yield pb.CloneVoiceResponse(
             header=pb.AudioHeader(sample_rate=engine.sample_rate, channels=1, voice=spec.id)
         )
@@ -109,7 +88,7 @@ class TtsServicer(pb_grpc.TtsServiceServicer):
             language=language,
             seed=request.seed,
         )
-        chunks = engine.clone(clone, request_id=request.request_id)
+        chunks = pcm_of(engine.run(clone, request_id=request.request_id))
         async for event in _pcm_events(chunks, engine.sample_rate, pb.CloneVoiceResponse):
             yield event
 

@@ -11,7 +11,7 @@ The registry's ``engine`` key picks the class (:data:`ENGINE_CLASSES`):
   ``.param`` / ``.bin`` pair.
 * ``swin2sr`` -> :class:`Swin2SREngine`: ``Swin2SRForImageSuperResolution``
   from the weights directory, or a tiny random-weight x2 build for
-  ``weights = "tiny"``.
+  ``weights = "tiny"`` (:mod:`services.upscale.tiny`).
 * ``lanczos`` -> :class:`LanczosEngine`: Pillow's Lanczos resampling.
 
 **Scales.** A network has its own factor (RRDBNet x4, the tiny Swin2SR x2).
@@ -75,10 +75,8 @@ from services.common.registry import UPSCALE, ModelSpec, Registry
 from services.common.runner import Progress
 from services.upscale.networks import (
     REALESRGAN_NETWORKS,
-    TINY_SWIN2SR_VERSION,
     RealEsrganNetwork,
     SRNetwork,
-    build_tiny_swin2sr,
     ensure_realesrgan_weights,
     file_sha256,
     load_rrdbnet,
@@ -87,6 +85,7 @@ from services.upscale.networks import (
     weights_digest,
 )
 from services.upscale.tiling import Tile, TileBlender, plan_tiles
+from services.upscale.tiny import TINY_VERSION, build_tiny_swin2sr
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ class EngineOptions:
 
 @dataclass(frozen=True)
 class UpscaleRequest:
-    """A decoded image and the checked scale (``registry.upscale_params`` decided it)."""
+    """A decoded image and the checked scale (``rules.upscale_params`` decided it)."""
 
     image: Image.Image
     scale: int
@@ -514,7 +513,7 @@ class Swin2SREngine(NetworkEngine):
         if self.weights_dir is not None and not (self.weights_dir / "config.json").is_file():
             raise EngineUnavailable(f"its weights directory '{self.spec.weights}' holds no config.json")
         directory = self.weights_dir or ensure_tiny_model_directory(
-            self.cache_dir, self.spec.id, build_tiny_swin2sr, version=TINY_SWIN2SR_VERSION
+            self.cache_dir, self.spec.id, build_tiny_swin2sr, version=TINY_VERSION
         )
         model = load_swin2sr(directory)
         self.net_scale = int(model.config.upscale)

@@ -17,9 +17,9 @@ convolutions (x4plus: 23 blocks, 351 convolutions; x4plus-anime: 6 blocks, 96).
 safetensors in the model cache, keyed by the hash of the source ``.bin``.
 
 **Swin2SR** is transformers' ``Swin2SRForImageSuperResolution``. With
-``weights = "tiny"`` a tiny random-weight configuration is built once with
-``save_pretrained`` and loaded back with ``from_pretrained`` (the same path real
-weights take). Preprocessing is done by hand (``Swin2SRImageProcessor`` needs
+``weights = "tiny"`` a tiny random-weight configuration
+(:mod:`services.upscale.tiny`) is built once with ``save_pretrained`` and
+loaded back with ``from_pretrained`` (the same path real weights take). Preprocessing is done by hand (``Swin2SRImageProcessor`` needs
 torchvision): values in 0..1; the model reflect-pads to a multiple of its
 window itself and crops its output back.
 
@@ -277,28 +277,6 @@ def load_rrdbnet(weights: Path, network: RealEsrganNetwork) -> RRDBNet:
 
 
 # --- Swin2SR ---
-
-TINY_SWIN2SR_VERSION = 1
-TINY_SEED = 0
-
-
-def build_tiny_swin2sr(directory: Path) -> None:
-    """Saves a tiny random-weight ``Swin2SRForImageSuperResolution`` (x2, pixelshuffle) in ``directory``."""
-    from transformers import Swin2SRConfig, Swin2SRForImageSuperResolution
-
-    torch.manual_seed(TINY_SEED)
-    config = Swin2SRConfig(
-        image_size=64,
-        num_channels=3,
-        embed_dim=16,
-        depths=[1, 2],
-        num_heads=[2, 2],
-        window_size=8,
-        upscale=2,
-        upsampler="pixelshuffle",
-        img_range=1.0,
-    )
-    Swin2SRForImageSuperResolution(config).eval().save_pretrained(directory)
 
 
 def load_swin2sr(directory: Path) -> Any:

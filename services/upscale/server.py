@@ -41,13 +41,7 @@ SERVICE = EngineService(
     build_pool=build_engine_pool,
     default_model=DEFAULT_UPSCALE_METHOD,
     pool_options=lambda settings: {"options": engine_options(settings)},
-    build_servicer=lambda parts: UpscaleServicer(
-        registry=parts.registry,
-        pool=parts.pool,
-        max_input_image_pixels=parts.settings.max_input_image_pixels,
-        max_input_image_bytes=parts.settings.max_input_image_bytes,
-        decoder=parts.decoder,
-    ),
+    servicer=UpscaleServicer,
 )
 
 

@@ -2,7 +2,7 @@
 
 ``UpscaleImage`` reads the untrusted image's header in a decode worker process
 (:class:`~services.common.decoding.DecodePool`; :func:`services.common.media.image.probe_image`, within the configured byte and
-pixel limits), lets :func:`services.common.registry.upscale_params` check the
+pixel limits), lets :func:`services.upscale.rules.upscale_params` check the
 method, the scale (0 means the method's own), ``face_enhance`` and the output
 size, then decodes the image fully in a decode worker
 (:func:`services.common.media.image.decode_image`; checked again with the decoded,
@@ -22,35 +22,19 @@ from PIL import Image
 from kiln.common.v1 import media_pb2
 from kiln.upscale.v1 import upscale_service_pb2 as pb
 from kiln.upscale.v1 import upscale_service_pb2_grpc as pb_grpc
-from services.common.decoding import DecodePool
-from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
 from services.common.media.image import decode_image, encode_image, image_mime_type, probe_image
 from services.common.proto_enums import image_format_name
-from services.common.registry import Registry, UpscaleParams, upscale_params
+from services.common.servicer import EngineServicer
 from services.upscale.engines import UpscaleEngine, UpscaleRequest
+from services.upscale.rules import UpscaleParams, upscale_params
 
 #: Full name of the service, for health and reflection.
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["UpscaleService"].full_name
 
 
-class UpscaleServicer(pb_grpc.UpscaleServiceServicer):
+class UpscaleServicer(EngineServicer[UpscaleEngine], pb_grpc.UpscaleServiceServicer):
     """Image super-resolution over gRPC."""
-
-    def __init__(
-        self,
-        *,
-        registry: Registry,
-        pool: EnginePool[UpscaleEngine],
-        max_input_image_pixels: int = 4096 * 4096,
-        max_input_image_bytes: int = 20 * 1024 * 1024,
-        decoder: DecodePool | None = None,
-    ) -> None:
-        self.registry = registry
-        self.pool = pool
-        self.decoder = decoder or DecodePool()
-        self.max_input_image_pixels = max_input_image_pixels
-        self.max_input_image_bytes = max_input_image_bytes
 
     async def UpscaleImage(
         self, request: pb.UpscaleImageRequest, context: grpc.aio.ServicerContext
@@ -58,7 +42,7 @@ class UpscaleServicer(pb_grpc.UpscaleServiceServicer):
         fmt = image_format_name(request.output_format)
         if request.scale < 0:
             raise InvalidRequest(f"'scale' must be positive, not {request.scale}")
-        max_pixels, max_bytes = self.max_input_image_pixels, self.max_input_image_bytes
+        max_pixels, max_bytes = self.settings.max_input_image_pixels, self.settings.max_input_image_bytes
         info = await self.decoder.run(
             "The image", probe_image, request.image, max_pixels=max_pixels, max_bytes=max_bytes
         )
@@ -69,7 +53,7 @@ class UpscaleServicer(pb_grpc.UpscaleServiceServicer):
         )
         if image.size != (info.width, info.height):  # EXIF rotation swapped the sides
             params = self._params(request, image.width, image.height)
-        result = await engine.upscale(UpscaleRequest(image, params.scale), request_id=request.request_id)
+        result = await engine.result(UpscaleRequest(image, params.scale), request_id=request.request_id)
         started = time.perf_counter()
         data = await asyncio.to_thread(encode_image, self._encodable(result.image, fmt), fmt)
         encode_ms = (time.perf_counter() - started) * 1000

@@ -6,14 +6,14 @@ directory (a diffusers ``WanImageToVideoPipeline`` layout: Wan 2.2 A14B's two
 transformers, high-noise and low-noise, split at the pipeline's
 ``boundary_ratio``; its VAE and UMT5 text encoder), or, for
 ``weights = "tiny"``, from a tiny random-weight model of the same
-architecture built on first use (:func:`build_tiny_wan_i2v`); both load
+architecture built on first use (:mod:`services.video.tiny`); both load
 through the pipeline's own ``from_pretrained``.
 
 One request is one job on the engine's worker thread (diffusers pipelines keep
 per-call state and are not thread-safe):
 
 1. The input image is scaled and centre-cropped to the output size
-   (:func:`services.video.params.video_size` chose it).
+   (:func:`services.video.rules.video_size` chose it).
 2. The pipeline denoises to latents (``output_type="latent"``). Each finished
    step is a :class:`~services.common.runner.Progress`; a cancelled consumer
    stops it at the next step. Samplers, both flow-matching Euler with the
@@ -40,7 +40,6 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
-from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine
 from services.common.engine import build_engine_pool as build_pool
 from services.common.errors import InvalidRequest, ProcessingError
 from services.common.media.video import MP4_MIME_TYPE, Mp4Encoder
-from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory, tiny_model_directory
+from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
 from services.common.registry import (
     DEFAULT_VIDEO_MODEL,
     IMAGE_TO_VIDEO,
@@ -62,17 +61,9 @@ from services.common.registry import (
     ModelSpec,
     Registry,
 )
-from services.common.runner import JobOutcome, Progress, StepControl
-from services.common.tiny_tokenizer import build_tiny_tokenizer
-from services.video.params import FRAME_GROUP, VideoParams
-
-#: Bump when the tiny configuration changes (old builds are then ignored).
-TINY_VERSION = 1
-#: The seed every tiny model's weights are drawn from.
-TINY_SEED = 0
-#: Flow-matching shift when neither the registry nor the checkpoint gives one
-#: (Wan 2.2's image-to-video value).
-DEFAULT_SHIFT = 5.0
+from services.common.runner import Progress, StepControl
+from services.video.rules import DEFAULT_SHIFT, FRAME_GROUP, VideoParams
+from services.video.tiny import TINY_VERSION, build_tiny_wan_i2v
 
 
 class SeededFlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):  # type: ignore[misc]
@@ -90,91 +81,6 @@ class SeededFlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):  # type: i
         if kwargs.get("generator") is None:
             kwargs["generator"] = self.noise_generator
         return super().step(*args, **kwargs)  # type: ignore[misc]
-
-
-def build_tiny_wan_i2v(directory: Path) -> None:
-    """Saves a tiny Wan 2.2 A14B-style image-to-video pipeline into ``directory``.
-
-    The real architecture's parts, tiny: two ``WanTransformer3DModel``
-    (high-noise and low-noise experts, ``boundary_ratio`` 0.9 as Wan2.2-I2V-A14B;
-    2x2 patches, 36 input channels = 16 noisy latent + 4 first-frame mask + 16
-    image-condition latent channels, no image encoder, as Wan 2.2), a
-    ``UMT5EncoderModel`` text encoder with the offline tokenizer, and an
-    ``AutoencoderKLWan`` with the A14B latent space (16 channels, spatial
-    scale 8, temporal scale 4). To keep full-resolution work cheap on a CPU,
-    the tiny VAE uses the Wan VAE's 2x2 patchify front end (as the Wan 2.2
-    VAE does) and two down levels instead of three: 2 x 4 = the same spatial
-    scale 8, so sizes, frame counts and token counts are those of the real
-    model. ``rope_max_seq_len`` is the real 1024 (1920 px / 16 = 120 patches
-    fit). The scheduler saved with it is flow-matching Euler.
-    """
-    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    tokenizer = build_tiny_tokenizer()
-
-    def transformer() -> Any:
-        return WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=12,
-            in_channels=36,
-            out_channels=16,
-            text_dim=32,
-            freq_dim=256,
-            ffn_dim=32,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=1024,
-        )
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tokenizer),
-                d_model=32,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                decoder_start_token_id=tokenizer.pad_token_id,
-            )
-        ).eval()
-        high_noise, low_noise = transformer(), transformer()
-        vae = AutoencoderKLWan(
-            base_dim=8,
-            z_dim=16,
-            dim_mult=[1, 1, 1],
-            num_res_blocks=0,
-            temperal_downsample=[True, True],
-            in_channels=12,
-            out_channels=12,
-            patch_size=2,
-            scale_factor_spatial=8,
-            scale_factor_temporal=4,
-        )
-    pipe: Any = WanImageToVideoPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        transformer=high_noise,
-        transformer_2=low_noise,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=DEFAULT_SHIFT),
-        image_encoder=None,
-        image_processor=None,
-        boundary_ratio=0.9,
-    )
-    pipe.save_pretrained(directory)
-
-
-def tiny_model_dir(cache_dir: Path, model_id: str) -> Path:
-    """Where the tiny build of a model lives."""
-    return tiny_model_directory(cache_dir, model_id, version=TINY_VERSION)
 
 
 def decode_latents(vae: Any, latents: torch.Tensor) -> Generator[torch.Tensor, None, None]:
@@ -385,19 +291,14 @@ class WanI2VEngine(RegistryEngine[VideoRequest, VideoResult]):
             with torch.inference_mode():
                 return self.generate_blocking(request, generator, control)
 
-        outcome: JobOutcome[EncodedVideo] | None = None
         label = (
             f"{self.spec.id} {request.width}x{request.height} {request.num_frames} frames "
             f"{request.steps} steps {'ode' if request.use_ode else 'sde'}"
         )
-        async with aclosing(self.runner.stream(job, key=request_id, label=label)) as events:
-            async for event in events:
-                if isinstance(event, Progress):
-                    yield event
-                else:
-                    outcome = event
-        if outcome is None:  # the runner always ends with an outcome or an exception
-            raise ProcessingError("Video generation ended without a result.")
+        async with self.runner.start(job, key=request_id, label=label) as running:
+            async for progress in running:
+                yield progress
+        outcome = running.outcome
         encoded = outcome.value
         if encoded.frames != request.num_frames:
             raise ProcessingError(

@@ -2,13 +2,13 @@
 
 The servicer does no model work. ``GenerateVideo`` resolves the model (an id
 or alias; ``turbodiffusion-wan2.2-i2v`` when empty), checks the request with
-:func:`services.video.params.video_params` (unset proto3 ``optional`` fields
+:func:`services.video.rules.video_params` (unset proto3 ``optional`` fields
 mean "use the model's default"; a ``num_frames`` or ``num_steps`` of 0 is
 refused), then decodes the untrusted image through
 :func:`services.common.media.image.decode_image` in a decode worker process
 (:class:`~services.common.decoding.DecodePool`; the configured
 byte and pixel limits; not an image is INVALID_ARGUMENT) and picks the output
-size with :func:`services.video.params.video_size`. Every refusal happens
+size with :func:`services.video.rules.video_size`. Every refusal happens
 before the engine is asked for anything.
 
 The stream relays the engine's events: one ``progress`` per denoising step,
@@ -31,14 +31,12 @@ from PIL import Image
 from kiln.common.v1 import media_pb2
 from kiln.video.v1 import video_service_pb2 as pb
 from kiln.video.v1 import video_service_pb2_grpc as pb_grpc
-from services.common.decoding import DecodePool
-from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
-from services.common.media.image import decode_image
-from services.common.registry import DEFAULT_VIDEO_MODEL, IMAGE_TO_VIDEO, Registry
+from services.common.registry import DEFAULT_VIDEO_MODEL, IMAGE_TO_VIDEO
 from services.common.runner import Progress
+from services.common.servicer import EngineServicer
 from services.video.engines import VideoRequest, VideoResult, WanI2VEngine, served_models
-from services.video.params import VIDEO_RESOLUTIONS, model_fps, video_params, video_size
+from services.video.rules import VIDEO_RESOLUTIONS, model_fps, video_params, video_size
 
 #: Full name of the service, for health and reflection.
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["VideoService"].full_name
@@ -72,25 +70,8 @@ def summary_to_proto(result: VideoResult) -> pb.VideoSummary:
     )
 
 
-class VideoServiceServicer(pb_grpc.VideoServiceServicer):
+class VideoServiceServicer(EngineServicer[WanI2VEngine], pb_grpc.VideoServiceServicer):
     """Image-to-video over gRPC."""
-
-    def __init__(
-        self,
-        *,
-        registry: Registry,
-        pool: EnginePool[WanI2VEngine],
-        max_prompt_chars: int = 4000,
-        max_input_image_pixels: int = 4096 * 4096,
-        max_input_image_bytes: int = 20 * 1024 * 1024,
-        decoder: DecodePool | None = None,
-    ) -> None:
-        self.registry = registry
-        self.pool = pool
-        self.decoder = decoder or DecodePool()
-        self.max_prompt_chars = max_prompt_chars
-        self.max_input_image_pixels = max_input_image_pixels
-        self.max_input_image_bytes = max_input_image_bytes
 
     async def GenerateVideo(
         self, request: pb.GenerateVideoRequest, context: grpc.aio.ServicerContext
@@ -106,7 +87,7 @@ class VideoServiceServicer(pb_grpc.VideoServiceServicer):
             use_ode=request.use_ode,
             guidance_scale=_optional(request, "guidance_scale"),
             seed=_optional(request, "seed"),
-            max_prompt_chars=self.max_prompt_chars,
+            max_prompt_chars=self.settings.max_prompt_chars,
         )
         if not request.image:
             raise InvalidRequest("'image' is required: the first frame, a PNG, JPEG or WebP file")
@@ -132,13 +113,7 @@ class VideoServiceServicer(pb_grpc.VideoServiceServicer):
     async def _decode(self, data: bytes) -> Image.Image:
         """Decodes the untrusted first frame (in a decode worker process); errors say it is the image."""
         try:
-            return await self.decoder.run(
-                "The image",
-                decode_image,
-                data,
-                max_pixels=self.max_input_image_pixels,
-                max_bytes=self.max_input_image_bytes,
-            )
+            return await self.decode_image(data)
         except InvalidRequest as exc:
             message = exc.message[0].lower() + exc.message[1:] if exc.message else ""
             raise InvalidRequest(f"'image': {message}") from exc

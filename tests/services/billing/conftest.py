@@ -1,4 +1,5 @@
-"""Fixtures of the billing tests: real SQLite files and a real PostgreSQL database per test.
+"""Fixtures of the billing tests: real SQLite files and a real PostgreSQL database per test,
+and the JWT set-up (keys, claims, an authenticator) the credential tests share.
 
 PostgreSQL is reached at ``KILN_TEST_POSTGRES_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/postgres``); each test gets its own
@@ -10,19 +11,31 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from services.billing.ledger import Ledger
+from services.billing.auth import Authenticator
+from services.billing.ledger import AccountRecord, Ledger
 from services.billing.store import Database
+from services.common.errors import AUTHENTICATION_MESSAGE, AuthenticationFailed, ErrorType
 
 from .billing_fakes import FakeClock
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+#: The JWT settings every billing test signs and verifies with.
+SECRET = "servicer-test-secret-of-32-bytes-or-more"
+AUDIENCE = "kiln-servicer-tests"
+ISSUER = "https://issuer.servicer.test"
+#: The ``sub`` of :func:`claims`, and the external subject of the ``account`` fixture.
+SUBJECT = "user-42"
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +110,65 @@ async def sqlite_ledger(sqlite_url: str, clock: FakeClock) -> AsyncIterator[Ledg
         yield Ledger(db, clock=clock)
     finally:
         await db.close()
+
+
+# --- JWTs ---
+
+
+def public_pem(key: Any) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.fixture(scope="session")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="session")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    """Valid claims for :data:`SUBJECT` (five minutes left), with ``overrides``; ``None`` drops a claim."""
+    now = int(time.time())
+    base: dict[str, Any] = {"sub": SUBJECT, "exp": now + 300, "iat": now, "aud": AUDIENCE, "iss": ISSUER}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+async def assert_rejected(auth: Authenticator, token: str, reason: str) -> None:
+    """``auth`` refuses ``token`` with the contract's message and a reason in brackets holding ``reason``."""
+    with pytest.raises(AuthenticationFailed) as info:
+        await auth.authenticate(bearer_token=token)
+    message = info.value.message
+    assert message.startswith(f"{AUTHENTICATION_MESSAGE} (") and message.endswith(")"), message
+    assert reason in message, message
+    assert info.value.error_type is ErrorType.AUTHENTICATION
+
+
+@pytest.fixture
+def auth_ledger(ledger: Ledger) -> Ledger:
+    """The ledger of ``auth`` and ``account``: both engines; a module whose subject is not the
+    storage overrides it with ``sqlite_ledger``."""
+    return ledger
+
+
+@pytest.fixture
+async def account(auth_ledger: Ledger) -> AccountRecord:
+    """An account whose external subject is :data:`SUBJECT`."""
+    return await auth_ledger.create_account("jwt-user", external_id=SUBJECT)
+
+
+@pytest.fixture
+def auth(auth_ledger: Ledger, rsa_key: Any, ec_key: Any) -> Authenticator:
+    """An authenticator accepting HS256 (:data:`SECRET`), RS256 and ES256, audience and issuer required."""
+    return Authenticator(
+        auth_ledger,
+        hs256_secret=SECRET,
+        public_keys=[public_pem(rsa_key), public_pem(ec_key)],
+        audience=AUDIENCE,
+        issuer=ISSUER,
+    )

@@ -14,64 +14,13 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from services.billing.auth import Authenticator
 from services.billing.ledger import AccountRecord, Ledger
 from services.common.errors import AUTHENTICATION_MESSAGE, AuthenticationFailed
 
-SECRET = "a-test-secret-of-at-least-32-bytes!!"
-AUDIENCE = "kiln-api"
-ISSUER = "https://issuer.test"
-
-
-def public_pem(key: Any) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-@pytest.fixture(scope="module")
-def rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture(scope="module")
-def ec_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-@pytest.fixture
-async def account(ledger: Ledger) -> AccountRecord:
-    return await ledger.create_account("jwt-user", external_id="user-42")
-
-
-@pytest.fixture
-def auth(ledger: Ledger, rsa_key: Any, ec_key: Any) -> Authenticator:
-    return Authenticator(
-        ledger,
-        hs256_secret=SECRET,
-        public_keys=[public_pem(rsa_key), public_pem(ec_key)],
-        audience=AUDIENCE,
-        issuer=ISSUER,
-    )
-
-
-def claims(**overrides: Any) -> dict[str, Any]:
-    now = int(time.time())
-    base: dict[str, Any] = {"sub": "user-42", "exp": now + 300, "iat": now, "aud": AUDIENCE, "iss": ISSUER}
-    base.update(overrides)
-    return {k: v for k, v in base.items() if v is not None}
-
-
-async def assert_rejected(auth: Authenticator, token: str, reason: str) -> None:
-    with pytest.raises(AuthenticationFailed) as info:
-        await auth.authenticate(bearer_token=token)
-    assert info.value.message.startswith(AUTHENTICATION_MESSAGE)
-    assert reason in info.value.message
-    assert info.value.error_type.value == "authentication_error"
-
+from .conftest import AUDIENCE, ISSUER, SECRET, assert_rejected, claims, public_pem
 
 # --- API keys ---
 

@@ -27,10 +27,8 @@ from services.common.grpc_client import error_from_rpc, mesh_channel
 from services.common.settings import DEFAULT_REGISTRY, Settings
 
 from .billing_fakes import FakeClock
+from .conftest import AUDIENCE, ISSUER, SECRET
 
-SECRET = "servicer-test-secret-of-32-bytes-or-more"
-AUDIENCE = "kiln-servicer-tests"
-ISSUER = "https://issuer.servicer.test"
 PREMIUM_ONLY_MODEL = """
 [[models]]
 id = "vip-model"

@@ -10,7 +10,6 @@ hold placed before the account was disabled settles normally: it is committed
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,14 @@ from services.common.settings import Settings
 from tests.stack import billing_service, edge_app
 
 from .billing_fakes import FakeClock
-from .test_billing_servicer import AUDIENCE, ISSUER, SECRET, Billing, image, rpc_error, running_billing
+from .conftest import AUDIENCE, ISSUER, SECRET, claims
+from .test_billing_servicer import Billing, image, rpc_error, running_billing
 
 DISABLED_MESSAGE = f"{AUTHENTICATION_MESSAGE} (account disabled)"
 
 
 def token_for(sub: str) -> str:
-    now = int(time.time())
-    payload = {"sub": sub, "exp": now + 300, "iat": now, "aud": AUDIENCE, "iss": ISSUER}
-    return jwt.encode(payload, SECRET, algorithm="HS256")
+    return jwt.encode(claims(sub=sub), SECRET, algorithm="HS256")
 
 
 @pytest.fixture

@@ -8,61 +8,29 @@ the gRPC checks run on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from kiln.billing.v1 import billing_service_pb2 as pb
 from services.billing.auth import Authenticator
 from services.billing.ledger import AccountRecord, Ledger
 from services.billing.server import create_service
-from services.common.errors import AUTHENTICATION_MESSAGE, AuthenticationFailed, ErrorType
+from services.common.errors import AUTHENTICATION_MESSAGE, ErrorType
 from services.common.settings import Settings
 
 from .billing_fakes import FakeClock
-from .test_billing_servicer import AUDIENCE, ISSUER, SECRET, image, rpc_error, running_billing
-
-
-def public_pem(key: Any) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-@pytest.fixture(scope="module")
-def rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture(scope="module")
-def ec_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def claims(**overrides: Any) -> dict[str, Any]:
-    now = int(time.time())
-    base: dict[str, Any] = {"sub": "user-9", "exp": now + 300, "iat": now, "aud": AUDIENCE, "iss": ISSUER}
-    base.update(overrides)
-    return {k: v for k, v in base.items() if v is not None}
+from .conftest import AUDIENCE, ISSUER, SECRET, SUBJECT, assert_rejected, claims, public_pem
+from .test_billing_servicer import image, rpc_error, running_billing
 
 
 def settings_for(tmp_path: Path, **jwt_settings: Any) -> Settings:
     return Settings(
         data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'billing.db'}", **jwt_settings
     )
-
-
-async def assert_rejected(auth: Authenticator, token: str, reason: str) -> None:
-    with pytest.raises(AuthenticationFailed) as info:
-        await auth.authenticate(bearer_token=token)
-    assert info.value.message == f"{AUTHENTICATION_MESSAGE} ({reason})"
-    assert info.value.error_type is ErrorType.AUTHENTICATION
 
 
 # --- at start ---
@@ -130,19 +98,9 @@ async def test_the_requirement_is_turned_off_by_environment_variables(
 
 
 @pytest.fixture
-async def account(sqlite_ledger: Ledger) -> AccountRecord:
-    return await sqlite_ledger.create_account("jwt-user", external_id="user-9")
-
-
-@pytest.fixture
-def auth(sqlite_ledger: Ledger, rsa_key: Any, ec_key: Any) -> Authenticator:
-    return Authenticator(
-        sqlite_ledger,
-        hs256_secret=SECRET,
-        public_keys=[public_pem(rsa_key), public_pem(ec_key)],
-        audience=AUDIENCE,
-        issuer=ISSUER,
-    )
+def auth_ledger(sqlite_ledger: Ledger) -> Ledger:
+    """``auth`` and ``account`` (conftest) on SQLite only: the storage is not the subject here."""
+    return sqlite_ledger
 
 
 @pytest.mark.parametrize("alg", ["HS256", "RS256", "ES256"])
@@ -213,7 +171,7 @@ async def test_authorize_refuses_a_token_without_audience_or_issuer_and_holds_no
     tmp_path: Path, db_url: str, clock: FakeClock
 ) -> None:
     async with running_billing(tmp_path, db_url, clock) as billing:
-        account = await billing.ledger.create_account("caller", external_id="user-9")
+        account = await billing.ledger.create_account("caller", external_id=SUBJECT)
         await billing.ledger.add_credits(account.id, 10, kind="grant")
         for changes in ({"aud": None}, {"iss": None}, {"aud": "elsewhere"}, {"iss": "someone"}):
             token = jwt.encode(claims(**changes), SECRET, algorithm="HS256")

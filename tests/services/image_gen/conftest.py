@@ -8,12 +8,10 @@ loaded, without racing the load.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -28,6 +26,7 @@ from services.common.settings import DEFAULT_REGISTRY, Settings
 from services.image_gen.engines import build_engine_pool
 from services.image_gen.server import create_service
 from services.image_gen.servicer import SERVICE_NAME
+from tests.services.serving import GatedPool, wait_serving
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -48,18 +47,6 @@ max_height = 1024
 [models.defaults]
 steps = 8
 """
-
-
-class GatedPool(EnginePool):
-    """An engine pool that starts loading only once the test opens the gate."""
-
-    def __init__(self, pool: EnginePool) -> None:
-        super().__init__(pool.engines, default=pool.default, unavailable=pool.unavailable)
-        self.gate = asyncio.Event()
-
-    async def load(self, **kwargs: Any) -> None:
-        await self.gate.wait()
-        await super().load(**kwargs)
 
 
 @dataclass
@@ -104,11 +91,7 @@ async def image_gen(
     try:
         before = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
         pool.gate.set()
-        watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
-        async for update in watch:
-            if update.status == health_pb2.HealthCheckResponse.SERVING:
-                break
-        watch.cancel()
+        await wait_serving(health, SERVICE_NAME)
         after = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
         await pool.wait_loaded()
         yield ImageGen(

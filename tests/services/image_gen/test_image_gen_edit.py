@@ -16,9 +16,9 @@ from kiln.common.v1 import media_pb2
 from kiln.image.v1 import image_service_pb2 as pb
 from kiln.image.v1 import image_service_pb2_grpc as pb_grpc
 from services.common.media.image import encode_image, read_image_metadata
+from tests.services.grpc_errors import assert_invalid_request
 
 from .conftest import ImageGen
-from .test_image_gen_service import assert_invalid_request
 
 KLEIN = "black-forest-labs/FLUX.2-klein-4B"
 KLEIN_BASE = "black-forest-labs/FLUX.2-klein-base-4B"

@@ -9,17 +9,14 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 from PIL import Image
 
 from kiln.image.v1 import image_service_pb2 as pb
 from kiln.image.v1 import image_service_pb2_grpc as pb_grpc
-from services.common.errors import ErrorType, InvalidRequest
-from services.common.grpc_client import error_from_rpc
 from services.image_gen.servicer import SERVICE_NAME
+from tests.services.grpc_errors import assert_invalid_request
 
 from .conftest import MISSING_MODEL, ImageGen
 
@@ -195,24 +192,6 @@ async def test_a_model_that_cannot_load_is_reported_not_faked(image_gen: ImageGe
     error = assert_invalid_request(info.value)
     assert error.message.startswith(f"Model '{MISSING_MODEL}' is not available on this server: ")
     assert "no-such-weights" in error.message
-
-
-def assert_invalid_request(err: grpc.aio.AioRpcError, message: str | None = None) -> InvalidRequest:
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    infos = []
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            infos.append(info)
-    assert [i.reason for i in infos] == ["invalid_request_error"]
-    error = error_from_rpc(err)
-    assert isinstance(error, InvalidRequest)
-    assert error.error_type is ErrorType.INVALID_REQUEST
-    if message is not None:
-        assert error.message == message
-    return error
 
 
 def _big_request(request_id: str) -> pb.GenerateImagesRequest:

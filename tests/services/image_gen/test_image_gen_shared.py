@@ -6,7 +6,6 @@ import asyncio
 import io
 import threading
 import time
-from contextlib import aclosing
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from PIL import Image
 
 from services.common.errors import InvalidRequest
 from services.common.media.image import decode_image, encode_image, image_mime_type, read_image_metadata
-from services.common.runner import JobOutcome, Progress, StepControl, StepRunner
+from services.common.runner import Progress, StepControl, StepRunner
 from services.common.tiny_tokenizer import build_tiny_tokenizer
 
 # --- StepRunner ---
@@ -29,12 +28,13 @@ async def test_runner_streams_progress_then_the_outcome() -> None:
         return "done"
 
     try:
-        events = [e async for e in runner.stream(job, key="a")]
+        async with runner.start(job, key="a") as running:
+            events = [e async for e in running]
     finally:
         runner.shutdown()
-    assert events[:3] == [Progress(1, 3), Progress(2, 3), Progress(3, 3)]
-    outcome = events[3]
-    assert isinstance(outcome, JobOutcome) and outcome.value == "done" and outcome.steps_done == 3
+    assert events == [Progress(1, 3), Progress(2, 3), Progress(3, 3)]
+    outcome = running.outcome
+    assert outcome.value == "done" and outcome.steps_done == 3
     assert runner.reports[-1].outcome == "completed"
 
 
@@ -47,14 +47,14 @@ async def test_runner_stops_a_job_whose_consumer_left_and_frees_the_slot() -> No
             time.sleep(0.001)
 
     try:
-        async with aclosing(runner.stream(endless, key="gone")) as events:
-            async for event in events:
+        async with runner.start(endless, key="gone") as running:
+            async for event in running:
                 assert event == Progress(1, 100_000)
                 break
-        follow_up = [e async for e in runner.stream(lambda c: 7, key="next")]
+        follow_up = await runner.result(lambda c: 7, key="next")
     finally:
         runner.shutdown()
-    assert isinstance(follow_up[-1], JobOutcome) and follow_up[-1].value == 7
+    assert follow_up.value == 7
     gone = next(r for r in runner.reports if r.key == "gone")
     assert gone.outcome == "cancelled"
     assert gone.steps_done < 100_000
@@ -75,16 +75,15 @@ async def test_runner_runs_one_job_at_a_time_and_propagates_errors() -> None:
         log.append("second started")
         raise ValueError("boom")
 
-    first_events = runner.stream(first)
-    second_events = runner.stream(second)
+    first_job = runner.start(first)
     try:
-        assert await anext(first_events) == Progress(1, 1)  # the first job holds the only slot
-        second_task = asyncio.create_task(anext(second_events))
+        assert await anext(first_job) == Progress(1, 1)  # the first job holds the only slot
+        second_task = asyncio.create_task(runner.result(second))
         await asyncio.sleep(0)  # lets the second request run up to its wait for the slot
         assert runner.waiting == 1
         assert log == ["first started"]
         release.set()
-        assert [type(e) for e in [e async for e in first_events]] == [JobOutcome]
+        assert [e async for e in first_job] == [] and first_job.outcome.value is None
         with pytest.raises(ValueError, match="boom"):
             await second_task
     finally:

@@ -9,10 +9,11 @@ from PIL import Image
 
 from kiln.image.v1 import image_service_pb2 as pb
 from services.common.media.image import encode_image
+from services.common.model_cache import tiny_model_directory
 from services.common.registry import load_registry
 from services.common.runner import Progress
 from services.image_gen.engines import ImageRequest, ImageResult, build_engine_pool
-from services.image_gen.tiny import tiny_model_dir
+from services.image_gen.tiny import TINY_VERSION
 
 from .conftest import ImageGen
 
@@ -35,7 +36,9 @@ steps = 8
 async def test_the_saved_tiny_model_loads_back_through_a_registry_weights_path(
     image_gen: ImageGen, tmp_path: Path
 ) -> None:
-    saved = tiny_model_dir(image_gen.settings.resolved_model_cache_dir, "z-image-turbo")
+    saved = tiny_model_directory(
+        image_gen.settings.resolved_model_cache_dir, "z-image-turbo", version=TINY_VERSION
+    )
     assert (saved / "model_index.json").is_file()
     assert {"transformer", "vae", "text_encoder", "tokenizer", "scheduler"} <= {
         p.name for p in saved.iterdir()
@@ -110,7 +113,9 @@ async def test_a_saved_klein_model_loads_back_with_its_own_variant(
     image_gen: ImageGen, tmp_path: Path
 ) -> None:
     """The distilled tiny build served from a weights directory stays distilled (the checkpoint decides)."""
-    saved = tiny_model_dir(image_gen.settings.resolved_model_cache_dir, "black-forest-labs/FLUX.2-klein-4B")
+    saved = tiny_model_directory(
+        image_gen.settings.resolved_model_cache_dir, "black-forest-labs/FLUX.2-klein-4B", version=TINY_VERSION
+    )
     assert saved.name.startswith("black-forest-labs_FLUX.2-klein-4B-")  # a safe directory name
     assert (saved / "model_index.json").is_file()
     registry_path = tmp_path / "registry.toml"

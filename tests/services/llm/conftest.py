@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from kiln.llm.v1 import llm_service_pb2 as pb
 from kiln.llm.v1 import llm_service_pb2_grpc as pb_grpc
@@ -33,6 +33,7 @@ from services.llm.engines import ChatEngine, build_engine_pool
 from services.llm.server import create_service
 from services.llm.servicer import SERVICE_NAME
 from services.llm.tiny import TINY_VERSION, build_tiny_qwen3_5
+from tests.services.serving import wait_serving
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -133,11 +134,7 @@ async def llm(
         health_pb2_grpc.HealthStub(channel),
         qwen_weights,
     )
-    watch = llm.health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
-    async for update in watch:
-        if update.status == health_pb2.HealthCheckResponse.SERVING:
-            break
-    watch.cancel()
+    await wait_serving(llm.health, SERVICE_NAME)
     await pool.wait_loaded()
     try:
         yield llm

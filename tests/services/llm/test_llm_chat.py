@@ -7,16 +7,13 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
-from grpc_status import rpc_status
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
 from kiln.llm.v1 import llm_service_pb2 as pb
-from services.common.errors import InvalidRequest
-from services.common.grpc_client import error_from_rpc
 from services.llm.servicer import SERVICE_NAME
+from tests.services.grpc_errors import assert_invalid_request
 
 from .conftest import QWEN, SMALL_CONTEXT, SMOLLM2, Llm, chat_request, collect, text_message
 
@@ -31,23 +28,6 @@ def image_message(text: str, data: bytes) -> pb.ChatMessage:
     return pb.ChatMessage(
         role="user", content=[pb.ContentPart(text=text), pb.ContentPart(image=pb.ImageInput(data=data))]
     )
-
-
-def assert_invalid_request(err: grpc.aio.AioRpcError, message: str | None = None) -> str:
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    reasons = []
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            reasons.append(info.reason)
-    assert reasons == ["invalid_request_error"]
-    error = error_from_rpc(err)
-    assert isinstance(error, InvalidRequest)
-    if message is not None:
-        assert error.message == message
-    return error.message
 
 
 async def test_health_is_serving_with_the_default_model(llm: Llm) -> None:
@@ -174,7 +154,7 @@ async def test_a_prompt_over_the_context_is_refused_before_generating(llm: Llm) 
     steps_before = llm.engine(SMALL_CONTEXT).decoder.stats.prefills  # type: ignore[union-attr]
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await collect(llm.stub, chat_request("the sea " * 60, model=SMALL_CONTEXT))
-    message = assert_invalid_request(info.value)
+    message = assert_invalid_request(info.value).message
     assert "prompt too long" in message and "the context is 64 tokens" in message
     assert llm.engine(SMALL_CONTEXT).decoder.stats.prefills == steps_before  # type: ignore[union-attr]
 
@@ -201,7 +181,7 @@ async def test_a_broken_image_is_an_invalid_request(llm: Llm) -> None:
 async def test_bad_requests_are_invalid_argument(llm: Llm, fields: dict[str, object], message: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await collect(llm.stub, chat_request("Hello", **fields))  # type: ignore[arg-type]
-    assert assert_invalid_request(info.value).startswith(message)
+    assert assert_invalid_request(info.value).message.startswith(message)
 
 
 async def test_empty_messages_are_invalid(llm: Llm) -> None:

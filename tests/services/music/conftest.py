@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from kiln.music.v1 import music_service_pb2_grpc as pb_grpc
 from services.common.engine import EnginePool
@@ -29,6 +29,7 @@ from services.common.settings import DEFAULT_REGISTRY, Settings
 from services.music.engines import build_music_pool
 from services.music.server import create_service
 from services.music.servicer import SERVICE_NAME
+from tests.services.serving import wait_serving
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -99,11 +100,7 @@ async def music(music_registry: Registry, tmp_path_factory: pytest.TempPathFacto
     await service.start()
     channel = mesh_channel(f"127.0.0.1:{service.port}", settings, "tests")
     health = health_pb2_grpc.HealthStub(channel)
-    watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
-    async for update in watch:
-        if update.status == health_pb2.HealthCheckResponse.SERVING:
-            break
-    watch.cancel()
+    await wait_serving(health, SERVICE_NAME)
     try:
         yield Music(
             service, pool, music_registry, settings, channel, pb_grpc.MusicServiceStub(channel), health

@@ -19,12 +19,10 @@ from services.music.engines import (
     TaskType,
     build_music_pool,
     conform_audio,
-    music_conditions,
-    parse_key_scale,
-    parse_time_signature,
     splice_repaint,
     to_pcm16,
 )
+from services.music.rules import music_conditions, parse_key_scale, parse_time_signature
 from services.music.tiny import TINY_VERSION
 
 from .conftest import RATE, Music, song

@@ -18,7 +18,7 @@ from kiln.music.v1 import music_service_pb2 as pb
 from services.common.media.audio import encode_audio
 from services.music.engines import CROSSFADE_SECONDS
 from services.music.servicer import SERVICE_NAME
-from tests.services.upscale.util import expect_invalid
+from tests.services.grpc_errors import expect_invalid
 
 from .conftest import CHANNELS, HOP, RATE, Music, song, wav
 

@@ -10,12 +10,10 @@ the fixture sees health NOT_SERVING before any model is loaded.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -32,6 +30,7 @@ from services.segmentation.engines import Sam3Engine, build_engine_pool
 from services.segmentation.server import create_service
 from services.segmentation.servicer import SERVICE_NAME
 from services.segmentation.tiny import TINY_VERSION, build_tiny_sam3
+from tests.services.serving import GatedPool, wait_serving
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,18 +51,6 @@ options = {{ score_threshold = {score_threshold!r}, mask_threshold = 0.0 }}
 [models.limits]
 {limits}
 """
-
-
-class GatedPool(EnginePool):
-    """An engine pool that starts loading only once the test opens the gate."""
-
-    def __init__(self, pool: EnginePool) -> None:
-        super().__init__(pool.engines, default=pool.default, unavailable=pool.unavailable)
-        self.gate = asyncio.Event()
-
-    async def load(self, **kwargs: Any) -> None:
-        await self.gate.wait()
-        await super().load(**kwargs)
 
 
 @dataclass
@@ -117,11 +104,7 @@ async def start_service(data_dir: Path, registry_text: str, *, gated: bool = Fal
     if isinstance(pool, GatedPool):
         seg.status_before_load = (await seg.health.Check(request)).status
         pool.gate.set()
-    watch = seg.health.Watch(request)
-    async for update in watch:
-        if update.status == health_pb2.HealthCheckResponse.SERVING:
-            break
-    watch.cancel()
+    await wait_serving(seg.health, SERVICE_NAME)
     await pool.wait_loaded()
     return seg
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 import io
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 from PIL import Image
 
 from kiln.segmentation.v1 import segmentation_service_pb2 as pb
 from services.segmentation.engines import PointPrompt, SegmentRequest
 from services.segmentation.servicer import SERVICE_NAME
+from tests.services.grpc_errors import expect_invalid
 
 from .conftest import Seg
 from .media_util import object_image, png_bytes
@@ -30,21 +28,6 @@ def open_png(image: Any) -> Image.Image:
     picture.load()
     assert (picture.width, picture.height) == (image.width, image.height)
     return picture
-
-
-async def expect_invalid(call: Any, *words: str) -> str:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    err = caught.value
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    status.details[0].Unpack(info)
-    assert info.reason == "invalid_request_error"
-    for word in words:
-        assert word in (err.details() or ""), err.details()
-    return err.details() or ""
 
 
 async def test_health_turns_serving_once_sam3_loads_and_reflection_lists_the_service(seg: Seg) -> None:
@@ -65,7 +48,7 @@ async def test_health_turns_serving_once_sam3_loads_and_reflection_lists_the_ser
 async def test_text_segmentation_returns_a_mask_of_the_original_size(seg: Seg) -> None:
     image = object_image(WIDTH, HEIGHT)
     engine = seg.engine()
-    direct = await engine.segment(SegmentRequest(image, "a yellow ball"))
+    direct = await engine.result(SegmentRequest(image, "a yellow ball"))
     assert len(direct.masks) == 1
     assert direct.masks[0].pixels.shape == (HEIGHT, WIDTH)
 
@@ -127,7 +110,7 @@ async def test_prompt_and_points_refine_the_detection_or_report_not_found(seg: S
     image = object_image(WIDTH, HEIGHT)
     engine = seg.engine()
     detection = engine.detect_blocking([image], "a yellow ball")[0]
-    result = await engine.segment(SegmentRequest(image, "a yellow ball", (PointPrompt(100, 75),)))
+    result = await engine.result(SegmentRequest(image, "a yellow ball", (PointPrompt(100, 75),)))
     if detection.found:
         refined = engine.points_blocking(image, (PointPrompt(100, 75),), box=detection.box, multimask=False)
         assert np.array_equal(result.masks[0].pixels, refined[0].pixels)
@@ -142,7 +125,7 @@ async def test_the_prompt_path_finds_nothing_below_the_threshold(seg: Seg) -> No
     saved = engine.score_threshold
     engine.score_threshold = score + 1e-3  # just above this image's best detection
     try:
-        result = await engine.segment(SegmentRequest(image, "ball"))
+        result = await engine.result(SegmentRequest(image, "ball"))
     finally:
         engine.score_threshold = saved
     assert not result.found

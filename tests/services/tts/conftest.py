@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from kiln.tts.v1 import tts_service_pb2 as pb
 from kiln.tts.v1 import tts_service_pb2_grpc as pb_grpc
@@ -21,6 +21,7 @@ from services.common.settings import DEFAULT_REGISTRY, Settings
 from services.tts.engines import build_speech_pool
 from services.tts.server import create_service
 from services.tts.servicer import SERVICE_NAME
+from tests.services.serving import wait_serving
 
 #: Three sentences: Piper speaks them as three chunks.
 SENTENCES = "The kiln is hot. The clay is ready. We fire at dawn."
@@ -84,11 +85,7 @@ async def tts(
     await service.start()
     channel = mesh_channel(f"127.0.0.1:{service.port}", settings, "tests")
     health = health_pb2_grpc.HealthStub(channel)
-    watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
-    async for update in watch:
-        if update.status == health_pb2.HealthCheckResponse.SERVING:
-            break
-    watch.cancel()
+    await wait_serving(health, SERVICE_NAME)
     stub = pb_grpc.TtsServiceStub(channel)
     await wait_for_cloning(stub)
     try:

@@ -20,10 +20,10 @@ from services.tts.cloning import (
     FRAMES_PER_CHUNK,
     CloneEngine,
     CloneRequest,
-    build_tiny_qwen3_tts,
     frame_budget,
 )
-from services.tts.engines import SpeechChunk, SpeechDone
+from services.tts.engines import SpeechChunk, SpeechDone, pcm_of
+from services.tts.tiny import build_tiny_qwen3_tts
 from tests.services.tts.conftest import Tts
 
 RATE = 24000
@@ -87,7 +87,7 @@ async def test_duration_grows_with_the_text_and_a_seed_repeats(speech_pool: Engi
     engine = cloner(speech_pool)
 
     async def pcm(text: str, seed: int = 7) -> bytes:
-        return b"".join([chunk async for chunk in engine.clone(request(text, seed=seed))])
+        return b"".join([chunk async for chunk in pcm_of(engine.run(request(text, seed=seed)))])
 
     short, long = await pcm(SHORT), await pcm(LONG)
     assert len(long) > 2 * len(short) > 0
@@ -132,7 +132,7 @@ async def test_saved_tiny_model_loads_back_as_registry_weights(
     try:
         assert engine.ready, engine.unavailable_reason
         assert not (tmp_path / "unused").exists()  # loaded from the weights, nothing built
-        pcm = b"".join([chunk async for chunk in engine.clone(request("Hi."))])
+        pcm = b"".join([chunk async for chunk in pcm_of(engine.run(request("Hi.")))])
         assert len(pcm) > 0 and len(pcm) % (2 * FRAME) == 0
     finally:
         await engine.close()

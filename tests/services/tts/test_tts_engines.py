@@ -6,7 +6,7 @@ import pytest
 
 from services.common.engine import EnginePool
 from services.common.errors import InvalidRequest
-from services.tts.engines import DEFAULT_SPEECH_MODEL, PiperEngine, SpeechDone
+from services.tts.engines import DEFAULT_SPEECH_MODEL, PiperEngine, SpeechDone, SpeechRequest, pcm_of
 from tests.services.tts.conftest import SENTENCES
 
 
@@ -17,7 +17,7 @@ def engine(pool: EnginePool) -> PiperEngine:
 
 
 async def samples(pool: EnginePool, text: str, speed: float = 1.0) -> list[bytes]:
-    return [chunk async for chunk in engine(pool).synthesize(text, speed)]
+    return [chunk async for chunk in pcm_of(engine(pool).run(SpeechRequest(text, speed)))]
 
 
 async def test_voice_loads_from_the_package(speech_pool: EnginePool) -> None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from kiln.tts.v1 import tts_service_pb2 as pb
+from tests.services.grpc_errors import expect_invalid
 from tests.services.tts.conftest import SENTENCES, Tts
 
 
@@ -52,35 +50,25 @@ async def test_an_alias_names_the_voice(tts: Tts) -> None:
     assert messages[0].header.voice == "piper-joe"
 
 
-async def expect_invalid(tts: Tts, text: str, *words: str, **kw: object) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stream(tts, text, **kw)
-    err = caught.value
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    status.details[0].Unpack(info)
-    assert info.reason == "invalid_request_error"
-    for word in words:
-        assert word in (err.details() or ""), err.details()
+async def expect_invalid_speech(tts: Tts, text: str, *words: str, **kw: object) -> None:
+    await expect_invalid(stream(tts, text, **kw), *words)
 
 
 async def test_empty_text_is_invalid(tts: Tts) -> None:
-    await expect_invalid(tts, "", "empty")
-    await expect_invalid(tts, "  \n ", "empty")
+    await expect_invalid_speech(tts, "", "empty")
+    await expect_invalid_speech(tts, "  \n ", "empty")
 
 
 async def test_text_over_the_limit_is_invalid(tts: Tts) -> None:
     assert tts.settings.max_speech_chars == 300
-    await expect_invalid(tts, "a" * 301, "301", "300")
+    await expect_invalid_speech(tts, "a" * 301, "301", "300")
     assert (await stream(tts, "Hi. " + "a" * 296))[-1].summary.samples > 0  # exactly at the limit
 
 
 async def test_bad_speed_and_unknown_voice_are_invalid(tts: Tts) -> None:
-    await expect_invalid(tts, "Hi.", "speed", speed=0.2)
-    await expect_invalid(tts, "Hi.", "speed", speed=4.5)
-    await expect_invalid(tts, "Hi.", "no-such-voice", voice="no-such-voice")
+    await expect_invalid_speech(tts, "Hi.", "speed", speed=0.2)
+    await expect_invalid_speech(tts, "Hi.", "speed", speed=4.5)
+    await expect_invalid_speech(tts, "Hi.", "no-such-voice", voice="no-such-voice")
 
 
 async def test_list_voices(tts: Tts) -> None:

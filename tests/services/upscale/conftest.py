@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from kiln.upscale.v1 import upscale_service_pb2_grpc as pb_grpc
 from services.common.engine import EnginePool
@@ -28,6 +28,7 @@ from services.common.settings import DEFAULT_REGISTRY, Settings
 from services.upscale.engines import DEFAULT_UPSCALE_METHOD, EngineOptions, build_engine_pool
 from services.upscale.server import create_service
 from services.upscale.servicer import SERVICE_NAME
+from tests.services.serving import wait_serving
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -94,11 +95,7 @@ async def ups(
     await service.start()
     channel = mesh_channel(f"127.0.0.1:{service.port}", settings, "tests")
     health = health_pb2_grpc.HealthStub(channel)
-    watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
-    async for update in watch:
-        if update.status == health_pb2.HealthCheckResponse.SERVING:
-            break
-    watch.cancel()
+    await wait_serving(health, SERVICE_NAME)
     await pool.wait_loaded()
     ups = Upscale(service, pool, registry, settings, channel, pb_grpc.UpscaleServiceStub(channel), health)
     try:

@@ -16,8 +16,9 @@ from kiln.common.v1 import media_pb2
 from kiln.upscale.v1 import upscale_service_pb2 as pb
 from services.upscale.engines import NetworkEngine
 from services.upscale.servicer import SERVICE_NAME
+from tests.services.grpc_errors import expect_invalid
 from tests.services.upscale.conftest import TILED_METHOD, Upscale
-from tests.services.upscale.util import decode, expect_invalid, noise, picture, png, psnr
+from tests.services.upscale.util import decode, noise, picture, png, psnr
 
 #: Every method with every scale it accepts (0: the method's own).
 SCALES = {

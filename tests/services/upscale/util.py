@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import io
-from typing import Any
 
-import grpc
 import numpy as np
-import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from PIL import Image, ImageDraw
 
 
@@ -55,19 +50,3 @@ def noise(width: int, height: int, *, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     small = (rng.random((max(2, height // 4), max(2, width // 4), 3)) * 255).astype(np.uint8)
     return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
-
-
-async def expect_invalid(call: Any, *words: str) -> str:
-    """Awaits a call that must fail with INVALID_ARGUMENT / invalid_request_error."""
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    err = caught.value
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    status.details[0].Unpack(info)
-    assert info.reason == "invalid_request_error"
-    for word in words:
-        assert word in (err.details() or ""), err.details()
-    return err.details() or ""

@@ -17,7 +17,7 @@ from typing import Any
 import av
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from PIL import Image
 
 from kiln.video.v1 import video_service_pb2 as pb
@@ -30,6 +30,7 @@ from services.common.settings import DEFAULT_REGISTRY, Settings
 from services.video.engines import build_engine_pool
 from services.video.server import create_service
 from services.video.servicer import SERVICE_NAME
+from tests.services.serving import wait_serving
 from tests.services.upscale.util import png
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -141,11 +142,7 @@ async def video(tmp_path_factory: pytest.TempPathFactory, video_cache: Path) -> 
     channel = mesh_channel(f"127.0.0.1:{service.port}", settings, "tests")
     health = health_pb2_grpc.HealthStub(channel)
     try:
-        watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
-        async for update in watch:
-            if update.status == health_pb2.HealthCheckResponse.SERVING:
-                break
-        watch.cancel()
+        await wait_serving(health, SERVICE_NAME)
         yield Video(service, pool, registry, settings, channel, pb_grpc.VideoServiceStub(channel), health)
     finally:
         await channel.close()

@@ -13,6 +13,7 @@ import torch
 from services.common.errors import InvalidRequest
 from services.common.media.image import decode_image
 from services.common.media.video import MP4_MIME_TYPE, Mp4Encoder, encode_video_mp4
+from services.common.model_cache import tiny_model_directory
 from services.common.registry import DEFAULT_VIDEO_MODEL, load_registry
 from services.common.runner import Progress
 from services.common.settings import DEFAULT_REGISTRY
@@ -22,9 +23,9 @@ from services.video.engines import (
     WanI2VEngine,
     build_engine_pool,
     decode_latents,
-    tiny_model_dir,
 )
-from services.video.params import video_params, video_size
+from services.video.rules import video_params, video_size
+from services.video.tiny import TINY_VERSION
 
 from .conftest import Outcome, Video, first_frame
 
@@ -73,7 +74,9 @@ async def test_streaming_decode_gives_exactly_what_the_vae_decodes_whole(video: 
 async def test_the_saved_tiny_model_loads_back_through_a_registry_weights_path(
     video: Video, tmp_path: Path
 ) -> None:
-    saved = tiny_model_dir(video.settings.resolved_model_cache_dir, DEFAULT_VIDEO_MODEL)
+    saved = tiny_model_directory(
+        video.settings.resolved_model_cache_dir, DEFAULT_VIDEO_MODEL, version=TINY_VERSION
+    )
     assert (saved / "model_index.json").is_file()
     assert {"transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler"} <= {
         p.name for p in saved.iterdir()

@@ -16,7 +16,8 @@ from PIL import Image
 from kiln.video.v1 import video_service_pb2 as pb
 from services.common.registry import DEFAULT_VIDEO_MODEL
 from services.video.servicer import SERVICE_NAME
-from tests.services.upscale.util import expect_invalid, png
+from tests.services.grpc_errors import expect_invalid
+from tests.services.upscale.util import png
 
 from .conftest import MAX_PIXELS, Outcome, Video, decode_mp4, first_frame
 

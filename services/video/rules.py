@@ -52,6 +52,9 @@ MIN_FRAMES = 5
 FRAME_GROUP = 4
 #: Frame rate when the registry gives none (Wan 2.1 / 2.2 A14B).
 DEFAULT_FPS = 16.0
+#: Flow-matching shift when neither the registry nor the checkpoint gives one
+#: (Wan 2.2's image-to-video value; the tiny build's scheduler saves it too).
+DEFAULT_SHIFT = 5.0
 #: Most elongated input accepted (long side / short side).
 MAX_INPUT_ASPECT = 4.0
 #: Guidance range accepted.
