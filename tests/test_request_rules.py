@@ -18,6 +18,10 @@ RULE_MODULES = [
     "services.image_gen.rules",
     "services.upscale.rules",
     "services.video.rules",
+    "services.llm.rules",
+    "services.music.rules",
+    "services.segmentation.rules",
+    "services.tts.rules",
 ]
 #: Libraries a rules module must not import, directly or through its imports.
 MODEL_LIBRARIES = ("torch", "diffusers", "transformers")

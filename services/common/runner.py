@@ -243,7 +243,9 @@ class StepRunner:
         """:meth:`_stream` as a :class:`RunningJob`: iterate it for progress, then read its outcome."""
         return RunningJob(self._stream(job, key=key, label=label))
 
-    async def result(self, job: Callable[[StepControl], T], *, key: str = "", label: str = "") -> JobOutcome[T]:
+    async def result(
+        self, job: Callable[[StepControl], T], *, key: str = "", label: str = ""
+    ) -> JobOutcome[T]:
         """Runs ``job`` to the end, ignoring its progress, and returns its outcome."""
         async with self.start(job, key=key, label=label) as running:
             return await running.wait()

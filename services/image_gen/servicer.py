@@ -143,9 +143,7 @@ class ImageServiceServicer(EngineServicer[DiffusersImageEngine], pb_grpc.ImageSe
         images = []
         for number, data in enumerate(blobs, start):
             try:
-                images.append(
-                    await self.decode_image(data)
-                )
+                images.append(await self.decode_image(data))
             except InvalidRequest as exc:
                 label = f"{what.capitalize()} {number}" if what != "mask" else "The mask"
                 message = exc.message[0].lower() + exc.message[1:] if exc.message else ""

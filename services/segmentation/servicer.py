@@ -9,7 +9,8 @@ byte and pixel limits, and the model's ``max_width`` x ``max_height``), then
 checks the request with :mod:`services.segmentation.rules`: a prompt or at
 least one point; ``multimask_output`` only with points; every point inside
 the image (``0 <= x < width``, ``0 <= y < height``; the error names the
-point); at most :data:`~services.segmentation.rules.MAX_POINTS` points. The engine answers with boolean masks; each is rendered
+point); at most :data:`~services.segmentation.rules.MAX_POINTS` points. The
+engine answers with boolean masks; each is rendered
 (:mod:`services.segmentation.render`: the object on transparency by default,
 or a grey mask) and encoded as PNG on a worker thread, with its score and
 coverage. A prompt that finds nothing gives ``found`` false and one empty

@@ -118,7 +118,7 @@ class EngineOptions:
 
 @dataclass(frozen=True)
 class UpscaleRequest:
-    """A decoded image and the checked scale (``rules.upscale_params`` decided it)."""
+    """A decoded image and the checked scale (:func:`services.upscale.rules.upscale_params` decided it)."""
 
     image: Image.Image
     scale: int
