@@ -33,7 +33,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
 
     from aiohttp import web
 
-    from edge.app import create_runner
+    from edge.app import start_edge
     from kiln_cli.main import free_port, service_python, spawn_service
     from services.billing.admin import ensure_demo_account
     from services.billing.ledger import Ledger
@@ -80,9 +80,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
     _, premium_key = await ledger.create_api_key(premium.id)
     await db.close()
 
-    edge = create_runner(settings, access_log=None)
-    await edge.setup()
-    await web.TCPSite(edge, "127.0.0.1", 0).start()
+    edge, _ = await start_edge(settings, "127.0.0.1", 0, access_log=None)
 
     async def bare(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})

@@ -14,6 +14,8 @@ from edge.media_store import LocalMediaStore
 from edge.middlewares import AUTHENTICATED_ROUTES, credential_first, error_envelope, request_context
 from edge.retention import DISK_GUARD, DiskGuard, retention_ctx
 from edge.routes import ROUTES, setup_routes
+from edge.tasks import announce_self, tasks_ctx
+from edge.webhooks import webhooks_ctx
 from services.common.registry import Registry, load_registry
 from services.common.settings import Settings
 
@@ -51,6 +53,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     app.on_startup.append(_freeze_startup_heap)
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(retention_ctx)  # media retention (edge.retention), after the upstreams
+    app.cleanup_ctx.append(webhooks_ctx)  # task webhook delivery (edge.webhooks), after the upstreams
+    app.cleanup_ctx.append(tasks_ctx)  # the task worker (edge.tasks), after the upstreams
     setup_routes(app)
     return app
 
@@ -74,3 +78,20 @@ def create_runner(settings: Settings, **kwargs: Any) -> web.AppRunner:
     kwargs.setdefault("shutdown_timeout", settings.grace_seconds)
     kwargs.setdefault("keepalive_timeout", settings.http_header_timeout_seconds)
     return web.AppRunner(create_app(settings), handler_cancellation=True, **kwargs)
+
+
+async def start_edge(settings: Settings, host: str, port: int, **kwargs: Any) -> tuple[web.AppRunner, str]:
+    """Starts the edge (:func:`create_runner`) listening on ``host:port`` (0: any free port);
+    returns its runner and its URL, which its task worker replays tasks against."""
+    runner = create_runner(settings, **kwargs)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        local = "127.0.0.1" if bound_host in ("0.0.0.0", "::", "") else bound_host
+        url = f"http://{local if ':' not in local else f'[{local}]'}:{bound_port}"
+        announce_self(runner.app, url)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, url

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.billing.v1 import billing_service_pb2_grpc as billing_grpc
+from kiln.billing.v1 import task_service_pb2_grpc as task_grpc
 from kiln.image.v1 import image_service_pb2 as image_pb
 from kiln.image.v1 import image_service_pb2_grpc as image_grpc
 from kiln.llm.v1 import llm_service_pb2 as llm_pb
@@ -112,6 +113,16 @@ class BillingClient(_Client):
         )
         return response.account
 
+    async def quote(
+        self, usage: Sequence[billing_pb.Usage], account_id: str, request_id: str
+    ) -> billing_pb.QuoteResponse:
+        """What ``usage`` costs ``account_id`` (premium pays 0), priced as Authorize would hold it;
+        nothing is held."""
+        request = billing_pb.QuoteRequest(account_id=account_id, usage=usage)
+        return await _call(
+            self._stub.Quote(request, timeout=self._timeout, metadata=self._metadata(request_id))
+        )
+
     async def commit(
         self,
         reservation_id: str,
@@ -203,6 +214,18 @@ def edit_request(params: GenerationParams, request_id: str) -> image_pb.EditImag
     if params.seed is not None:
         request.seed = params.seed
     return request
+
+
+class TaskClient(_Client):
+    """Billing's task queue (``kiln.billing.v1.TaskService``, see services.billing.tasks)."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float, token: str) -> None:
+        super().__init__(task_grpc.TaskServiceStub(channel), timeout=timeout, token=token)
+
+    async def call(self, method: str, request: Any, request_id: str = "") -> Any:
+        """One unary ``method`` of the service (e.g. ``"GetTask"``) with ``request``."""
+        rpc = getattr(self._stub, method)
+        return await _call(rpc(request, timeout=self._timeout, metadata=self._metadata(request_id)))
 
 
 class ImageGenClient(_Client):
@@ -393,6 +416,7 @@ class Upstreams:
 
     channels: dict[str, grpc.aio.Channel]
     billing: BillingClient
+    tasks: TaskClient
     images: ImageGenClient
     segmentation: SegmentationClient
     upscale: UpscaleClient
@@ -414,6 +438,7 @@ class Upstreams:
         return cls(
             channels=channels,
             billing=BillingClient(channels["billing"], timeout=settings.billing_timeout_seconds, token=token),
+            tasks=TaskClient(channels["billing"], timeout=settings.billing_timeout_seconds, token=token),
             images=ImageGenClient(channels["image_gen"], timeout=timeout, token=token),
             segmentation=SegmentationClient(channels["segmentation"], timeout=timeout, token=token),
             upscale=UpscaleClient(channels["upscale"], timeout=timeout, token=token),

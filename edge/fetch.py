@@ -146,6 +146,31 @@ def _looks_like_ip(host: str) -> bool:
     return ":" in host or host.replace(".", "").isdigit()
 
 
+def check_host(host: str, allow: Sequence[IPNetwork] = ()) -> None:
+    """Raises UnsafeAddress when ``host`` is an IP literal that is not public (nor in
+    ``allow``), or looks like one without being a plain address. A host name passes: the
+    connector's resolver checks the addresses it resolves to."""
+    try:
+        check_public(host, host, allow)
+    except ValueError:  # not a plain IP literal: a name, checked by the resolver
+        if _looks_like_ip(host):
+            raise UnsafeAddress(f"'{quoted(host)}' is neither a host name nor a plain IP address") from None
+
+
+def host_allowed(host: str, port: int | None, allowed_hosts: Iterable[str]) -> bool:
+    """Whether ``host`` (at ``port``) is listed in ``allowed_hosts`` as ``host`` or ``host:port``
+    (case-insensitive; an IPv6 address written bare or in brackets)."""
+    host = host.lower().strip("[]")
+    for entry in allowed_hosts:
+        entry = entry.strip().lower()
+        if entry.strip("[]") == host:
+            return True
+        name, _, entry_port = entry.rpartition(":")
+        if name and entry_port.isdigit() and name.strip("[]") == host and int(entry_port) == port:
+            return True
+    return False
+
+
 def check_url(url: URL, name: str, allow: Sequence[IPNetwork] = ()) -> None:
     """Checks one hop's URL: https, a host, and a public address when the host is a literal."""
     if url.scheme != "https":
@@ -154,27 +179,26 @@ def check_url(url: URL, name: str, allow: Sequence[IPNetwork] = ()) -> None:
     if not host:
         raise InvalidRequest(f"{name}: the URL has no host")
     try:
-        check_public(host, host, allow)
-    except ValueError:  # not a plain IP literal: a name, checked by the resolver
-        if _looks_like_ip(host):
-            raise InvalidRequest(
-                f"{name}: '{quoted(host)}' is neither a host name nor a plain IP address"
-            ) from None
+        check_host(host, allow)
     except UnsafeAddress as exc:
         raise InvalidRequest(f"{name}: {exc}") from None
 
 
 class PublicOnlyResolver(AbstractResolver):
-    """Resolves like the default resolver, and refuses any non-public address."""
+    """Resolves like the default resolver, and refuses any non-public address (except in
+    ``allow``, or for a host listed in ``allow_hosts``: see :func:`host_allowed`)."""
 
-    def __init__(self, allow: Sequence[IPNetwork] = ()) -> None:
+    def __init__(self, allow: Sequence[IPNetwork] = (), allow_hosts: Iterable[str] = ()) -> None:
         self._resolver = DefaultResolver()
         self._allow = tuple(allow)
+        self._allow_hosts = tuple(allow_hosts)
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._resolver.resolve(host, port, family)
+        if self._allow_hosts and host_allowed(host, port, self._allow_hosts):
+            return results
         for result in results:
             check_public(host, result["host"], self._allow)
         return results
@@ -187,13 +211,16 @@ def image_session(
     *,
     timeout_seconds: float,
     allow: Iterable[IPNetwork | str] = (),
+    allow_hosts: Iterable[str] = (),
     ssl_context: ssl.SSLContext | None = None,
 ) -> aiohttp.ClientSession:
-    """A client session for fetching images: names resolve to public addresses only (or
-    ``allow``), no proxy from the environment, no redirect followed by itself."""
+    """A client session for fetching images (and sending webhooks, ``edge.webhooks``): names
+    resolve to public addresses only (or ``allow``, or any address for a host in
+    ``allow_hosts``), no proxy from the environment. Redirects are the caller's to refuse or
+    follow (``allow_redirects=False``)."""
     networks = tuple(ipaddress.ip_network(net) if isinstance(net, str) else net for net in allow)
     connector = aiohttp.TCPConnector(
-        resolver=PublicOnlyResolver(networks),
+        resolver=PublicOnlyResolver(networks, allow_hosts),
         use_dns_cache=False,
         limit=16,
         ssl=ssl_context if ssl_context is not None else True,

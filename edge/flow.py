@@ -36,6 +36,23 @@ retried with the same reservation (billing's commit is idempotent for the same
 usage); if the outcome is still unknown, the reservation's state is read: a
 committed one is answered as a success, a held one is released and answered
 as a 500. Never charged, answered 500, and charged again.
+
+**Tasks** (``Prefer: respond-async``, and ``POST /v1/tasks``, which builds the
+route's request): once the handler has checked the request, :func:`_authorize`
+queues it as a task instead of running it (:func:`edge.tasks.defer`: billing
+holds its price and queues it in one transaction) and answers 202. The task's
+run replays the request with a run token as its credential; billing answers
+that credential with the task's own hold, so this flow commits or releases it
+as for any request. Streamed answers (SSE chat, streamed speech) are not deferred.
+
+**Dry run** (``?dry_run=true`` or ``1`` on every paid route, or the body's or
+form's ``dry_run: true``): the handler checks the request exactly as for the
+real call, then :func:`_authorize` answers a ``price_preview`` instead of
+holding (:func:`price_preview`: billing authenticates the credential and
+quotes the usage for the account, with the pricing function Authorize holds
+with). Nothing is held, run, stored or claimed (an Idempotency-Key is
+ignored), and the disk guard does not apply; an account that cannot pay gets
+its 200 with ``balance_sufficient: false``, not a 402.
 """
 
 from __future__ import annotations
@@ -48,19 +65,25 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+import orjson
 from aiohttp import web
 
 from edge.keys import BODY_DIGEST, MEDIA, PENDING, REQUEST_ID, SETTINGS, UPSTREAMS
+from edge.responses import json_response
 from edge.retention import DISK_GUARD, OUTPUT_KIND
+from edge.tasks import defer
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from services.common.errors import (
     AuthenticationFailed,
+    InvalidRequest,
     KilnError,
     ProcessingError,
     UpstreamUnavailable,
+    quoted,
 )
+from services.common.money import format_credits
 
 log = logging.getLogger("kiln.edge")
 R = TypeVar("R")
@@ -76,6 +99,9 @@ COMMIT_ATTEMPTS = 3
 COMMIT_RETRY_SECONDS = 0.5
 #: Headers not stored with an answer (the server sets them again).
 _UNSTORED_HEADERS = frozenset({"content-length", "content-encoding", "transfer-encoding", "date", "server"})
+#: The query parameter of a dry run, and its values (any other is a 400).
+DRY_RUN_PARAMETER = "dry_run"
+DRY_RUN_VALUES = {"true": True, "1": True, "false": False, "0": False}
 
 
 def credential_from(request: web.Request) -> billing_pb.Credential:
@@ -87,6 +113,63 @@ def credential_from(request: web.Request) -> billing_pb.Credential:
     if scheme.lower() == "bearer" and token.strip():
         return billing_pb.Credential(bearer_token=token.strip())
     raise AuthenticationFailed()
+
+
+def dry_run_requested(request: web.Request, field: bool = False) -> bool:
+    """True for ``?dry_run=true`` (or ``1``), or when the body or form says ``dry_run: true``
+    (``field``); ``false``, ``0`` or no parameter is the real call, any other value a 400."""
+    values = request.query.getall(DRY_RUN_PARAMETER, [])
+    if len(values) > 1:
+        raise InvalidRequest(f"The query parameter '{DRY_RUN_PARAMETER}' is given more than once")
+    if values and values[0] not in DRY_RUN_VALUES:
+        raise InvalidRequest(
+            f"Invalid value for '{DRY_RUN_PARAMETER}': '{quoted(values[0])}' (use true, false, 1 or 0)"
+        )
+    return field or (bool(values) and DRY_RUN_VALUES[values[0]])
+
+
+async def price_preview(request: web.Request, usage: Sequence[billing_pb.Usage]) -> dict[str, Any]:
+    """What ``usage`` would hold for the caller, holding nothing: the body of a dry run.
+
+    Billing authenticates the credential (a 401 as for the real call), then quotes the usage
+    for the account (Quote with its id: premium pays 0, a premium-only model refuses other
+    accounts with a 403) with the function Authorize prices its hold with, so the cost is the
+    hold the real call would place. ``cost`` is exact: an :class:`orjson.Fragment` holding the
+    decimal text of the credits (never a float), so serialise the answer with orjson
+    (:func:`edge.responses.json_response`).
+    """
+    billing = request.app[UPSTREAMS].billing
+    request_id = request[REQUEST_ID]
+    account = await billing.authenticate(credential_from(request), request_id)
+    quote = await billing.quote(usage, account.id, request_id)
+    amounts = list(quote.item_amounts_hundredths)
+    if len(amounts) != len(usage) or sum(amounts) != quote.amount_hundredths:
+        raise ProcessingError("Internal error: billing's quote does not match the request's items.")
+    total = quote.amount_hundredths
+    return {
+        "object": "price_preview",
+        "dry_run": True,
+        "cost": credits_number(total),
+        "cost_hundredths": total,
+        "items": [_priced_item(item, amount) for item, amount in zip(usage, amounts, strict=True)],
+        "balance_sufficient": account.balance_hundredths >= total,
+    }
+
+
+def credits_number(units: int) -> orjson.Fragment:
+    """Credits as an exact JSON number (25 units -> ``0.25``): the decimal text, never a float."""
+    return orjson.Fragment(format_credits(units).encode())
+
+
+def _priced_item(usage: billing_pb.Usage, amount: int) -> dict[str, Any]:
+    """One item of a price preview: the usage's kind (``image_generation``, ``segmentation``,
+    ...), the fields billing prices it by (model, sizes, steps, count, frames: those set) and
+    what it costs."""
+    kind = usage.WhichOneof("kind")
+    if kind is None:
+        raise ProcessingError("Internal error: a usage item names no kind of work.")
+    fields = {descriptor.name: value for descriptor, value in getattr(usage, kind).ListFields()}
+    return {"kind": kind, **fields, "cost": credits_number(amount), "cost_hundredths": amount}
 
 
 @dataclass
@@ -200,14 +283,17 @@ async def billed(
     answer: Callable[[R, Charge], Awaitable[web.StreamResponse]],
     *,
     streamed: bool = False,
+    dry_run: bool = False,
 ) -> web.StreamResponse:
     """Authorize ``usage`` -> ``work`` -> store its files -> commit its usage -> ``answer``.
 
     ``answer(result, charge)`` builds the response once the charge is known.
     ``streamed``: the answer is a stream (server-sent progress, a streamed file)
-    and is never replayed for an idempotency key.
+    and is never replayed for an idempotency key. ``dry_run``: the body's or
+    form's ``dry_run`` field (``?dry_run`` is read here): the price preview is
+    the answer, and nothing is held or run.
     """
-    hold = await _authorize(request, usage, streamed=streamed)
+    hold = await _authorize(request, usage, streamed=streamed, dry_run=dry_run)
     if isinstance(hold, web.Response):
         return hold
     try:
@@ -226,12 +312,16 @@ async def billed_stream(
     request: web.Request,
     usage: Sequence[billing_pb.Usage],
     work: Callable[[Hold], Awaitable[web.StreamResponse]],
+    *,
+    dry_run: bool = False,
 ) -> web.StreamResponse:
     """Authorize ``usage`` -> ``work`` streams its answer and calls ``hold.settle(...)``
     before its last bytes. A stream that ends without settling (an in-band error) is
-    released: nothing is charged. Never replayed for an idempotency key."""
-    hold = await _authorize(request, usage, streamed=True)
-    assert isinstance(hold, Hold)  # a streamed answer is never stored, so never replayed
+    released: nothing is charged. Never replayed for an idempotency key. ``dry_run``
+    as for :func:`billed`."""
+    hold = await _authorize(request, usage, streamed=True, dry_run=dry_run, deferrable=False)
+    if isinstance(hold, web.Response):  # a dry run's price (a stream is never replayed)
+        return hold
     try:
         response = await work(hold)
     except BaseException:
@@ -242,9 +332,17 @@ async def billed_stream(
 
 
 async def _authorize(
-    request: web.Request, usage: Sequence[billing_pb.Usage], *, streamed: bool
+    request: web.Request,
+    usage: Sequence[billing_pb.Usage],
+    *,
+    streamed: bool,
+    dry_run: bool,
+    deferrable: bool = True,
 ) -> Hold | web.Response:
-    """The hold for ``usage``, or the stored answer of the idempotency key's earlier request."""
+    """The hold for ``usage``, the stored answer of the idempotency key's earlier request, or
+    (a dry run: ``dry_run`` or ``?dry_run=true``) the price preview, holding nothing."""
+    if dry_run_requested(request, dry_run):
+        return json_response(await price_preview(request, usage))
     settings = request.app[SETTINGS]
     request.app[DISK_GUARD].check()  # a 503 before anything is held while the disk is nearly full
     key = request.headers.get(IDEMPOTENCY_HEADER)
@@ -253,6 +351,12 @@ async def _authorize(
         idempotency = billing_pb.IdempotencyKey(
             key=key, fingerprint=await request_fingerprint(request), streamed=streamed
         )
+    if deferrable:  # Prefer: respond-async, or POST /v1/tasks: queued as a task, answered 202
+        deferred = await defer(request, credential_from(request), usage, idempotency)
+        if isinstance(deferred, billing_pb.StoredResponse):
+            return await _replay(request, deferred)
+        if deferred is not None:
+            return deferred
     ttl = min(24 * 3600, math.ceil(settings.service_timeout_seconds) + HOLD_MARGIN_SECONDS)
     call = asyncio.ensure_future(
         request.app[UPSTREAMS].billing.authorize(

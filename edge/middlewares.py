@@ -16,6 +16,7 @@ import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 
+import orjson
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 from opentelemetry import trace
@@ -173,7 +174,34 @@ def _gzip(body: bytes) -> bytes:
 
 @web.middleware
 async def error_envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves in the contract's envelope; nothing leaves as a traceback."""
+    """Every error leaves in the contract's envelope; nothing leaves as a traceback. On the
+    tasks routes (``/v1/tasks``), seed 003's shape instead (:func:`_tasks_error`)."""
+    response = await _errors_answered(request, handler)
+    if response.status >= 400 and _is_tasks_route(request) and isinstance(response, web.Response):
+        return _tasks_error(request, response)
+    return response
+
+
+def _is_tasks_route(request: web.Request) -> bool:
+    return request.path == "/v1/tasks" or request.path.startswith("/v1/tasks/")
+
+
+def _tasks_error(request: web.Request, response: web.Response) -> web.Response:
+    """``{"success": false, "code": <status>, "data": {"message", "request_id"}}`` from the
+    contract's envelope (the status and headers stay)."""
+    try:
+        message = orjson.loads(response.body if isinstance(response.body, bytes) else b"")["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.reason or "Error"
+    data = {"message": message, "request_id": request[REQUEST_ID]}
+    answer = json_response({"success": False, "code": response.status, "data": data}, status=response.status)
+    for name, value in response.headers.items():
+        if name.lower() not in ("content-type", "content-length"):
+            answer.headers[name] = value
+    return answer
+
+
+async def _errors_answered(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except KilnError as err:

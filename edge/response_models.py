@@ -265,6 +265,78 @@ class ModelList(_Reply):
     data: list[ModelEntry]
 
 
+class PriceItem(_Reply):
+    """One priced item of a dry run, with the fields billing prices it by (those set: width,
+    height, steps, count, frames, output_width, output_height, input_images)."""
+
+    __pydantic_extra__: dict[str, int]
+
+    kind: str = Field(description="The kind of work: image_generation, image_edit, segmentation, ...")
+    model: str = Field(description="The model (or method, voice) it runs on.")
+    cost: float = Field(description="Credits, exact (at most two decimals).")
+    cost_hundredths: int = Field(description="The same in hundredths of a credit.")
+
+
+class PricePreview(_Reply):
+    """A dry run's answer (``dry_run: true`` or ``?dry_run=true``): what the real call would hold."""
+
+    object: Literal["price_preview"]
+    dry_run: Literal[True]
+    cost: float = Field(
+        description="Credits the real call holds, exact (at most two decimals); 0 for premium."
+    )
+    cost_hundredths: int = Field(description="The same in hundredths of a credit.")
+    items: list[PriceItem]
+    balance_sufficient: bool = Field(description="Whether the balance covers the cost now (else a 402).")
+
+
+class TaskProgress(_Reply):
+    step: int
+    total_steps: int
+
+
+class TaskObject(_Reply):
+    """A task (``GET /v1/tasks/{task_id}``, the 202 of ``Prefer: respond-async``, webhooks)."""
+
+    task_id: str
+    status: Literal["pending", "processing", "completed", "failed", "cancelled"]
+    model: str
+    created_at: int = Field(description="Unix seconds.")
+    started_at: int | None
+    completed_at: int | None
+    credits_held: str = Field(description="Credits held for the task, a decimal string.")
+    credits_charged: str = Field(description="Credits charged (on completion), a decimal string.")
+    progress: TaskProgress | None = None
+    output: dict[str, Any] | None = Field(
+        None,
+        description="On completion: the synchronous route's JSON answer, or {url, content_type, size_bytes}.",
+    )
+    error: ErrorResponse | None = Field(None, description="On failure or cancellation: the error envelope.")
+    callback_url: str | None = None
+    webhook: dict[str, Any] | None = Field(None, description="The webhook's delivery state.")
+
+
+class TaskEnvelope(_Reply):
+    """Seed 003's answer on the tasks routes."""
+
+    code: int
+    success: Literal[True]
+    data: dict[str, Any]
+
+
+class TaskErrorData(_Reply):
+    message: str
+    request_id: str
+
+
+class TaskError(_Reply):
+    """Seed 003's error shape, on the tasks routes only."""
+
+    success: Literal[False]
+    code: int
+    data: TaskErrorData
+
+
 class Account(_Reply):
     id: str
     name: str

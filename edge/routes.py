@@ -15,7 +15,7 @@ from typing import Any, TypeAlias
 from aiohttp import web
 from pydantic import BaseModel
 
-from edge.handlers import audio, chat, images, media, music, segmentation, system, upscale, video
+from edge.handlers import audio, chat, images, media, music, segmentation, system, tasks, upscale, video
 from edge.middlewares import expect_continue
 from edge.response_models import (
     BINARY,
@@ -31,10 +31,14 @@ from edge.response_models import (
     ImagesResponse,
     ModelList,
     MusicDescription,
+    PricePreview,
     Progress,
     Readiness,
     SegmentationResponse,
     StyleList,
+    TaskEnvelope,
+    TaskError,
+    TaskObject,
     UpscaleResponse,
     VideoList,
     VoiceList,
@@ -53,13 +57,14 @@ from edge.schemas import (
     MusicRepaintRequest,
     SegmentationForm,
     SpeechRequest,
+    TaskCreateRequest,
     UpscaleRequest,
     VoiceCloneRequest,
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-#: A body's schema: a pydantic model, server-sent events, or a JSON schema (files).
-Schema: TypeAlias = type[BaseModel] | EventStream | Mapping[str, Any]
+#: A body's schema: a pydantic model (or one of several), server-sent events, or a JSON schema (files).
+Schema: TypeAlias = type[BaseModel] | tuple[type[BaseModel], ...] | EventStream | Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,13 @@ class Route:
     files: tuple[str, ...] = ()
     authenticated: bool = True
     responses: Mapping[int, Answer] = field(default_factory=dict)
-    #: Query parameters: name -> JSON schema.
+    #: Query parameters: name -> JSON schema (a paid route's ``dry_run`` is added).
     query: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def paid(self) -> bool:
+        """A route that holds credits (it can answer 402): it takes ``?dry_run``."""
+        return 402 in self.responses
 
 
 #: What every paid route can answer besides its 200.
@@ -123,8 +133,48 @@ def _progress(result: type[BaseModel]) -> dict[str, Schema]:
 _MEDIA_FILES = {**_IMAGE_FILES, **_AUDIO_FILES, "video/mp4": BINARY, "video/webm": BINARY}
 
 
+#: ``?dry_run`` of every paid route (``edge.flow``).
+_DRY_RUN_QUERY = {
+    "dry_run": {
+        "type": "string",
+        "enum": ["true", "false", "1", "0"],
+        "default": "false",
+        "description": "true or 1: check the request and answer its price (a price_preview) without "
+        "running, holding or charging anything.",
+    }
+}
+
+
 def _paid(ok: Answer) -> dict[int, Answer]:
-    return {200: ok, **_PAID_ERRORS}
+    """A paid route's answers: ``ok``, or a dry run's price preview (JSON), the task of
+    ``Prefer: respond-async`` (202), and the errors."""
+    body = ok.content.get("application/json")
+    preview: Schema = (body, PricePreview) if isinstance(body, type) else PricePreview
+    content = {**ok.content, "application/json": preview}
+    return {
+        200: Answer(f"{ok.description}; a price_preview for a dry run", content),
+        202: Answer(
+            "Queued as a task (Prefer: respond-async); poll GET /v1/tasks/{task_id}",
+            {"application/json": TaskObject},
+        ),
+        **_PAID_ERRORS,
+    }
+
+
+def _tasks(ok: Answer, *errors: int) -> dict[int, Answer]:
+    """A tasks route's answers, in seed 003's shapes."""
+    meaning = {
+        400: "a bad parameter, model or input",
+        401: "no or an unknown credential",
+        402: "insufficient credits",
+        403: "premium required",
+        404: "no such task (or another account's) or model",
+        409: "the task has already finished",
+        413: "the body is larger than the limit",
+        500: "processing error",
+        503: "maintenance, or the disk is too full for new work",
+    }
+    return {200: ok, **{code: Answer(meaning[code], {"application/json": TaskError}) for code in errors}}
 
 
 _MUSIC = _paid(
@@ -335,6 +385,44 @@ ROUTES: tuple[Route, ...] = (
         },
     ),
     Route(
+        "POST",
+        "/v1/tasks",
+        tasks.create_task,
+        "Queue any paid request as a task (seed 003): {model, input, callback_url, dry_run, operation}; "
+        "answers {code, success, data: {task_id, status}} (with dry_run: the price).",
+        body=TaskCreateRequest,
+        responses=_tasks(_ok(json=TaskEnvelope), 400, 401, 402, 403, 404, 413, 500, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/tasks",
+        tasks.list_tasks,
+        "The caller's tasks, newest first: status, limit (1-100, 20), page_token.",
+        query={
+            "status": {
+                "type": "string",
+                "enum": ["pending", "processing", "completed", "failed", "cancelled"],
+            },
+            "limit": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+            "page_token": {"type": "string", "maxLength": 256},
+        },
+        responses=_tasks(_ok(json=TaskEnvelope), 400, 401, 500, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/tasks/{task_id}",
+        tasks.get_task,
+        "One of the caller's tasks: status, progress, output or error, times, credits, webhook state.",
+        responses=_tasks(_ok(json=TaskEnvelope), 401, 404, 500, 503),
+    ),
+    Route(
+        "POST",
+        "/v1/tasks/{task_id}/cancel",
+        tasks.cancel_task,
+        "Cancel a pending or running task (its hold is released); a finished one is a 409.",
+        responses=_tasks(_ok(json=TaskEnvelope), 401, 404, 409, 500, 503),
+    ),
+    Route(
         "GET",
         "/v1/audio/voices",
         audio.list_voices,
@@ -424,6 +512,8 @@ def _schema(schema: Schema, schemas: dict[str, Any]) -> dict[str, Any]:
         if schema.events:
             event["properties"]["event"] = {"enum": list(schema.events)}
         return event
+    if isinstance(schema, tuple):
+        return {"anyOf": [_schema(model, schemas) for model in schema]}
     if not isinstance(schema, type):
         return dict(schema)
     body = schema.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
@@ -449,9 +539,10 @@ def _parameters(route: Route) -> list[dict[str, Any]]:
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
         for name in route.path.replace("}", "{").split("{")[1::2]
     ]
+    query = {**route.query, **(_DRY_RUN_QUERY if route.paid else {})}
     parameters += [
         {"name": name, "in": "query", "required": False, "schema": dict(schema)}
-        for name, schema in route.query.items()
+        for name, schema in query.items()
     ]
     return parameters
 

@@ -83,6 +83,17 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class DryRun(BaseModel):
+    """The ``dry_run`` field of every paid request (``edge.flow``). A mixin with no
+    configuration of its own: the model's other base decides strictness and extra fields."""
+
+    dry_run: bool = Field(
+        False,
+        description="Check the request and answer its price (a price_preview) without running, "
+        "holding or charging anything; the same as ?dry_run=true.",
+    )
+
+
 class ImageOptions(_Body):
     """Output options shared by generations and edits (the best of the peer APIs)."""
 
@@ -133,8 +144,8 @@ class ImageOptions(_Body):
             )
 
 
-class ImageGenerationRequest(ImageOptions):
-    """``POST /v1/images/generations``."""
+class ImageGenerationItem(ImageOptions):
+    """One text-to-image request: ``POST /v1/images/generations``'s body, or one of a batch's."""
 
     model: Name | None = Field(
         None, min_length=1, description='Model id or alias; "z-image-turbo" by default.'
@@ -192,15 +203,19 @@ class ImageGenerationRequest(ImageOptions):
         return params
 
 
-class BatchImageGenerationRequest(_Body):
-    """``POST /v1/images/generations/batch``."""
+class ImageGenerationRequest(ImageGenerationItem, DryRun):
+    """``POST /v1/images/generations``."""
 
-    requests: list[ImageGenerationRequest] = Field(
+
+class BatchImageGenerationRequest(_Body, DryRun):
+    """``POST /v1/images/generations/batch`` (``dry_run`` prices the whole batch)."""
+
+    requests: list[ImageGenerationItem] = Field(
         max_length=MAX_LIST_ITEMS, description=f"Image generation requests (1 to {MAX_BATCH_REQUESTS})."
     )
 
 
-class ImageEditRequest(ImageOptions):
+class ImageEditRequest(ImageOptions, DryRun):
     """``POST /v1/images/edits`` as JSON (the contract's body)."""
 
     model: Name | None = Field(
@@ -231,7 +246,7 @@ class ImageEditRequest(ImageOptions):
         return _check_edit(registry, settings, self, inputs=inputs, mask=mask)
 
 
-class ImageEditForm(ImageOptions):
+class ImageEditForm(ImageOptions, DryRun):
     """``POST /v1/images/edits`` as OpenAI's multipart form (files are passed apart)."""
 
     model_config = ConfigDict(extra="forbid", strict=False)
@@ -379,7 +394,7 @@ class _Form(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
 
-class SegmentationForm(_Form):
+class SegmentationForm(_Form, DryRun):
     """``POST /v1/images/segmentations`` (multipart, with a ``file`` upload)."""
 
     prompt: Text = Field("", description="What to segment; optional when point_coords are given.")
@@ -392,7 +407,7 @@ class SegmentationForm(_Form):
     model: Name | None = Field(None, min_length=1, description='"sam3" by default.')
 
 
-class BackgroundRemovalForm(_Form):
+class BackgroundRemovalForm(_Form, DryRun):
     """``POST /v1/images/remove-background`` and ``/v1/videos/remove-background`` (multipart)."""
 
     prompt: Text = Field(description="The object to keep; everything else becomes transparent.")
@@ -408,7 +423,7 @@ def parse_form(model: type[M], fields: dict[str, str]) -> M:
         raise invalid_request_from(err) from None
 
 
-class UpscaleRequest(_Body):
+class UpscaleRequest(_Body, DryRun):
     """``POST /v1/images/upscale``."""
 
     image: Data = Field(description="The image: base64, or a data: URL.")
@@ -458,7 +473,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Body):
+class ChatCompletionRequest(_Body, DryRun):
     """``POST /v1/chat/completions`` (OpenAI's chat schema)."""
 
     model: Name | None = Field(
@@ -498,7 +513,7 @@ class ChatCompletionRequest(_Body):
 SPEECH_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "piper")
 
 
-class SpeechRequest(_Body):
+class SpeechRequest(_Body, DryRun):
     """``POST /v1/audio/speech`` (OpenAI's schema)."""
 
     model: Name = Field(description=f"One of {', '.join(SPEECH_MODELS)}; all are served by the voice.")
@@ -514,7 +529,7 @@ class SpeechRequest(_Body):
     stream_format: Literal["audio"] | None = Field(None, description="Only 'audio' (raw audio) is supported.")
 
 
-class VoiceCloneRequest(_Body):
+class VoiceCloneRequest(_Body, DryRun):
     """``POST /v1/audio/clone`` (the contract's schema, plus ``seed``)."""
 
     text: Text = Field(description="The text to synthesize using the cloned voice.")
@@ -538,7 +553,7 @@ class VoiceCloneRequest(_Body):
 MUSIC_FORMATS = ("wav", "mp3", "flac", "opus", "aac")
 
 
-class MusicOptions(_Body):
+class MusicOptions(_Body, DryRun):
     """Fields shared by ``/v1/music/generate``, ``/cover`` and ``/repaint``.
 
     The music service checks the values (key, time signature, bpm and duration
@@ -598,7 +613,7 @@ class MusicRepaintRequest(MusicOptions):
     )
 
 
-class ImageToVideoForm(_Form):
+class ImageToVideoForm(_Form, DryRun):
     """``POST /v1/images/img2video`` (multipart, with an ``image`` file)."""
 
     prompt: Text = Field(description="How the picture should move.")
@@ -617,4 +632,24 @@ class ImageToVideoForm(_Form):
     guidance_scale: float | None = Field(None, description="Classifier-free guidance (the model's default).")
     model: Name | None = Field(
         None, min_length=1, description="The image-to-video model (the default when absent)."
+    )
+
+
+class TaskCreateRequest(BaseModel):
+    """``POST /v1/tasks`` (seed 003): any paid route's request, queued as a task."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: Name = Field(min_length=1, description="A model id or alias of GET /v1/models.")
+    input: dict[str, Any] = Field(
+        description="The body the model's synchronous route takes (files as base64 or data: URLs)."
+    )
+    callback_url: str | None = Field(
+        None, max_length=2048, description="Where the task object is POSTed when it ends (signed webhook)."
+    )
+    dry_run: bool = Field(False, description="Validate and answer the price without queueing anything.")
+    operation: Name | None = Field(
+        None,
+        description="Which of the model's routes: generate/edit (images), segment/remove-background/"
+        "remove-video-background (segmentation), generate/cover/repaint (music); inferred when absent.",
     )

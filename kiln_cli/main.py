@@ -166,11 +166,9 @@ async def _create_grpc_service(name: str, settings: Settings) -> GrpcService:
 
 
 async def _start_edge(settings: Settings) -> web.AppRunner:
-    from edge.app import create_runner
+    from edge.app import start_edge
 
-    runner = create_runner(settings, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, settings.http_host, settings.http_port).start()
+    runner, _ = await start_edge(settings, settings.http_host, settings.http_port, access_log=None)
     return runner
 
 

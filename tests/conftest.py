@@ -21,7 +21,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -157,7 +156,7 @@ async def capabilities(
 async def mesh(request: pytest.FixtureRequest, capabilities: Capabilities) -> AsyncIterator[Mesh]:
     """The whole mesh: the capability services with billing and the edge, once on SQLite (the
     embedded default) and once on PostgreSQL (a database made for the session)."""
-    from edge.app import create_runner
+    from edge.app import start_edge
     from services.billing.server import create_service as create_billing
     from services.billing.store import Database
     from tests.stack import postgres_database
@@ -170,12 +169,8 @@ async def mesh(request: pytest.FixtureRequest, capabilities: Capabilities) -> As
         await billing.start()
         stack.push_async_callback(billing.stop, 1)
         settings = settings.with_addresses(billing=f"127.0.0.1:{billing.port}")
-        runner = create_runner(settings)
-        await runner.setup()
+        runner, url = await start_edge(settings, "127.0.0.1", 0)
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
         async with aiohttp.ClientSession() as session:
             for _ in range(600):  # the tiny models build on first start
                 async with session.get(f"{url}/readyz") as response:

@@ -75,13 +75,10 @@ class Edge:
 @contextlib.asynccontextmanager
 async def edge_app(settings: Settings) -> AsyncIterator[Edge]:
     """The edge for ``settings`` on a loopback port (cleaned up afterwards if still running)."""
-    from edge.app import create_runner
+    from edge.app import start_edge
 
-    runner = create_runner(settings)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    edge = Edge(f"http://127.0.0.1:{runner.addresses[0][1]}", runner, settings)
+    runner, url = await start_edge(settings, "127.0.0.1", 0)
+    edge = Edge(url, runner, settings)
     try:
         yield edge
     finally:

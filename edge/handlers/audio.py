@@ -80,7 +80,7 @@ async def create_speech(request: web.Request) -> web.StreamResponse:
                 response, last = await _stream(request, events, rate, body.response_format, price(hold))
                 return await _end_stream(request, response, last, lambda: hold.settle(usage))
 
-        return await billed_stream(request, usage, stream)
+        return await billed_stream(request, usage, stream, dry_run=body.dry_run)
 
     async def work(auth: billing_pb.AuthorizeResponse) -> Done[tuple[bytes, str]]:
         async with contextlib.aclosing(tts.synthesize(call)) as events:
@@ -93,7 +93,7 @@ async def create_speech(request: web.Request) -> web.StreamResponse:
         headers = {"X-Credits-Charged": format_credits(charge.charged)}
         return web.Response(body=data, content_type=mime, headers=headers)
 
-    return await billed(request, usage, work, answer)
+    return await billed(request, usage, work, answer, dry_run=body.dry_run)
 
 
 def price(hold: Hold) -> dict[str, str]:
@@ -216,7 +216,7 @@ async def clone_voice(request: web.Request) -> web.StreamResponse:
 
                 return await _end_stream(request, response, last, settle)
 
-        return await billed_stream(request, usage, stream)
+        return await billed_stream(request, usage, stream, dry_run=body.dry_run)
 
     async def work(auth: billing_pb.AuthorizeResponse) -> Done[MediaFile]:
         async with contextlib.aclosing(tts.clone(call)) as events:
@@ -229,7 +229,7 @@ async def clone_voice(request: web.Request) -> web.StreamResponse:
         charged = {"X-Credits-Charged": format_credits(charge.charged)}
         return web.Response(body=file.data, content_type=file.mime_type, headers=headers | charged)
 
-    return await billed(request, usage, work, answer)
+    return await billed(request, usage, work, answer, dry_run=body.dry_run)
 
 
 async def clone_languages(request: web.Request) -> web.Response:

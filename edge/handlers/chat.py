@@ -123,7 +123,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
             async with contextlib.aclosing(request.app[UPSTREAMS].llm.chat(proto)) as events:
                 return await _stream(request, body, events, completion_id, created, hold, usage)
 
-        return await billed_stream(request, usage, stream)
+        return await billed_stream(request, usage, stream, dry_run=body.dry_run)
 
     async def work(auth: billing_pb.AuthorizeResponse) -> Done[dict[str, Any]]:
         proto = await _to_proto(request, body, spec.id)
@@ -132,7 +132,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     async def answer(completion: dict[str, Any], charge: Charge) -> web.StreamResponse:
         return json_response(completion, headers={"X-Credits-Charged": format_credits(charge.charged)})
 
-    return await billed(request, usage, work, answer)
+    return await billed(request, usage, work, answer, dry_run=body.dry_run)
 
 
 async def _collect(events: Any, completion_id: str, created: int) -> dict[str, Any]:

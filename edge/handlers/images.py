@@ -32,6 +32,7 @@ from edge.schemas import (
     parse_body,
     parse_form,
 )
+from edge.tasks import task_origin
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from services.common.errors import InvalidRequest, KilnError
 from services.common.money import format_credits
@@ -67,8 +68,11 @@ def usage_for(params: GenerationParams) -> billing_pb.Usage:
 
 
 def media_base(request: web.Request) -> str:
+    """scheme://host of the media URLs of an answer (a task's run: where the task was created)."""
     base = request.app[SETTINGS].public_base_url
-    return base.rstrip("/") if base else f"{request.scheme}://{request.host}"
+    if base:
+        return base.rstrip("/")
+    return task_origin(request) or f"{request.scheme}://{request.host}"
 
 
 def _ms(seconds: float) -> float:
@@ -129,9 +133,10 @@ def _server_timing(timing: dict[str, float]) -> str:
 
 
 async def _respond(
-    request: web.Request, params: GenerationParams, options: ImageOptions, started: float
+    request: web.Request, params: GenerationParams, options: ImageOptions, started: float, *, dry_run: bool
 ) -> web.StreamResponse:
-    """The billed flow for one checked image request, answered as JSON or as the file."""
+    """The billed flow for one checked image request, answered as JSON or as the file
+    (``dry_run``: the request's ``dry_run`` field, see :func:`edge.flow.billed`)."""
 
     async def work(auth: billing_pb.AuthorizeResponse) -> Done[ImageOutcome]:
         outcome = await _produce(request, params, options, request[REQUEST_ID], started)
@@ -149,21 +154,21 @@ async def _respond(
             return web.Response(body=file.data, content_type=file.mime_type, headers=headers)
         return json_response(entry, headers=headers)
 
-    return await billed(request, [usage_for(params)], work, answer)
+    return await billed(request, [usage_for(params)], work, answer, dry_run=dry_run)
 
 
 async def create_generation(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     body = parse_body(ImageGenerationRequest, await read_body(request))
     params = body.to_params(request.app[REGISTRY], max_prompt_chars=request.app[SETTINGS].max_prompt_chars)
-    return await _respond(request, params, body, started)
+    return await _respond(request, params, body, started, dry_run=body.dry_run)
 
 
 async def create_edit(request: web.Request) -> web.StreamResponse:
     """The contract's JSON body, or OpenAI's multipart form (``client.images.edit``)."""
     started = time.perf_counter()
     registry, settings = request.app[REGISTRY], request.app[SETTINGS]
-    options: ImageOptions
+    options: ImageEditForm | ImageEditRequest
     if request.content_type in FORM_TYPES:
         form, inputs, mask = await _read_edit_form(request)
         params = form.to_params(registry, settings, inputs=inputs, mask=mask)
@@ -172,7 +177,7 @@ async def create_edit(request: web.Request) -> web.StreamResponse:
         body = parse_body(ImageEditRequest, await read_body(request))
         params = body.to_params(registry, settings)
         options = body
-    return await _respond(request, params, options, started)
+    return await _respond(request, params, options, started, dry_run=options.dry_run)
 
 
 async def _read_edit_form(request: web.Request) -> tuple[ImageEditForm, list[bytes], bytes]:
@@ -229,7 +234,7 @@ async def create_generation_batch(request: web.Request) -> web.StreamResponse:
         ]
         return json_response({"data": entries}, headers={"X-Credits-Charged": format_credits(charge.charged)})
 
-    return await billed(request, [usage_for(p) for p in all_params], work, answer)
+    return await billed(request, [usage_for(p) for p in all_params], work, answer, dry_run=body.dry_run)
 
 
 async def list_styles(request: web.Request) -> web.Response:

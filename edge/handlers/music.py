@@ -181,7 +181,7 @@ async def _run(
         )
 
     try:
-        return await billed(request, usage, work, answer, streamed=progress.wanted)
+        return await billed(request, usage, work, answer, streamed=progress.wanted, dry_run=body.dry_run)
     except KilnError as err:
         ended = await progress.fail(envelope(err.message, err.error_type))
         if ended is None:

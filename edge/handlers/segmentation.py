@@ -9,6 +9,13 @@ service in chunks as it arrives, once the least the request can cost (one
 frame) is held (:class:`EntryHold`: an account that cannot pay gets its 402
 before the service reads a byte), and the result is kept in a spooled temporary
 file (memory stays flat) so that the frame counts can go in the headers.
+
+A dry run of a video (``?dry_run=true``, or a ``dry_run`` field before the
+file) holds nothing: billing checks the credential before the upload streams,
+and the service only probes the video, since its frame count (read from the
+container by the service's isolated decoder) is the price; the edge has no
+decoder of its own to count frames with, and the probe is what the real call
+holds for.
 """
 
 from __future__ import annotations
@@ -27,12 +34,20 @@ from typing import Any
 from aiohttp import web
 
 from edge.clients import VideoSession
-from edge.flow import HOLD_MARGIN_SECONDS, Charge, Done, MediaFile, billed, credential_from
+from edge.flow import (
+    HOLD_MARGIN_SECONDS,
+    Charge,
+    Done,
+    MediaFile,
+    billed,
+    credential_from,
+    dry_run_requested,
+)
 from edge.forms import BodyRefused, FormReader, body_digest, note_part, read_upload_form
 from edge.keys import MEDIA, PENDING, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
 from edge.retention import DISK_GUARD
-from edge.schemas import BackgroundRemovalForm, SegmentationForm, parse_form
+from edge.schemas import BackgroundRemovalForm, DryRun, SegmentationForm, parse_form
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.segmentation.v1 import segmentation_service_pb2 as seg_pb
 from services.common.errors import InvalidRequest, KilnError, ProcessingError, quoted
@@ -100,6 +115,11 @@ def _release_late(request: web.Request, call: asyncio.Future[billing_pb.Authoriz
     if not call.cancelled() and call.exception() is None:
         task = asyncio.ensure_future(_release(request, call.result().reservation.id))
         request.app[PENDING].add(task)
+
+
+def _dry_run_field(fields: dict[str, str]) -> bool:
+    """The form's ``dry_run`` field, when it came before the video (read as the whole form is)."""
+    return parse_form(DryRun, {name: fields[name] for name in ("dry_run",) if name in fields}).dry_run
 
 
 def _usage(spec: ModelSpec, frames: int) -> billing_pb.Usage:
@@ -203,7 +223,7 @@ async def segment_image(request: web.Request) -> web.StreamResponse:
         result, files = done
         return _segmentation_answer(request, result, files, charge, started)
 
-    return await billed(request, [_usage(spec, 1)], work, answer)
+    return await billed(request, [_usage(spec, 1)], work, answer, dry_run=form.dry_run)
 
 
 def _segmentation_answer(
@@ -267,7 +287,7 @@ async def remove_image_background(request: web.Request) -> web.StreamResponse:
         }
         return _png(result.image.data, "background_removed.png", headers)
 
-    return await billed(request, [_usage(spec, 1)], work, answer)
+    return await billed(request, [_usage(spec, 1)], work, answer, dry_run=form.dry_run)
 
 
 async def remove_video_background(request: web.Request) -> web.StreamResponse:
@@ -280,6 +300,7 @@ async def remove_video_background(request: web.Request) -> web.StreamResponse:
     reader = FormReader(request, max_bytes=settings.max_video_bytes + settings.max_body_bytes)
     session: VideoSession | None = None
     entry: EntryHold | None = None
+    dry_run = False
     try:
         fields: dict[str, str] = {}
         uploaded = 0
@@ -294,8 +315,14 @@ async def remove_video_background(request: web.Request) -> web.StreamResponse:
                         raise InvalidRequest("The field 'file' is given more than once")
                     # Nothing reaches the service before a hold is placed: the least this
                     # request can cost (one frame) is held until the probe prices the video.
+                    # A dry run holds nothing: billing checks the credential instead, and the
+                    # service only probes the video (its frame count is the price).
+                    dry_run = dry_run_requested(request, _dry_run_field(fields))
                     usage = _usage(_model(request, fields.get("model")), 1)
-                    entry = await EntryHold.place(request, credential, usage)
+                    if dry_run:
+                        await request.app[UPSTREAMS].billing.authenticate(credential, request[REQUEST_ID])
+                    else:
+                        entry = await EntryHold.place(request, credential, usage)
                     session = request.app[UPSTREAMS].segmentation.video(request[REQUEST_ID])
                     note_part(request, name, part.filename, b"")
                     async for chunk in reader.chunks(part):
@@ -311,9 +338,11 @@ async def remove_video_background(request: web.Request) -> web.StreamResponse:
                     raise InvalidRequest(f"The field '{quoted(name)}' is given more than once")
                 else:
                     fields[name] = await reader.text(part)
-        if session is None or entry is None or not uploaded:
+        if session is None or not uploaded:
             raise InvalidRequest("Missing required parameter: 'file' (a video upload)")
         form = parse_form(BackgroundRemovalForm, fields)
+        if form.dry_run and not dry_run:  # the video went to the service as it arrived
+            raise InvalidRequest("Give 'dry_run' before the 'file' part of the form, or as ?dry_run=true")
         prompt = form.prompt.strip()
         if not prompt:
             raise InvalidRequest("Missing required parameter: 'prompt' (the object to keep)")
@@ -358,10 +387,12 @@ async def remove_video_background(request: web.Request) -> web.StreamResponse:
             await response.write_eof()
             return response
 
-        await entry.release()  # the hold of the whole video replaces it
+        if entry is not None:
+            await entry.release()  # the hold of the whole video replaces it
         try:
             # The WebM is sent from a spooled file, not kept: never replayed for an Idempotency-Key.
-            return await billed(request, [_usage(spec, frames)], work, answer, streamed=True)
+            # A dry run answers the price of the probed frames here; the session is cancelled.
+            return await billed(request, [_usage(spec, frames)], work, answer, streamed=True, dry_run=dry_run)
         finally:
             output.close()
     finally:

@@ -85,4 +85,4 @@ async def upscale_image(request: web.Request) -> web.StreamResponse:
         }
         return json_response(payload, headers=headers)
 
-    return await billed(request, [usage], work, answer)
+    return await billed(request, [usage], work, answer, dry_run=body.dry_run)

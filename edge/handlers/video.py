@@ -159,7 +159,7 @@ async def create_video(request: web.Request) -> web.StreamResponse:
         return json_response(body, headers={"X-Credits-Charged": body["credits_charged"]})
 
     try:
-        return await billed(request, usage, work, answer, streamed=progress.wanted)
+        return await billed(request, usage, work, answer, streamed=progress.wanted, dry_run=form.dry_run)
     except KilnError as err:
         ended = await progress.fail(envelope(err.message, err.error_type))
         if ended is None:

@@ -23,6 +23,7 @@ Commands::
     credits add ID CREDITS [--grant]
     ledger ID [--limit N]
     maintenance on|off|status
+    webhook-secret ID [--rotate] [--grace-hours N]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 
 from services.billing.ledger import AccountRecord, Ledger
 from services.billing.store import Database
+from services.billing.webhook_admin import add_webhook_secret_command
 from services.common.errors import InvalidRequest, KilnError
 from services.common.money import UNITS_PER_CREDIT, format_credits
 from services.common.settings import Settings
@@ -232,6 +234,8 @@ def add_admin_commands(subparsers: Any) -> None:
     maintenance = subparsers.add_parser("maintenance", help="maintenance mode (503 for every request)")
     maintenance.add_argument("state", choices=["on", "off", "status"])
     maintenance.set_defaults(admin_handler=_maintenance)
+
+    add_webhook_secret_command(subparsers)
 
 
 async def open_ledger(settings: Settings) -> Ledger:

@@ -314,13 +314,7 @@ class Ledger:
         return _account(row)
 
     async def get_account(self, account_id: str) -> AccountRecord:
-        row = await self.db.run(
-            lambda tx: tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,)),
-            write=False,
-        )
-        if row is None:
-            raise _account_not_found(account_id)
-        return _account(row)
+        return await self.db.run(lambda tx: account_in(tx, account_id), write=False)
 
     async def find_account_by_subject(self, sub: str) -> AccountRecord | None:
         """The account a JWT subject names: by external id first, then by account id."""
@@ -501,12 +495,15 @@ class Ledger:
         request_id: str,
         ttl_seconds: float,
         idempotency: IdempotencyClaim | None = None,
+        then: Callable[[Tx, AccountRecord, ReservationRecord], None] | None = None,
     ) -> Authorization:
         """Finds the caller's account, prices the work for it and holds the total: one transaction.
 
         ``price`` may refuse the account (e.g. PremiumRequired); nothing is held
         then. With ``idempotency``, the key is claimed for the new hold in the same
         transaction, or the stored answer of its finished request is returned.
+        ``then(tx, account, reservation)`` runs in the same transaction after the hold
+        (a task is queued with its hold, or neither is).
         """
         hold = self._hold_fn(request_id, ttl_seconds)
         if idempotency is not None:
@@ -538,6 +535,8 @@ class Ledger:
                 )
                 if claimed is None:  # a concurrent request took the key first (PostgreSQL)
                     raise _in_progress(idempotency.key)
+            if then is not None:
+                then(tx, after, reservation)
             return Authorization(after, reservation, amounts)
 
         return await self.db.run(tx_fn)
@@ -653,26 +652,7 @@ class Ledger:
                 entries += [("charge", -amount, "")] if amount else []
                 _ledger_rows(tx, res.account_id, res.id, now, entries)
                 for record in media:
-                    tx.execute(
-                        f"INSERT INTO media_records (account_id, reservation_id, {_MEDIA_COLUMNS})"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            res.account_id,
-                            res.id,
-                            record.media_id,
-                            record.kind,
-                            record.mime_type,
-                            record.model,
-                            record.prompt,
-                            record.width,
-                            record.height,
-                            record.frames,
-                            record.fps,
-                            record.duration_seconds,
-                            record.size_bytes,
-                            now,
-                        ),
-                    )
+                    record_media(tx, res, record, now)
                 if res.amount:  # the account row last (its lock is held for this and the commit only)
                     tx.execute(
                         "UPDATE accounts SET held = held - ?, balance = balance + ? WHERE id = ?",
@@ -767,7 +747,7 @@ class Ledger:
         """Media retention: deletes up to ``limit`` records made before ``created_before_ms``
         whose kind is not in ``keep_kinds`` (the library, kept while the account exists), and
         says which ``candidates`` (media ids of stored files) have no record and are no stored
-        answer of an idempotency key. Returns (expired ids, unrecorded candidates); the caller
+        answer of an idempotency key nor the input of an unfinished task. Returns (expired ids, unrecorded candidates); the caller
         deletes those files, after their records, so no record ever points at a missing file.
         """
         if not 1 <= limit <= MAX_MEDIA_SWEEP:
@@ -795,8 +775,10 @@ class Ledger:
                 str(row[0])
                 for row in tx.all(
                     f"SELECT media_id FROM media_records WHERE media_id IN ({marks}) UNION"
-                    f" SELECT response_media_id FROM idempotency_keys WHERE response_media_id IN ({marks})",
-                    (*wanted, *wanted),
+                    f" SELECT response_media_id FROM idempotency_keys WHERE response_media_id IN ({marks})"
+                    f" UNION SELECT input_media_id FROM tasks WHERE input_media_id IN ({marks})"
+                    " AND status IN ('pending', 'processing')",
+                    (*wanted, *wanted, *wanted),
                 )
             }
             gone = set(expired)
@@ -811,21 +793,9 @@ class Ledger:
         now = self.now_ms()
 
         def tx_fn(tx: Tx) -> ReservationRecord:
-            row = tx.one(
-                "UPDATE reservations SET state = 'released', settled_at_ms = ? WHERE id = ? AND state = 'held'"
-                f" RETURNING {_RESERVATION_COLUMNS}",
-                (now, reservation_id),
-            )
-            if row is not None:
-                res = _reservation(row)
-                if res.amount:
-                    tx.execute(
-                        "UPDATE accounts SET held = held - ?, balance = balance + ? WHERE id = ?",
-                        (res.amount, res.amount, res.account_id),
-                    )
-                    _ledger_row(tx, res.account_id, "release", res.amount, res.id, now, "")
-                _free_keys(tx, [res.id])
-                return res
+            released = release_hold(tx, reservation_id, now)
+            if released is not None:
+                return released
             res = _read_reservation(tx, reservation_id)
             if res.state == "committed":
                 raise InvalidRequest(f"Reservation '{res.id}' was already committed; it cannot be released.")
@@ -974,6 +944,63 @@ def _ledger_rows(
         f" VALUES {values}",
         params,
     )
+
+
+def record_media(tx: Tx, reservation: ReservationRecord, record: MediaRecord, now: int) -> None:
+    """Records a file a committed request produced, in its account's library (in ``tx``)."""
+    tx.execute(
+        f"INSERT INTO media_records (account_id, reservation_id, {_MEDIA_COLUMNS})"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            reservation.account_id,
+            reservation.id,
+            record.media_id,
+            record.kind,
+            record.mime_type,
+            record.model,
+            record.prompt,
+            record.width,
+            record.height,
+            record.frames,
+            record.fps,
+            record.duration_seconds,
+            record.size_bytes,
+            now,
+        ),
+    )
+
+
+def account_in(tx: Tx, account_id: str) -> AccountRecord:
+    """One account, read in ``tx`` (NotFound when there is none)."""
+    row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
+    if row is None:
+        raise _account_not_found(account_id)
+    return _account(row)
+
+
+def release_hold(tx: Tx, reservation_id: str, now: int) -> ReservationRecord | None:
+    """Returns a held reservation's credits to its account (in ``tx``); None when it is not held."""
+    row = tx.one(
+        "UPDATE reservations SET state = 'released', settled_at_ms = ? WHERE id = ? AND state = 'held'"
+        f" RETURNING {_RESERVATION_COLUMNS}",
+        (now, reservation_id),
+    )
+    if row is None:
+        return None
+    res = _reservation(row)
+    if res.amount:
+        tx.execute(
+            "UPDATE accounts SET held = held - ?, balance = balance + ? WHERE id = ?",
+            (res.amount, res.amount, res.account_id),
+        )
+        _ledger_row(tx, res.account_id, "release", res.amount, res.id, now, "")
+    _free_keys(tx, [res.id])
+    return res
+
+
+def read_reservation(tx: Tx, reservation_id: str) -> ReservationRecord:
+    """One reservation (NotFound when there is none)."""
+    return _read_reservation(tx, reservation_id)
 
 
 def _read_reservation(tx: Tx, reservation_id: str) -> ReservationRecord:

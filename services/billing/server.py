@@ -19,11 +19,19 @@ import grpc
 
 from kiln.billing.v1 import billing_service_pb2 as pb
 from kiln.billing.v1 import billing_service_pb2_grpc as pb_grpc
+from kiln.billing.v1 import task_service_pb2 as task_pb
+from kiln.billing.v1 import task_service_pb2_grpc as task_pb_grpc
+from kiln.billing.v1 import webhook_service_pb2_grpc as webhook_pb_grpc
 from services.billing import CAPABILITY
 from services.billing.auth import Authenticator
 from services.billing.ledger import Ledger
 from services.billing.servicer import BillingServicer
 from services.billing.store import Database
+from services.billing.task_servicer import TaskServicer
+from services.billing.tasks import TaskStore
+from services.billing.webhook_servicer import SERVICE_NAME as WEBHOOK_SERVICE_NAME
+from services.billing.webhook_servicer import WebhookServicer, restricted_methods
+from services.billing.webhooks import Webhooks
 from services.common.grpc_server import GrpcService, create_server
 from services.common.mesh_auth import EDGE
 from services.common.registry import load_registry
@@ -32,6 +40,9 @@ from services.common.settings import Settings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BillingService"].full_name
+#: Asynchronous tasks (services.billing.tasks); every method is the edge's alone.
+TASK_SERVICE_NAME = task_pb.DESCRIPTOR.services_by_name["TaskService"].full_name
+TASK_METHODS = tuple(m.name for m in task_pb.DESCRIPTOR.services_by_name["TaskService"].methods)
 #: The RPCs that move money or write an account's records: only the edge may call them.
 EDGE_ONLY_METHODS = ("Authorize", "Reserve", "Commit", "Release", "SaveResponse", "SweepMedia")
 #: The RPCs any caller with the mesh credential may use: they only read.
@@ -44,6 +55,8 @@ class BillingGrpcService(GrpcService):
 
     ledger: Ledger | None = None
     database: Database | None = None
+    #: The task webhook outbox (``kiln.billing.v1.WebhookService``).
+    webhooks: Webhooks | None = None
 
 
 async def expiry_sweep(ledger: Ledger, interval_seconds: float) -> None:
@@ -73,28 +86,37 @@ async def create_service(
     db = await Database.open(url)
     try:
         ledger = Ledger(db, clock=clock)
+        tasks = TaskStore(ledger)
+        webhooks = Webhooks(db, schedule=settings.webhook_retry_schedule, clock=clock)
         servicer = BillingServicer(
             ledger,
             registry,
             Authenticator.from_settings(ledger, settings),
             default_ttl_seconds=settings.reservation_ttl_seconds,
+            tasks=tasks,
         )
 
         def register(server: grpc.aio.Server) -> None:
             pb_grpc.add_BillingServiceServicer_to_server(servicer, server)
+            task_pb_grpc.add_TaskServiceServicer_to_server(TaskServicer(servicer, tasks), server)
+            webhook_pb_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(webhooks), server)
 
         base = await create_server(
             address=address or settings.bind_address(settings.address(CAPABILITY.name)),
             settings=settings,
             register=register,
-            service_names=[SERVICE_NAME],
-            restricted={f"/{SERVICE_NAME}/{method}": (EDGE,) for method in EDGE_ONLY_METHODS},
+            service_names=[SERVICE_NAME, TASK_SERVICE_NAME, WEBHOOK_SERVICE_NAME],
+            restricted={
+                **{f"/{SERVICE_NAME}/{method}": (EDGE,) for method in EDGE_ONLY_METHODS},
+                **{f"/{TASK_SERVICE_NAME}/{method}": (EDGE,) for method in TASK_METHODS},
+                **restricted_methods(),  # the webhook outbox's edge-only RPCs
+            },
         )
     except BaseException:
         await db.close()
         raise
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(GrpcService)}
-    service = BillingGrpcService(**fields, ledger=ledger, database=db)
+    service = BillingGrpcService(**fields, ledger=ledger, database=db, webhooks=webhooks)
 
     async def sweep() -> None:
         await expiry_sweep(ledger, settings.expiry_sweep_seconds)

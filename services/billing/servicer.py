@@ -15,7 +15,7 @@ caller reports usage, never an amount.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -25,6 +25,7 @@ from services.billing.auth import Authenticator
 from services.billing.ledger import (
     AccountFinder,
     AccountRecord,
+    Authorization,
     IdempotencyClaim,
     Ledger,
     MediaRecord,
@@ -32,6 +33,8 @@ from services.billing.ledger import (
     StoredAnswer,
 )
 from services.billing.pricing import ImageGenerationItem, quote
+from services.billing.store import Tx
+from services.billing.tasks import TaskStore, is_run_token
 from services.common.errors import AuthenticationFailed, InvalidRequest, MaintenanceMode
 from services.common.registry import Registry
 
@@ -111,6 +114,10 @@ def stored_response_pb(answer: StoredAnswer) -> pb.StoredResponse:
     )
 
 
+def _bearer(credential: pb.Credential) -> str:
+    return credential.bearer_token.strip() if credential.WhichOneof("kind") == "bearer_token" else ""
+
+
 def _require(value: str, name: str) -> str:
     if not value:
         raise InvalidRequest(f"'{name}' is required.")
@@ -127,11 +134,13 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         authenticator: Authenticator,
         *,
         default_ttl_seconds: int,
+        tasks: TaskStore | None = None,
     ) -> None:
         self.ledger = ledger
         self.registry = registry
         self.authenticator = authenticator
         self.default_ttl_seconds = default_ttl_seconds
+        self.tasks = tasks or TaskStore(ledger)
 
     def _ttl(self, ttl_seconds: int) -> int:
         if ttl_seconds < 0 or ttl_seconds > MAX_TTL_SECONDS:
@@ -160,14 +169,7 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
             key = request.idempotency
             _require(key.fingerprint, "idempotency.fingerprint")
             claim = IdempotencyClaim(key.key, key.fingerprint, key.streamed)
-        await self._check_maintenance()
-        outcome = await self.ledger.authorize(
-            self._finder(request.credential),
-            lambda account: quote(items, self.registry, premium=account.premium),
-            request.request_id,
-            ttl,
-            claim,
-        )
+        outcome = await self.authorize(request.credential, items, request.request_id, ttl, claim)
         response = pb.AuthorizeResponse(
             account=account_pb(outcome.account), item_amounts_hundredths=outcome.amounts
         )
@@ -177,11 +179,38 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
             response.replay.CopyFrom(stored_response_pb(outcome.replay))
         return response
 
+    async def authorize(
+        self,
+        credential: pb.Credential,
+        items: list[ImageGenerationItem],
+        request_id: str,
+        ttl: float,
+        claim: IdempotencyClaim | None,
+        then: Callable[[Tx, AccountRecord, ReservationRecord], None] | None = None,
+    ) -> Authorization:
+        """Authorize's work (CreateTask's too, which queues its task with ``then``). A task's
+        run token (a run replaying its task's request) gets the task's own hold instead."""
+        await self._check_maintenance()
+        if then is None and is_run_token(_bearer(credential)):
+            return await self.tasks.run_authorization(_bearer(credential))
+        return await self.ledger.authorize(
+            self._finder(credential),
+            lambda account: quote(items, self.registry, premium=account.premium),
+            request_id,
+            ttl,
+            claim,
+            then,
+        )
+
     async def Authenticate(
         self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthenticateResponse:
         await self._check_maintenance()
-        account = await self.ledger.find_account(self._finder(request.credential))
+        token = _bearer(request.credential)
+        if is_run_token(token):
+            account = (await self.tasks.run_authorization(token)).account
+        else:
+            account = await self.ledger.find_account(self._finder(request.credential))
         return pb.AuthenticateResponse(account=account_pb(account))
 
     async def Quote(self, request: pb.QuoteRequest, context: grpc.aio.ServicerContext) -> pb.QuoteResponse:
@@ -206,7 +235,7 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
     async def Commit(self, request: pb.CommitRequest, context: grpc.aio.ServicerContext) -> pb.CommitResponse:
         _require(request.reservation_id, "reservation_id")
         items = usage_items(request.usage, done=True)
-        media = tuple(_media_record(record) for record in request.media)
+        media = tuple(media_record(record) for record in request.media)
 
         def price(account: AccountRecord) -> int:
             return sum(quote(items, self.registry, premium=account.premium)) if items else 0
@@ -299,7 +328,7 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         return pb.SweepMediaResponse(expired_media_ids=expired, unrecorded_media_ids=unrecorded)
 
 
-def _media_record(record: pb.MediaRecord) -> MediaRecord:
+def media_record(record: pb.MediaRecord) -> MediaRecord:
     _require(record.media_id, "media.media_id")
     _require(record.kind, "media.kind")
     _require(record.mime_type, "media.mime_type")

@@ -11,12 +11,13 @@ import os
 import re
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, IPvAnyNetwork, SecretStr
+from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -150,6 +151,28 @@ class Settings(BaseSettings):
         600.0, description="Deadline of one capability call from the edge."
     )
 
+    # --- asynchronous tasks (edge/tasks.py, services/billing/tasks.py) ---
+    task_workers: int = Field(
+        2, ge=0, le=64, description="Tasks one edge runs at once (0: this edge runs none, only queues them)."
+    )
+    task_hold_seconds: int = Field(
+        24 * 3600,
+        ge=60,
+        le=24 * 3600,
+        description="How long a task's credit hold lasts: a task not finished by then fails, unpaid.",
+    )
+    task_lease_seconds: int = Field(
+        30,
+        ge=3,
+        le=600,
+        description="A running task's lease: renewed every third of it; a run not renewed for this "
+        "long is taken over by another worker (once).",
+    )
+    task_poll_seconds: float = Field(
+        1.0, gt=0, description="How often an idle task worker asks billing for work (new tasks of "
+        "the same edge wake it at once)."
+    )
+
     # --- billing ---
     reservation_ttl_seconds: int = Field(
         720,
@@ -227,10 +250,47 @@ class Settings(BaseSettings):
         "below it, paid requests are refused with 503 (0 turns the guard off).",
     )
 
+    # --- task webhooks (services/billing/webhooks.py, edge/webhooks.py; docs/api.md) ---
+    webhook_retry_schedule: Annotated[tuple[float, ...], NoDecode] = Field(
+        (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0),
+        description="Seconds before each delivery attempt of a webhook, the first counted from the "
+        "task's end (so its length is the most attempts); after the last, the message is dead. "
+        "KILN_WEBHOOK_RETRY_SCHEDULE is a comma list. Each wait gets +-20% jitter; a Retry-After "
+        "longer than the wait is honoured, up to the longest step.",
+    )
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Hosts (host or host:port, comma list) webhooks may reach although they are not "
+        "public, over http or https (tests' loopback receivers; never list a host clients must not "
+        "reach). Empty: https to public addresses only.",
+    )
+    webhook_poll_seconds: float = Field(
+        1.0, gt=0, description="How often the edge asks billing for webhook messages that are due."
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, description="Deadline of one webhook POST (connect, send, answer)."
+    )
+    webhook_concurrency: int = Field(8, ge=1, description="Webhook POSTs one edge sends at the same time.")
+
     # --- operations ---
     grace_seconds: float = Field(5.0, description="Graceful shutdown period for in-flight calls.")
     otel_exporter: Literal["none", "console", "otlp"] = Field("none", description="Where spans go.")
     log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("webhook_retry_schedule", "webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """A comma list from the environment (``0,5,300``) as a tuple."""
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _schedule(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(step < 0 for step in value):
+            raise ValueError("the webhook retry schedule is one or more waits of 0 seconds or more")
+        return value
 
     @classmethod
     def settings_customise_sources(
