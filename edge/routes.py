@@ -103,8 +103,12 @@ class Route:
 
     @property
     def paid(self) -> bool:
-        """A route that holds credits (it can answer 402): it takes ``?dry_run``."""
-        return 402 in self.responses
+        """A paid synchronous route (its answers built by :func:`_paid`: its 200 may be a price
+        preview): it takes ``?dry_run`` (``edge.flow``). ``/v1/tasks`` is not one: its
+        ``dry_run`` is a body field only."""
+        ok = self.responses.get(200)
+        body = ok.content.get("application/json") if ok is not None else None
+        return body is PricePreview or (isinstance(body, tuple) and PricePreview in body)
 
 
 #: What every paid route can answer besides its 200.

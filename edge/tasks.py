@@ -219,7 +219,7 @@ class TaskRun:
     async def execute(self) -> None:
         settings = self.app[SETTINGS]
         lease = settings.task_lease_seconds
-        work = asyncio.ensure_future(self._replay())
+        work = asyncio.ensure_future(self._attempts())
         cancelled = False
         try:
             while not work.done():
@@ -271,6 +271,23 @@ class TaskRun:
         if finished.task.callback_url:
             self.app[WEBHOOK_DELIVERER].wake()  # its webhook is in the outbox: send it now
 
+    async def _attempts(self) -> tuple[str, bytes, bytes, list[billing_pb.MediaRecord]]:
+        """:meth:`_replay`, again after a transient refusal (a model still loading, maintenance,
+        a rate limit: nothing was held by it) with backoff, until ``task_retry_seconds`` ran out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.app[SETTINGS].task_retry_seconds
+        delay = 1.0
+        while True:
+            try:
+                return await self._replay()
+            except _Transient as refused:
+                wait = max(delay, refused.retry_after or 0.0)
+                if loop.time() + wait > deadline:
+                    return "failed", b"", refused.error, []
+                log.info("task %s: retrying in %.0f s after a transient refusal", self.task.id, wait)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, 30.0)
+
     async def _replay(self) -> tuple[str, bytes, bytes, list[billing_pb.MediaRecord]]:
         """Sends the task's request to this edge; (status, output, error, stored files)."""
         app = self.app
@@ -289,6 +306,8 @@ class TaskRun:
         base = await app[SELF_URL]
         async with app[SESSION].request(method, f"{base}{path}", data=body, headers=headers) as response:
             kind = response.content_type
+            if response.status in TRANSIENT_STATUSES:
+                raise _Transient(await _bounded(response), _retry_after(response.headers.get("Retry-After")))
             if response.status >= 400:
                 return "failed", b"", await _bounded(response), []
             if kind == "text/event-stream":
@@ -332,6 +351,24 @@ class TaskRun:
             if name.lower().startswith("x-") and name.lower() not in ("x-request-id",):
                 output.setdefault("headers", {})[name] = value
         return "completed", json.dumps(output).encode(), b"", records
+
+
+#: Answers that say "not now" rather than "no": the run is tried again (``_attempts``).
+TRANSIENT_STATUSES = frozenset({429, 503})
+
+
+class _Transient(Exception):
+    def __init__(self, error: bytes, retry_after: float | None) -> None:
+        super().__init__("transient refusal")
+        self.error = error
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return min(300.0, max(0.0, float(value))) if value else None
+    except ValueError:
+        return None
 
 
 async def _bounded(response: aiohttp.ClientResponse, limit: int = 64 * 1024) -> bytes:

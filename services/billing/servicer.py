@@ -270,7 +270,12 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseResponse:
         _require(request.reservation_id, "reservation_id")
-        reservation = await self.ledger.release(request.reservation_id)
+        if await self.tasks.holds(request.reservation_id):
+            # A queued or running task's hold: a failed run of it does not end the task (it may
+            # be retried); the task releases its hold when it ends.
+            reservation = await self.ledger.get_reservation(request.reservation_id)
+        else:
+            reservation = await self.ledger.release(request.reservation_id)
         return pb.ReleaseResponse(reservation=reservation_pb(reservation))
 
     async def GetAccount(

@@ -263,6 +263,17 @@ class TaskStore:
         """An account's task; another account's is NotFound, as an unknown id is."""
         return await self.db.run(lambda tx: _owned(tx, account_id, task_id), write=False)
 
+    async def holds(self, reservation_id: str) -> bool:
+        """Whether the hold belongs to a task that has not ended (only its end releases it)."""
+        row = await self.db.run(
+            lambda tx: tx.one(
+                "SELECT id FROM tasks WHERE reservation_id = ? AND status IN ('pending', 'processing')",
+                (reservation_id,),
+            ),
+            write=False,
+        )
+        return row is not None
+
     async def webhook(self, account_id: str, task_id: str) -> dict[str, Any] | None:
         """The state of the task's newest webhook message (None: no callback, or not ended yet)."""
         return await self.db.run(

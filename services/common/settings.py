@@ -168,6 +168,12 @@ class Settings(BaseSettings):
         description="A running task's lease: renewed every third of it; a run not renewed for this "
         "long is taken over by another worker (once).",
     )
+    task_retry_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="How long a task's run keeps retrying (with backoff) while its route answers 503 "
+        "or 429 (a model still loading, maintenance, a rate limit) before the task fails.",
+    )
     task_poll_seconds: float = Field(
         1.0, gt=0, description="How often an idle task worker asks billing for work (new tasks of "
         "the same edge wake it at once)."
