@@ -223,7 +223,8 @@ class TaskRun:
         cancelled = False
         try:
             while not work.done():
-                await asyncio.wait({work}, timeout=lease / 3)
+                # Renewals carry progress and bring cancellations: at most RENEW_SECONDS apart.
+                await asyncio.wait({work}, timeout=min(lease / 3, RENEW_SECONDS))
                 if work.done():
                     break
                 try:
@@ -353,6 +354,8 @@ class TaskRun:
         return "completed", json.dumps(output).encode(), b"", records
 
 
+#: Longest time between two renewals of a running task (progress, cancellation).
+RENEW_SECONDS = 2.0
 #: Answers that say "not now" rather than "no": the run is tried again (``_attempts``).
 TRANSIENT_STATUSES = frozenset({429, 503})
 

@@ -176,9 +176,11 @@ async def create_task(request: web.Request) -> web.StreamResponse:
         if kind != "application/json":
             raise ProcessingError(f"The task could not be created (HTTP {status}).")
         return web.Response(body=answer, status=status, content_type="application/json")
+    if body.dry_run:  # the preview's bytes as they are: its cost stays exact decimal text
+        return web.Response(
+            body=b'{"code":200,"success":true,"data":' + answer + b"}", content_type="application/json"
+        )
     document = orjson.loads(answer)
-    if body.dry_run:
-        return seed_answer(document)
     return seed_answer({"task_id": document["task_id"], "status": document["status"]})
 
 

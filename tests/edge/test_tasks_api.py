@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import aiohttp
+import orjson
 from PIL import Image
 
 from tests.conftest import Mesh, balance, new_customer
@@ -25,7 +26,9 @@ async def post_task(
         return response.status, await response.json()
 
 
-async def finished(mesh: Mesh, http: aiohttp.ClientSession, task_id: str, headers: dict[str, str]) -> dict[str, Any]:
+async def finished(
+    mesh: Mesh, http: aiohttp.ClientSession, task_id: str, headers: dict[str, str]
+) -> dict[str, Any]:
     """Polls the task until it ends (the worker polls billing every second)."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -74,7 +77,9 @@ async def test_the_dry_run_of_a_task_is_the_price_it_holds(mesh: Mesh, http: aio
     assert int(Decimal(task["credits_held"]) * 100) == cost
 
 
-async def test_prefer_respond_async_answers_202_with_the_task(mesh: Mesh, http: aiohttp.ClientSession) -> None:
+async def test_prefer_respond_async_answers_202_with_the_task(
+    mesh: Mesh, http: aiohttp.ClientSession
+) -> None:
     customer = await new_customer(mesh, "5")
     headers = customer.headers | {"Prefer": "respond-async"}
     body = {"image": b64(png_bytes(32, 32)), "method": "lanczos", "scale": 2}
@@ -87,10 +92,16 @@ async def test_prefer_respond_async_answers_202_with_the_task(mesh: Mesh, http: 
     assert done["status"] == "completed" and done["output"]["data"][0]["b64_json"]
 
 
-async def test_an_upload_route_runs_as_a_task_from_a_data_url(mesh: Mesh, http: aiohttp.ClientSession) -> None:
+async def test_an_upload_route_runs_as_a_task_from_a_data_url(
+    mesh: Mesh, http: aiohttp.ClientSession
+) -> None:
     customer = await new_customer(mesh, "5")
     image = "data:image/png;base64," + b64(png_bytes(64, 64, (250, 220, 0)))
-    body = {"model": "sam3", "operation": "remove-background", "input": {"file": image, "prompt": "a yellow ball"}}
+    body = {
+        "model": "sam3",
+        "operation": "remove-background",
+        "input": {"file": image, "prompt": "a yellow ball"},
+    }
     status, created = await post_task(mesh, http, body, customer.headers)
     assert status == 200, created
     task = await finished(mesh, http, created["data"]["task_id"], customer.headers)
@@ -115,14 +126,18 @@ async def test_a_task_the_account_cannot_pay_is_a_402_and_nothing_is_queued(
         assert (await response.json())["data"]["tasks"] == []
 
 
-async def test_bad_input_gets_the_routes_own_400_in_the_tasks_shape(mesh: Mesh, http: aiohttp.ClientSession) -> None:
+async def test_bad_input_gets_the_routes_own_400_in_the_tasks_shape(
+    mesh: Mesh, http: aiohttp.ClientSession
+) -> None:
     customer = await new_customer(mesh, "5")
     body = {"model": "swin2sr", "input": {"image": b64(png_bytes(64, 48)), "scale": 9}}
     status, error = await post_task(mesh, http, body, customer.headers)
     assert status == 400 and error["success"] is False and "scale" in error["data"]["message"]
     status, error = await post_task(mesh, http, {"model": "no-such-model", "input": {}}, customer.headers)
     assert status == 404 and error["code"] == 404
-    status, error = await post_task(mesh, http, {"model": "sam3", "input": {}, "operation": "fly"}, customer.headers)
+    status, error = await post_task(
+        mesh, http, {"model": "sam3", "input": {}, "operation": "fly"}, customer.headers
+    )
     assert status == 400 and "Supported operations" in error["data"]["message"]
     assert await balance(mesh, customer.account_id) == 500
 
@@ -155,3 +170,47 @@ async def test_the_task_list_pages_and_filters(mesh: Mesh, http: aiohttp.ClientS
     assert [t["task_id"] for t in page["tasks"]] == ids[::-1][:2] and page["next_page_token"]
     async with http.get(mesh.url + TASKS + "?status=sideways", headers=customer.headers) as response:
         assert response.status == 400
+
+
+async def test_a_task_whose_edge_died_mid_run_is_finished_by_another(
+    mesh: Mesh, http: aiohttp.ClientSession
+) -> None:
+    """An edge claimed the task and died (it never renews its lease): the mesh's edge takes
+    the run over once the lease runs out, on the same hold, and completes it."""
+    from edge.media_store import LocalMediaStore
+    from services.billing.ledger import api_key_finder
+    from services.billing.store import Tx
+    from services.billing.tasks import NewTask, TaskStore
+
+    customer = await new_customer(mesh, "5")
+    body = orjson.dumps({"image": b64(png_bytes(16, 16)), "method": "lanczos", "scale": 2})
+    media_id = LocalMediaStore(mesh.settings.resolved_media_root).put(body, "application/octet-stream")
+    store = TaskStore(mesh.ledger)
+    create = store.creator(
+        NewTask("lanczos", "POST /v1/images/upscale", media_id, "application/json", "", mesh.url)
+    )
+    now = int(time.time() * 1000)
+
+    def claimed_by_a_dead_edge(tx: Tx, account: Any, reservation: Any) -> None:
+        create(
+            tx, account, reservation
+        )  # queued and claimed in one transaction: no live worker sees it pending
+        tx.execute(
+            "UPDATE tasks SET status = 'processing', worker_id = 'dead-edge', run_token_hash = 'gone',"
+            " lease_expires_at_ms = ?, attempts = 1, started_at_ms = ? WHERE reservation_id = ?",
+            (now + 1500, now, reservation.id),
+        )
+
+    auth = await mesh.ledger.authorize(
+        api_key_finder(customer.key), lambda account: [5], "dead-edge", 3600, then=claimed_by_a_dead_edge
+    )
+    task = await store.for_hold(auth)
+    done = await finished(mesh, http, task.id, customer.headers)
+    assert done["status"] == "completed", done.get("error")
+    assert done["output"]["data"][0]["b64_json"]
+    row = await mesh.ledger.db.run(
+        lambda tx: tx.one("SELECT attempts FROM tasks WHERE id = ?", (task.id,)), write=False
+    )
+    assert row is not None and row[0] == 2  # the dead edge's run, then the takeover
+    charged = int(Decimal(done["credits_charged"]) * 100)
+    assert await balance(mesh, customer.account_id) == 500 - charged

@@ -25,7 +25,9 @@ async def _customer(ledger: Ledger, credits: str = "1") -> tuple[str, str]:
 
 
 async def create(store: TaskStore, key: str, price: int = PRICE, callback_url: str = "") -> Authorization:
-    new = NewTask("lanczos", "POST /v1/images/upscale", "m" * 24, "application/json", callback_url, "http://x")
+    new = NewTask(
+        "lanczos", "POST /v1/images/upscale", "m" * 24, "application/json", callback_url, "http://x"
+    )
     return await store.ledger.authorize(
         api_key_finder(key), lambda account: [price], "req-1", 3600, then=store.creator(new)
     )
@@ -95,7 +97,9 @@ async def test_a_run_token_authorizes_only_its_running_task_with_its_own_hold(
     await assert_books_balance(ledger, account_id)
 
 
-async def test_a_run_that_ends_uncharged_or_failed_releases_its_hold(store: TaskStore, ledger: Ledger) -> None:
+async def test_a_run_that_ends_uncharged_or_failed_releases_its_hold(
+    store: TaskStore, ledger: Ledger
+) -> None:
     account_id, key = await _customer(ledger)
     task = await store.for_hold(await create(store, key))
     claim = await store.claim("w", 30)
@@ -180,7 +184,9 @@ async def test_an_ended_task_with_a_callback_puts_its_object_in_the_webhook_outb
     summary = await store.webhook(account_id, task.id)
     assert summary is not None and summary["state"] == "pending"
     rows = await ledger.db.run(
-        lambda tx: tx.all("SELECT event_type, payload, url FROM webhook_messages WHERE task_id = ?", (task.id,)),
+        lambda tx: tx.all(
+            "SELECT event_type, payload, url FROM webhook_messages WHERE task_id = ?", (task.id,)
+        ),
         write=False,
     )
     [(event, payload, url)] = rows
