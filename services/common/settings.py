@@ -175,8 +175,10 @@ class Settings(BaseSettings):
         "or 429 (a model still loading, maintenance, a rate limit) before the task fails.",
     )
     task_poll_seconds: float = Field(
-        1.0, gt=0, description="How often an idle task worker asks billing for work (new tasks of "
-        "the same edge wake it at once)."
+        1.0,
+        gt=0,
+        description="How often an idle task worker asks billing for work (new tasks of "
+        "the same edge wake it at once).",
     )
 
     # --- billing ---
