@@ -88,6 +88,7 @@ bench: gen $(STAMP) $(TTS_STAMP)
 	$(BIN)/python bench/mesh_auth.py
 	$(BIN)/python bench/decode_isolation.py
 	$(BIN)/python bench/ledger.py
+	$(BIN)/python bench/tasks.py
 
 clean:
 	rm -rf kiln descriptors.binpb .pytest_cache .mypy_cache .ruff_cache

@@ -62,9 +62,10 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def _line(label: str, samples: list[float], extra: str = "") -> None:
+def _line(label: str, samples: list[float], rate: float | None = None) -> None:
+    extra = f"{rate:7.1f} req/s" if rate is not None else ""
     print(
-        f"  {label:<44}{extra} p50 {percentile(samples, 50):8.2f} ms   p99 {percentile(samples, 99):8.2f} ms"
+        f"  {label:<48}{extra:>13}   p50 {percentile(samples, 50):8.2f} ms   p99 {percentile(samples, 99):8.2f} ms"
         f"   mean {statistics.fmean(samples):8.2f} ms",
         flush=True,
     )
@@ -218,22 +219,24 @@ async def _client(info: dict[str, Any], secret: str, args: argparse.Namespace) -
                 await asyncio.sleep(POLL_SECONDS)
             raise RuntimeError(f"task {task_id} did not complete within 60 s")
 
-        # warm-up: the model, connections, the worker's first claims
+        # warm-up: the model, connections, the worker's first claims, the account's webhook
+        # secret (made at its first delivery) and the deliverer's connection to the receiver
         for _ in range(args.warmup):
             await sync_call()
             await run_task()
+        await asyncio.wait_for(receiver.expect(await create(hook_url)), 60)
 
         n, concurrency = args.n, args.concurrency
         print(f"\n1) admission: {n} requests by {concurrency} concurrent clients (64x64 PNG, lanczos 2x)")
         sync_rate, sync_lat = await _batch(sync_call, n, concurrency)
-        _line("synchronous POST /v1/images/upscale (baseline)", sync_lat, f" {sync_rate:7.1f} req/s ")
+        _line("synchronous POST /v1/images/upscale (baseline)", sync_lat, sync_rate)
         for label, fn in (
             ("POST /v1/tasks", create),
             ("POST /v1/images/upscale, Prefer: respond-async", respond_async),
         ):
             start = time.perf_counter()
             rate, lat = await _batch(fn, n, concurrency)
-            _line(label, lat, f" {rate:7.1f} req/s ")
+            _line(label, lat, rate)
             print(f"  -> admission rate / synchronous rate {rate / sync_rate:.2f}x")
             seconds = await drained(start)
             print(
@@ -305,8 +308,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=200, help="requests per admission case")
     parser.add_argument("--concurrency", type=int, default=16, help="clients in the admission case")
-    parser.add_argument("--webhooks", type=int, default=40, help="tasks with a callback_url, per case")
-    parser.add_argument("-k", type=int, default=30, help="sequential tasks and synchronous calls")
+    parser.add_argument("--webhooks", type=int, default=50, help="tasks with a callback_url, per case")
+    parser.add_argument("-k", type=int, default=50, help="sequential tasks and synchronous calls")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2, help="the edge's task_workers")
     args = parser.parse_args()

@@ -43,7 +43,8 @@ queues it as a task instead of running it (:func:`edge.tasks.defer`: billing
 holds its price and queues it in one transaction) and answers 202. The task's
 run replays the request with a run token as its credential; billing answers
 that credential with the task's own hold, so this flow commits or releases it
-as for any request. Streamed answers (SSE chat, streamed speech) are not deferred.
+as for any request. A client's Prefer on a streamed answer (SSE chat, streamed
+speech) is ignored; ``POST /v1/tasks`` queues those too (its run reads the whole stream).
 
 **Dry run** (``?dry_run=true`` or ``1`` on every paid route, or the body's or
 form's ``dry_run: true``): the handler checks the request exactly as for the
@@ -73,7 +74,7 @@ from aiohttp import web
 from edge.keys import BODY_DIGEST, MEDIA, PENDING, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
 from edge.retention import DISK_GUARD, OUTPUT_KIND
-from edge.tasks import defer
+from edge.tasks import TASK_INPUT_HEADER, defer
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from services.common.errors import (
     AuthenticationFailed,
@@ -319,7 +320,10 @@ async def billed_stream(
     before its last bytes. A stream that ends without settling (an in-band error) is
     released: nothing is charged. Never replayed for an idempotency key. ``dry_run``
     as for :func:`billed`."""
-    hold = await _authorize(request, usage, streamed=True, dry_run=dry_run, deferrable=False)
+    # Queued only from POST /v1/tasks (a task's run reads the whole stream); a client's own
+    # Prefer: respond-async on a stream it asked for is ignored.
+    deferrable = TASK_INPUT_HEADER in request.headers
+    hold = await _authorize(request, usage, streamed=True, dry_run=dry_run, deferrable=deferrable)
     if isinstance(hold, web.Response):  # a dry run's price (a stream is never replayed)
         return hold
     try:

@@ -410,8 +410,10 @@ class TaskWorker:
         settings = app[SETTINGS]
         slots = asyncio.Semaphore(settings.task_workers)
         await app[SELF_URL]
+        wake = app[WAKE]
         while True:
             await slots.acquire()
+            wake.clear()  # before the claim: a task created while it runs wakes the next wait
             try:
                 claimed = await app[UPSTREAMS].tasks.call(
                     "ClaimTask",
@@ -426,8 +428,6 @@ class TaskWorker:
                 continue
             if not claimed.HasField("task"):
                 slots.release()
-                wake = app[WAKE]
-                wake.clear()
                 try:
                     await asyncio.wait_for(wake.wait(), settings.task_poll_seconds)
                 except TimeoutError:

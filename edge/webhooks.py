@@ -178,6 +178,7 @@ class WebhookDeliverer:
         try:
             failing = False  # log a failing billing once, not at every poll
             while True:
+                self._wake.clear()  # before the claim: a wake-up during it is not lost
                 try:
                     busy = await self.run_once(session)
                 except Exception as exc:
@@ -192,7 +193,6 @@ class WebhookDeliverer:
                         log.info("webhooks: claiming from billing works again")
                     failing = False
                 if not busy:
-                    self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._poll)
         finally:

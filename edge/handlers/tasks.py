@@ -62,6 +62,8 @@ OPERATIONS: dict[str, dict[str, str]] = {
 MODEL_FIELDS = {"/v1/images/upscale": "method", "/v1/audio/speech": "voice"}
 #: Fields a task forces: a task's answer is never a stream.
 FORCED = {"/v1/chat/completions": {"stream": False}, "/v1/audio/clone": {"stream": False}}
+#: Fields a task fills when its input leaves them out (speech names its voice as the model).
+DEFAULTS = {"/v1/audio/speech": {"model": "tts-1"}}
 #: Input fields that make a text-to-image model's task an edit.
 EDIT_FIELDS = ("image", "input_images", "mask")
 
@@ -140,6 +142,7 @@ async def create_task(request: web.Request) -> web.StreamResponse:
     route = _route(path)
     task_input[MODEL_FIELDS.get(path, "model")] = body.model
     task_input.update(FORCED.get(path, {}))
+    task_input = DEFAULTS.get(path, {}) | task_input
     task_input.pop("dry_run", None)
     if route.body is not None:
         data, content_type = orjson.dumps(task_input), "application/json"

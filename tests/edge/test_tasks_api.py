@@ -214,3 +214,15 @@ async def test_a_task_whose_edge_died_mid_run_is_finished_by_another(
     assert row is not None and row[0] == 2  # the dead edge's run, then the takeover
     charged = int(Decimal(done["credits_charged"]) * 100)
     assert await balance(mesh, customer.account_id) == 500 - charged
+
+
+async def test_speech_runs_as_a_task_and_its_audio_is_kept(mesh: Mesh, http: aiohttp.ClientSession) -> None:
+    customer = await new_customer(mesh, "5")
+    body = {"model": "piper-joe", "input": {"input": "Hello from a task.", "response_format": "wav"}}
+    status, created = await post_task(mesh, http, body, customer.headers)
+    assert status == 200, created
+    task = await finished(mesh, http, created["data"]["task_id"], customer.headers)
+    assert task["status"] == "completed", task.get("error")
+    assert task["output"]["content_type"] == "audio/wav"
+    async with http.get(task["output"]["url"]) as response:
+        assert response.status == 200 and (await response.read())[:4] == b"RIFF"
