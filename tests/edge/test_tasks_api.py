@@ -226,3 +226,31 @@ async def test_speech_runs_as_a_task_and_its_audio_is_kept(mesh: Mesh, http: aio
     assert task["output"]["content_type"] == "audio/wav"
     async with http.get(task["output"]["url"]) as response:
         assert response.status == 200 and (await response.read())[:4] == b"RIFF"
+
+
+async def test_cancelling_a_running_task_stops_it_and_releases_its_hold(
+    mesh: Mesh, http: aiohttp.ClientSession
+) -> None:
+    customer = await new_customer(mesh, "20")
+    body = {
+        "model": "z-image-turbo",
+        "input": {"prompt": "a slow kiln", "width": 1024, "height": 1024, "num_inference_steps": 50, "n": 4},
+    }
+    status, created = await post_task(mesh, http, body, customer.headers)
+    assert status == 200, created
+    task_id = created["data"]["task_id"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until a worker runs it
+        async with http.get(f"{mesh.url}{TASKS}/{task_id}", headers=customer.headers) as response:
+            state = (await response.json())["data"]["status"]
+        if state != "pending":
+            break
+        await asyncio.sleep(0.05)
+    assert state == "processing"
+    async with http.post(f"{mesh.url}{TASKS}/{task_id}/cancel", headers=customer.headers) as response:
+        assert response.status == 200
+    task = await finished(mesh, http, task_id, customer.headers)
+    assert task["status"] == "cancelled", task
+    assert task["credits_charged"] == "0" and "cancelled" in task["error"]["error"]["message"]
+    account = await mesh.ledger.get_account(customer.account_id)
+    assert account.held == 0 and account.balance == 2000
