@@ -74,7 +74,7 @@ from aiohttp import web
 from edge.keys import BODY_DIGEST, MEDIA, PENDING, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
 from edge.retention import DISK_GUARD, OUTPUT_KIND
-from edge.tasks import TASK_INPUT_HEADER, defer
+from edge.tasks import TASK_INPUT_HEADER, defer, promote, promotion_wait
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from services.common.errors import (
     AuthenticationFailed,
@@ -297,13 +297,29 @@ async def billed(
     hold = await _authorize(request, usage, streamed=streamed, dry_run=dry_run)
     if isinstance(hold, web.Response):
         return hold
-    try:
-        done = await work(hold.auth)
-        charged = await hold.settle(done.usage, done.files, done.records)
-    except BaseException:
-        await hold.release()
-        raise
-    response = await answer(done.result, Charge(charged, hold.store_seconds))
+
+    async def run(held: Hold) -> web.StreamResponse:
+        try:
+            done = await work(held.auth)
+            charged = await held.settle(done.usage, done.files, done.records)
+        except BaseException:
+            await held.release()
+            raise
+        return await answer(done.result, Charge(charged, held.store_seconds))
+
+    wait = promotion_wait(request, streamed)
+    if wait is None:
+        response = await run(hold)
+    else:  # KILN_SYNC_WAIT_SECONDS: past the wait, the request goes on as a task (a 202)
+        job = asyncio.ensure_future(run(hold))
+        try:
+            finished, _ = await asyncio.wait({job}, timeout=wait)
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        if not finished:
+            return await promote(request, hold.reservation_id, usage, job)
+        response = job.result()
     if hold.claimed_key and not streamed:
         await _save_answer(request, hold, response)
     return response

@@ -32,8 +32,8 @@ import hmac
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -186,6 +186,70 @@ def _model_of(usage: Sequence[billing_pb.Usage]) -> str:
     return ""
 
 
+# --- promotion: a request that runs past the wait becomes a task ---
+
+#: Routes of OpenAI's API: its SDKs cannot follow a 202, so these are promoted only when
+#: ``sync_wait_openai_routes`` says so.
+OPENAI_ROUTES = frozenset(
+    {"/v1/chat/completions", "/v1/images/generations", "/v1/images/edits", "/v1/audio/speech"}
+)
+#: Runs of adopted requests (kept so that the edge's shutdown can cancel them).
+ADOPTED = web.AppKey("task_adopted", set)
+
+
+def promotion_wait(request: web.Request, streamed: bool) -> float | None:
+    """Seconds a paid request may run before it is answered 202 as a task (None: never).
+
+    Off unless ``sync_wait_seconds`` is set; never for a streamed answer, a task's own run,
+    or (unless ``sync_wait_openai_routes``) OpenAI's routes."""
+    settings = request.app[SETTINGS]
+    wait = settings.sync_wait_seconds
+    if wait is None or streamed or task_origin(request) is not None:
+        return None
+    if request.path in OPENAI_ROUTES and not settings.sync_wait_openai_routes:
+        return None
+    return wait
+
+
+async def promote(
+    request: web.Request, reservation_id: str, usage: Sequence[billing_pb.Usage], job: asyncio.Future[Any]
+) -> web.StreamResponse:
+    """Answers 202 with a task for a request still running (``job``), which goes on in the
+    background under the task's lease; if billing cannot make the task, waits for the job."""
+    settings = request.app[SETTINGS]
+    callback = request.headers.get(CALLBACK_HEADER, "")
+    try:
+        if callback:
+            check_webhook_url(callback, settings.webhook_allowed_hosts, name="X-Callback-URL")
+        adopted = await request.app[UPSTREAMS].tasks.call(
+            "AdoptTask",
+            task_pb.AdoptTaskRequest(
+                reservation_id=reservation_id,
+                model=_model_of(usage),
+                route=f"{request.method} {request.path_qs}",
+                origin=request_origin(request),
+                worker_id=f"edge-{secrets.token_hex(4)}",
+                lease_seconds=settings.task_lease_seconds,
+                callback_url=callback,
+            ),
+            request[REQUEST_ID],
+        )
+    except KilnError as err:
+        log.warning(
+            "request %s: not promoted to a task (%s); answering it when done",
+            request[REQUEST_ID],
+            err.message,
+        )
+        return await cast("asyncio.Future[web.StreamResponse]", job)
+    run = TaskRun(request.app, adopted.task, adopted.run_token)
+    background = asyncio.ensure_future(run.execute(run.response_outcome(job)))
+    running = request.app[ADOPTED]
+    running.add(background)
+    background.add_done_callback(running.discard)
+    document = task_document(task_record(adopted.task))
+    return web.json_response(document, status=202, headers={"Location": f"/v1/tasks/{adopted.task.id}"})
+
+
 # --- the worker ---
 
 
@@ -206,6 +270,10 @@ async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[s
         yield event, data
 
 
+#: How a run ended: status, output JSON, error JSON, files stored for the answer.
+Outcome = tuple[str, bytes, bytes, list[billing_pb.MediaRecord]]
+
+
 class TaskRun:
     """One claimed task, replayed against this edge."""
 
@@ -216,10 +284,12 @@ class TaskRun:
         self.step = 0
         self.total = 0
 
-    async def execute(self) -> None:
+    async def execute(self, outcome: Awaitable[Outcome] | None = None) -> None:
+        """Runs the task (``outcome``: an adopted request's own work, else a replay of its stored
+        request) while renewing its lease, then records how it ended."""
         settings = self.app[SETTINGS]
         lease = settings.task_lease_seconds
-        work = asyncio.ensure_future(self._attempts())
+        work = asyncio.ensure_future(outcome if outcome is not None else self._attempts())
         cancelled = False
         try:
             while not work.done():
@@ -272,7 +342,7 @@ class TaskRun:
         if finished.task.callback_url:
             self.app[WEBHOOK_DELIVERER].wake()  # its webhook is in the outbox: send it now
 
-    async def _attempts(self) -> tuple[str, bytes, bytes, list[billing_pb.MediaRecord]]:
+    async def _attempts(self) -> Outcome:
         """:meth:`_replay`, again after a transient refusal (a model still loading, maintenance,
         a rate limit: nothing was held by it) with backoff, until ``task_retry_seconds`` ran out."""
         loop = asyncio.get_running_loop()
@@ -289,7 +359,7 @@ class TaskRun:
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, 30.0)
 
-    async def _replay(self) -> tuple[str, bytes, bytes, list[billing_pb.MediaRecord]]:
+    async def _replay(self) -> Outcome:
         """Sends the task's request to this edge; (status, output, error, stored files)."""
         app = self.app
         stored = app[MEDIA].get(self.task.input_media_id)
@@ -328,14 +398,13 @@ class TaskRun:
                 return "completed", await response.read(), b"", []
             return await self._file(response)
 
-    async def _file(
-        self, response: aiohttp.ClientResponse
-    ) -> tuple[str, bytes, bytes, list[billing_pb.MediaRecord]]:
+    async def _file(self, response: aiohttp.ClientResponse) -> Outcome:
+        return await self.file_outcome(await response.read(), response.content_type, response.headers)
+
+    async def file_outcome(self, data: bytes, mime: str, headers: Mapping[str, str]) -> Outcome:
         """A file answer: its URL (the route stored it, ``Content-Location``) or stored here."""
-        data = await response.read()
-        location = response.headers.get("Content-Location", "")
+        location = headers.get("Content-Location", "")
         records: list[billing_pb.MediaRecord] = []
-        mime = response.content_type
         if not location.startswith("/v1/media/"):
             store = self.app[MEDIA]
             media_id = await store.put_async(data, mime if mime in _STORABLE else INPUT_MIME)
@@ -348,10 +417,30 @@ class TaskRun:
             "content_type": mime,
             "size_bytes": len(data),
         }
-        for name, value in response.headers.items():
+        for name, value in headers.items():
             if name.lower().startswith("x-") and name.lower() not in ("x-request-id",):
                 output.setdefault("headers", {})[name] = value
         return "completed", json.dumps(output).encode(), b"", records
+
+    async def response_outcome(self, job: Awaitable[web.StreamResponse]) -> Outcome:
+        """An adopted request's answer (a plain response its handler built) as the task's outcome."""
+        try:
+            response = await job
+        except KilnError as err:
+            return "failed", b"", json.dumps(_envelope(err.message, str(err.error_type))).encode(), []
+        except Exception:
+            log.exception("task %s: the request failed", self.task.id)
+            return (
+                "failed",
+                b"",
+                json.dumps(_envelope("Internal error while processing the request.")).encode(),
+                [],
+            )
+        if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
+            return "failed", b"", json.dumps(_envelope("The answer could not be kept.")).encode(), []
+        if response.content_type == "application/json":
+            return "completed", response.body, b"", []
+        return await self.file_outcome(response.body, response.content_type, response.headers)
 
 
 #: Longest time between two renewals of a running task (progress, cancellation).
@@ -456,14 +545,16 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SESSION] = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), auto_decompress=True
     )
+    app[ADOPTED] = set()
     worker = TaskWorker(app)
     loop_task = asyncio.ensure_future(worker.run()) if app[SETTINGS].task_workers > 0 else None
     yield
     if loop_task is not None:
         loop_task.cancel()
-    for job in list(worker.running):
+    for job in [*worker.running, *app[ADOPTED]]:
         job.cancel()
-    await asyncio.gather(*(t for t in (loop_task, *worker.running) if t is not None), return_exceptions=True)
+    pending = [t for t in (loop_task, *worker.running, *app[ADOPTED]) if t is not None]
+    await asyncio.gather(*pending, return_exceptions=True)
     await app[SESSION].close()
 
 

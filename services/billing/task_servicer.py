@@ -191,3 +191,15 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
             media=[media_record(record) for record in request.media],
         )
         return pb.FinishTaskResponse(task=task_pb(task))
+
+    async def AdoptTask(
+        self, request: pb.AdoptTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AdoptTaskResponse:
+        for name in ("reservation_id", "model", "route", "worker_id"):
+            if not getattr(request, name):
+                raise InvalidRequest(f"'{name}' is required.")
+        new = NewTask(request.model, request.route, "", "", request.callback_url, request.origin)
+        claim = await self.tasks.adopt(
+            request.reservation_id, new, request.worker_id, _lease(request.lease_seconds)
+        )
+        return pb.AdoptTaskResponse(task=task_pb(claim.task), run_token=claim.run_token)

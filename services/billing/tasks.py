@@ -354,6 +354,9 @@ class TaskStore:
                 task = _task(row)
                 if task.cancel_requested:
                     self._end(tx, task, "cancelled", now, error=_cancelled())
+                elif not task.input_media_id:  # an adopted request: nothing to replay
+                    message = "The server running the task stopped before it finished; nothing was charged."
+                    self._end(tx, task, "failed", now, error=_error_json(message, "processing_error"))
                 elif task.attempts >= MAX_ATTEMPTS:
                     message = "The task's worker stopped twice before it finished; nothing was charged."
                     self._end(tx, task, "failed", now, error=_error_json(message, "processing_error"))
@@ -380,6 +383,42 @@ class TaskStore:
         if changed != 1:  # taken by another worker in the meantime (SQLite never gets here)
             return None
         return Claim(_by_id(tx, task.id), token)
+
+    async def adopt(self, reservation_id: str, new: NewTask, worker_id: str, lease_seconds: float) -> Claim:
+        """A running task for a request already under way on its own hold (it ran past its
+        edge's wait): claimed by that edge, with no stored input (it cannot be replayed, so a
+        run whose edge died fails and releases the hold)."""
+        now = self.ledger.now_ms()
+        token = RUN_TOKEN_PREFIX + secrets.token_urlsafe(24)
+        task_id = "task_" + secrets.token_hex(12)
+
+        def tx_fn(tx: Tx) -> Claim:
+            reservation = read_reservation(tx, reservation_id)
+            if reservation.state != "held":
+                raise Conflict(f"Reservation '{quoted(reservation_id)}' is {reservation.state}, not held.")
+            tx.execute(
+                "INSERT INTO tasks (id, account_id, reservation_id, model, route, input_media_id, content_type,"
+                " callback_url, origin, status, worker_id, run_token_hash, lease_expires_at_ms, attempts,"
+                " created_at_ms, started_at_ms) VALUES (?, ?, ?, ?, ?, '', '', ?, ?, 'processing', ?, ?, ?,"
+                " 1, ?, ?)",
+                (
+                    task_id,
+                    reservation.account_id,
+                    reservation.id,
+                    new.model,
+                    new.route,
+                    new.callback_url,
+                    new.origin,
+                    worker_id,
+                    _token_hash(token),
+                    now + int(lease_seconds * 1000),
+                    now,
+                    now,
+                ),
+            )
+            return Claim(_by_id(tx, task_id), token)
+
+        return await self.db.run(tx_fn)
 
     async def renew(
         self, task_id: str, run_token: str, lease_seconds: float, step: int = 0, total: int = 0

@@ -174,6 +174,18 @@ class Settings(BaseSettings):
         description="How long a task's run keeps retrying (with backoff) while its route answers 503 "
         "or 429 (a model still loading, maintenance, a rate limit) before the task fails.",
     )
+    sync_wait_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="A paid request still running after this many seconds is answered 202 with a "
+        "task (it goes on, and GET /v1/tasks/{id} has its answer); off when unset. Not for "
+        "streamed answers, nor OpenAI's routes unless sync_wait_openai_routes.",
+    )
+    sync_wait_openai_routes: bool = Field(
+        False,
+        description="Also promote requests on OpenAI's routes (chat, images, speech), whose SDKs "
+        "do not follow a 202.",
+    )
     task_poll_seconds: float = Field(
         1.0,
         gt=0,

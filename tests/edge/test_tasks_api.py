@@ -254,3 +254,36 @@ async def test_cancelling_a_running_task_stops_it_and_releases_its_hold(
     assert task["credits_charged"] == "0" and "cancelled" in task["error"]["error"]["message"]
     account = await mesh.ledger.get_account(customer.account_id)
     assert account.held == 0 and account.balance == 2000
+
+
+async def test_a_request_past_the_sync_wait_is_answered_202_and_finishes_as_a_task(
+    mesh: Mesh, http: aiohttp.ClientSession
+) -> None:
+    from edge.app import start_edge
+
+    settings = mesh.settings.model_copy(
+        update={"sync_wait_seconds": 0.2, "sync_wait_openai_routes": True, "task_workers": 0}
+    )
+    runner, url = await start_edge(settings, "127.0.0.1", 0)
+    try:
+        customer = await new_customer(mesh, "20")
+        body = {
+            "model": "z-image-turbo",
+            "prompt": "a patient kiln",
+            "size": "512x512",
+            "num_inference_steps": 12,
+        }
+        async with http.post(url + "/v1/images/generations", json=body, headers=customer.headers) as response:
+            task = await response.json()
+            assert response.status == 202, task
+        assert (
+            task["status"] == "processing" and response.headers["Location"] == f"/v1/tasks/{task['task_id']}"
+        )
+        done = await finished(mesh, http, task["task_id"], customer.headers)
+        assert done["status"] == "completed", done.get("error")
+        [image] = done["output"]["data"]
+        assert image["url"].startswith(url + "/v1/media/")  # the origin the request came to
+        charged = int(Decimal(done["credits_charged"]) * 100)
+        assert charged > 0 and await balance(mesh, customer.account_id) == 2000 - charged
+    finally:
+        await runner.cleanup()
