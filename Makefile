@@ -15,6 +15,8 @@ QWEN_TTS_SPEC ?= qwen-tts==0.1.1
 STAMP := $(VENV)/.kiln-installed
 TOOLS_STAMP := $(VENV)/.kiln-protoc
 PROTOS := $(shell find protos/kiln -name '*.proto')
+# Vendored contracts generated into ./kiln too (Envoy's rate limit service: kiln/vendor/envoy/...).
+VENDORED_PROTOS := $(shell find protos/third_party/kiln -name '*.proto')
 
 .PHONY: run test gen install lint protolint check clean bench
 
@@ -47,10 +49,12 @@ $(TTS_STAMP): pyproject.toml | kiln/.generated
 install: $(STAMP) $(TTS_STAMP)
 
 # Python code generated from the protos into ./kiln (git-ignored; never edited).
-kiln/.generated: $(PROTOS) | $(TOOLS_STAMP)
+kiln/.generated: $(PROTOS) $(VENDORED_PROTOS) | $(TOOLS_STAMP)
 	rm -rf kiln
 	$(BIN)/python -m grpc_tools.protoc -I protos -I protos/third_party \
 	  --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	$(BIN)/python -m grpc_tools.protoc -I protos/third_party \
+	  --python_out=. --grpc_python_out=. --pyi_out=. $(VENDORED_PROTOS)
 	find kiln -type d -exec touch {}/__init__.py \;
 	touch kiln/.generated
 
@@ -89,6 +93,7 @@ bench: gen $(STAMP) $(TTS_STAMP)
 	$(BIN)/python bench/decode_isolation.py
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/tasks.py
+	$(BIN)/python bench/fairness.py
 
 clean:
 	rm -rf kiln descriptors.binpb .pytest_cache .mypy_cache .ruff_cache

@@ -3,8 +3,8 @@
 ``python -m bench.mesh --serve DATA_DIR [--split]`` runs every service (in this
 process, or as `kiln serve` children with ``--split``; the tts service always
 as a child on its own environment's Python), the edge and a bare aiohttp
-handler on loopback, creates a demo account with plenty of
-credits, and prints one JSON line: the ports and the API key.
+handler on loopback, creates a demo account and a second standard account with
+plenty of credits (and a premium one), and prints one JSON line: the ports and the API key.
 :func:`running_mesh` starts such a child and yields that line.
 """
 
@@ -78,6 +78,9 @@ async def serve_child(data_dir: Path, split: bool) -> None:
     _, key = await ensure_demo_account(ledger, api_key=None, credits=Decimal(10**7), premium=False)
     premium = await ledger.create_account("bench-premium", premium=True)  # chat is premium only
     _, premium_key = await ledger.create_api_key(premium.id)
+    second = await ledger.create_account("bench-second", premium=False)  # a second standard account
+    await ledger.add_credits(second.id, "10000000", kind="grant")
+    _, second_key = await ledger.create_api_key(second.id)
     await db.close()
 
     edge, _ = await start_edge(settings, "127.0.0.1", 0, access_log=None)
@@ -96,6 +99,7 @@ async def serve_child(data_dir: Path, split: bool) -> None:
         "ports": {name: int(address.rsplit(":", 1)[1]) for name, address in addresses.items()},
         "key": key,
         "premium_key": premium_key,
+        "second_key": second_key,
         # the mesh credential of a backend calling the services directly (see mesh_auth)
         "mesh_token": mesh_token(mesh_secret(settings), "bench"),
         # which process runs what (for memory readings): the edge is always this one

@@ -11,7 +11,9 @@ from aiohttp import web
 from edge.clients import Upstreams
 from edge.keys import MEDIA, PENDING, REGISTRY, SETTINGS, UPSTREAMS, PendingReleases
 from edge.media_store import LocalMediaStore
+from edge.metrics import METRICS, EdgeMetrics, record_metrics
 from edge.middlewares import AUTHENTICATED_ROUTES, credential_first, error_envelope, request_context
+from edge.ratelimit import setup_rate_limits
 from edge.retention import DISK_GUARD, DiskGuard, retention_ctx
 from edge.routes import ROUTES, setup_routes
 from edge.tasks import announce_self, tasks_ctx
@@ -43,9 +45,11 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     """The edge application; gRPC channels open on startup and close on cleanup."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[request_context, error_envelope, credential_first],
+        # record_metrics first: it sees every answer, the error envelope's too (edge.metrics)
+        middlewares=[record_metrics, request_context, error_envelope, credential_first],
     )
     app[SETTINGS] = settings
+    app[METRICS] = EdgeMetrics()
     app[AUTHENTICATED_ROUTES] = frozenset((r.method, r.path) for r in ROUTES if r.authenticated)
     app[REGISTRY] = registry or load_registry(settings.registry_path)
     app[MEDIA] = LocalMediaStore(settings.resolved_media_root)
@@ -55,6 +59,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     app.cleanup_ctx.append(retention_ctx)  # media retention (edge.retention), after the upstreams
     app.cleanup_ctx.append(webhooks_ctx)  # task webhook delivery (edge.webhooks), after the upstreams
     app.cleanup_ctx.append(tasks_ctx)  # the task worker (edge.tasks), after the upstreams
+    setup_rate_limits(app, settings)  # the limiter client and the x-ratelimit-* headers (edge.ratelimit)
     setup_routes(app)
     return app
 

@@ -29,6 +29,7 @@ from kiln.upscale.v1 import upscale_service_pb2_grpc as upscale_grpc
 from kiln.video.v1 import video_service_pb2 as video_pb
 from kiln.video.v1 import video_service_pb2_grpc as video_grpc
 from services.catalog import CATALOG
+from services.common.admission import caller_metadata
 from services.common.errors import ProcessingError
 from services.common.grpc_client import create_channel, error_from_rpc
 from services.common.mesh_auth import EDGE, METADATA_KEY, mesh_secret, mesh_token
@@ -59,9 +60,9 @@ async def _events(call: Any) -> AsyncGenerator[Any]:
 
 
 class _Client:
-    """A service's stub, its call deadline, and the metadata of every call: the request id and
-    the edge's mesh credential (per call, not a channel interceptor: grpc.aio runs each
-    intercepted call in a task of its own, a cost on every request)."""
+    """A service's stub, its call deadline, and the metadata of every call: the request id, the
+    caller's account and the edge's mesh credential (per call, not a channel interceptor:
+    grpc.aio runs each intercepted call in a task of its own, a cost on every request)."""
 
     def __init__(self, stub: Any, *, timeout: float, token: str) -> None:
         self._stub = stub
@@ -69,7 +70,9 @@ class _Client:
         self._auth = (METADATA_KEY, f"Bearer {token}")
 
     def _metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
-        return (("x-request-id", request_id), self._auth)
+        # ... and the account the request is for, once the billed flow knows it (x-kiln-account,
+        # x-kiln-tier: services.common.admission), which the engines' fair queues admit by.
+        return (("x-request-id", request_id), self._auth, *caller_metadata())
 
     def _stream(self, method: Any, request: Any) -> AsyncGenerator[Any]:
         """Starts a server-streaming ``method`` (a stub attribute) for ``request``, with the call

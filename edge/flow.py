@@ -46,6 +46,11 @@ that credential with the task's own hold, so this flow commits or releases it
 as for any request. A client's Prefer on a streamed answer (SSE chat, streamed
 speech) is ignored; ``POST /v1/tasks`` queues those too (its run reads the whole stream).
 
+**Rate limits**: before the disk guard and Authorize, :func:`edge.ratelimit.check_rate_limit`
+counts the request against the account's requests per minute for the route's capability (a
+429 holds nothing); Authorize refuses a request past the account's jobs in flight (a 429
+too, nothing held). Dry runs are not counted.
+
 **Dry run** (``?dry_run=true`` or ``1`` on every paid route, or the body's or
 form's ``dry_run: true``): the handler checks the request exactly as for the
 real call, then :func:`_authorize` answers a ``price_preview`` instead of
@@ -72,10 +77,12 @@ import orjson
 from aiohttp import web
 
 from edge.keys import BODY_DIGEST, MEDIA, PENDING, REQUEST_ID, SETTINGS, UPSTREAMS
+from edge.ratelimit import check_rate_limit
 from edge.responses import json_response
 from edge.retention import DISK_GUARD, OUTPUT_KIND
 from edge.tasks import TASK_INPUT_HEADER, defer, promote, promotion_wait
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
+from services.common.admission import Caller, caller_var
 from services.common.errors import (
     AuthenticationFailed,
     InvalidRequest,
@@ -363,6 +370,7 @@ async def _authorize(
     (a dry run: ``dry_run`` or ``?dry_run=true``) the price preview, holding nothing."""
     if dry_run_requested(request, dry_run):
         return json_response(await price_preview(request, usage))
+    await check_rate_limit(request)  # a 429 before anything is held (edge.ratelimit)
     settings = request.app[SETTINGS]
     request.app[DISK_GUARD].check()  # a 503 before anything is held while the disk is nearly full
     key = request.headers.get(IDEMPOTENCY_HEADER)
@@ -392,6 +400,9 @@ async def _authorize(
         raise
     if auth.HasField("replay"):
         return await _replay(request, auth.replay)
+    # The capability calls of this request name its account, for the engines' fair queues
+    # (services.common.admission; edge.clients sends it with every call).
+    caller_var.set(Caller(auth.account.id, auth.account.premium))
     return Hold(request, auth, claimed_key=idempotency is not None)
 
 

@@ -349,9 +349,23 @@ class Health(_Reply):
     status: Literal["ok"]
 
 
+class ModelReadiness(_Reply):
+    """One model's load state, as its service reports it."""
+
+    service: str = Field(description="The catalog name of the service that serves it.")
+    state: Literal["new", "loading", "ready", "unavailable", "closed", "unknown"]
+    unavailable_reason: str | None = Field(description="Why it cannot serve, when it cannot.")
+    running_jobs: int
+    waiting_jobs: int
+
+
 class Readiness(_Reply):
     status: Literal["ready", "not_ready"]
     services: dict[str, bool]
+    models: dict[str, ModelReadiness] = Field(
+        default_factory=dict,
+        description="Each model's load state, by model id (services that did not answer list none).",
+    )
 
 
 class Progress(_Reply):

@@ -16,6 +16,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from edge.handlers import audio, chat, images, media, music, segmentation, system, tasks, upscale, video
+from edge.metrics import get_metrics
 from edge.middlewares import expect_continue
 from edge.response_models import (
     BINARY,
@@ -120,6 +121,7 @@ _PAID_ERRORS: dict[int, Answer] = {
     408: _error("invalid_request_error: the request body arrived too slowly"),
     409: _error("invalid_request_error: a request with this Idempotency-Key is in progress"),
     413: _error("invalid_request_error: the body is larger than the limit, or the form has too many parts"),
+    429: _error("rate_limit_error: requests per minute or jobs in flight over the account's limit"),
     500: _error("processing_error"),
     503: _error("maintenance_mode, or the disk is too full for new work"),
 }
@@ -175,6 +177,7 @@ def _tasks(ok: Answer, *errors: int) -> dict[int, Answer]:
         404: "no such task (or another account's) or model",
         409: "the task has already finished",
         413: "the body is larger than the limit",
+        429: "rate limited (Retry-After says when to try again)",
         500: "processing error",
         503: "maintenance, or the disk is too full for new work",
     }
@@ -395,7 +398,7 @@ ROUTES: tuple[Route, ...] = (
         "Queue any paid request as a task (seed 003): {model, input, callback_url, dry_run, operation}; "
         "answers {code, success, data: {task_id, status}} (with dry_run: the price).",
         body=TaskCreateRequest,
-        responses=_tasks(_ok(json=TaskEnvelope), 400, 401, 402, 403, 404, 413, 500, 503),
+        responses=_tasks(_ok(json=TaskEnvelope), 400, 401, 402, 403, 404, 413, 429, 500, 503),
     ),
     Route(
         "GET",
@@ -488,11 +491,22 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/readyz",
         system.readyz,
-        "Readiness: billing and image_gen reachable and serving.",
+        "Readiness: every service reachable and serving, and each model's load state.",
         authenticated=False,
         responses={
             200: _ok("Ready", json=Readiness),
             503: Answer("Not ready", {"application/json": Readiness}),
+        },
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        get_metrics,
+        "The edge's metrics in the Prometheus text format; only with KILN_METRICS_PUBLIC=true.",
+        authenticated=False,
+        responses={
+            200: _ok("The metrics (text format 0.0.4)", text_plain={"type": "string"}),
+            404: _error("not_found_error: metrics are not public (KILN_METRICS_PUBLIC)"),
         },
     ),
 )

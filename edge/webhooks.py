@@ -48,6 +48,7 @@ from yarl import URL
 from edge.clients import _call, _Client
 from edge.fetch import REDIRECT_STATUSES, UnsafeAddress, check_host, host_allowed, image_session
 from edge.keys import SETTINGS, UPSTREAMS
+from edge.metrics import METRICS, EdgeMetrics
 from kiln.billing.v1 import webhook_service_pb2 as pb
 from kiln.billing.v1 import webhook_service_pb2_grpc as pb_grpc
 from services.common.errors import InvalidRequest, KilnError, quoted
@@ -157,8 +158,11 @@ class WebhookClient(_Client):
 class WebhookDeliverer:
     """Claims due messages from billing and sends them (see the module docstring)."""
 
-    def __init__(self, client: WebhookClient, settings: Settings) -> None:
+    def __init__(
+        self, client: WebhookClient, settings: Settings, *, metrics: EdgeMetrics | None = None
+    ) -> None:
         self._client = client
+        self._metrics = metrics or EdgeMetrics()
         self._timeout = settings.webhook_timeout_seconds
         self._poll = settings.webhook_poll_seconds
         self._concurrency = settings.webhook_concurrency
@@ -232,13 +236,17 @@ class WebhookDeliverer:
         )
         if retry_after is not None:
             record.retry_after_seconds = retry_after
+        self._metrics.webhook("failed" if error else "delivered")
         try:
-            await self._client.record(record)
+            recorded = await self._client.record(record)
         except Exception as exc:  # the lease expires and the message is sent again: at least once
             detail = exc.message if isinstance(exc, KilnError) else repr(exc)
             log.warning(
                 "webhooks: recording attempt %d of %s failed: %s", delivery.attempt, message.id, detail
             )
+        else:
+            if recorded.applied and recorded.message.state in _FINAL_FAILURES:
+                self._metrics.webhook(_FINAL_FAILURES[recorded.message.state])
         if error:
             log.info(
                 "webhooks: attempt %d of %s to %s failed: %s",
@@ -285,6 +293,9 @@ class WebhookDeliverer:
         return status, f"HTTP {status}" + (f": {text}" if text else ""), retry_after
 
 
+#: Message states an attempt can end a delivery in without success: their metrics outcome.
+_FINAL_FAILURES = {pb.WEBHOOK_STATE_DEAD: "dead", pb.WEBHOOK_STATE_DISABLED: "disabled"}
+
 WEBHOOK_DELIVERER = web.AppKey("webhook_deliverer", WebhookDeliverer)
 
 
@@ -296,7 +307,7 @@ async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
         timeout=settings.billing_timeout_seconds,
         token=mesh_token(mesh_secret(settings), EDGE),
     )
-    deliverer = WebhookDeliverer(client, settings)
+    deliverer = WebhookDeliverer(client, settings, metrics=app[METRICS])
     app[WEBHOOK_DELIVERER] = deliverer
     task = asyncio.create_task(deliverer.run_forever())
     yield

@@ -16,6 +16,12 @@ Two listeners:
 Upstream addresses come from the settings (``KILN_*_ADDRESS``,
 ``KILN_HTTP_PORT``), so the config matches the mesh it is generated for.
 Every gRPC cluster is health-checked with the standard gRPC health service.
+
+Rate limits (``KILN_RATE_LIMIT_ENVOY=true``, for several edges behind one Envoy): the
+public listener gets Envoy's global rate-limit filter, asking billing's limiter
+(``envoy.service.ratelimit.v3.RateLimitService``, :mod:`services.billing.rate_limits`) for
+every paid route with the descriptors ``credential`` and ``capability``; the edges, told
+by the same setting, do not ask again.
 The transcoder needs the protos as a descriptor set: :func:`build_descriptor_set`
 compiles it (imports included) with grpcio-tools.
 
@@ -141,7 +147,8 @@ def _route_timeouts(total: float, idle: float) -> dict[str, str]:
 
 
 def _public_routes(settings: Settings) -> list[dict[str, Any]]:
-    """The front proxy's routes, each with timeouts sized for what it runs."""
+    """The front proxy's routes, each with timeouts sized for what it runs (and, with
+    ``KILN_RATE_LIMIT_ENVOY``, the paid ones with their rate limit descriptors)."""
     from edge.routes import ROUTES
 
     call = settings.service_timeout_seconds
@@ -150,7 +157,11 @@ def _public_routes(settings: Settings) -> list[dict[str, Any]]:
         *(
             {
                 "match": {"path": path},
-                "route": {"cluster": "edge", **_route_timeouts(call + CALL_MARGIN_SECONDS, call)},
+                "route": {
+                    "cluster": "edge",
+                    **_route_timeouts(call + CALL_MARGIN_SECONDS, call),
+                    **_rate_limits(settings, path),
+                },
             }
             for path in paid
         ),
@@ -163,6 +174,55 @@ def _public_routes(settings: Settings) -> list[dict[str, Any]]:
             "route": {"cluster": "edge", **_route_timeouts(QUICK_ROUTE_SECONDS, QUICK_ROUTE_SECONDS)},
         },
     ]
+
+
+def _rate_limits(settings: Settings, path: str) -> dict[str, Any]:
+    """A paid route's descriptors for the global rate-limit filter: ``credential`` (the
+    ``X-API-Key`` value, or else the ``Authorization`` one: a request-headers action yields
+    no descriptor when its header is absent) and ``capability`` (``edge.ratelimit``'s table)."""
+    from edge.ratelimit import ROUTE_CAPABILITIES
+
+    capability = ROUTE_CAPABILITIES.get(path)
+    if not settings.rate_limit_envoy or capability is None:
+        return {}
+    return {
+        "rate_limits": [
+            {
+                "actions": [
+                    {"request_headers": {"header_name": header, "descriptor_key": "credential"}},
+                    {"generic_key": {"descriptor_key": "capability", "descriptor_value": capability}},
+                ]
+            }
+            for header in ("x-api-key", "authorization")
+        ]
+    }
+
+
+def _rate_limit_filter(settings: Settings) -> dict[str, Any]:
+    """Envoy's global rate-limit filter, asking billing's limiter (``services.billing.rate_limits``)
+    with the mesh credential of the identity ``envoy``. The limiter's answer carries the
+    x-ratelimit-* headers and, over the limit, the 429's body and Retry-After headers; a
+    limiter that does not answer lets requests through (the edge's Authorize still runs)."""
+    from edge.ratelimit import DOMAIN
+    from services.common.mesh_auth import METADATA_KEY, mesh_secret, mesh_token
+
+    token = mesh_token(mesh_secret(settings), "envoy")
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            "domain": DOMAIN,
+            "failure_mode_deny": False,
+            "timeout": _seconds(settings.billing_timeout_seconds),
+            "rate_limit_service": {
+                "transport_api_version": "V3",
+                "grpc_service": {
+                    "envoy_grpc": {"cluster_name": "billing"},
+                    "initial_metadata": [{"key": METADATA_KEY, "value": f"Bearer {token}"}],
+                },
+            },
+        },
+    }
 
 
 def _service_timeouts(settings: Settings, name: str) -> dict[str, str]:
@@ -226,7 +286,10 @@ def render_envoy_config(
     """The Envoy bootstrap for the mesh that ``settings`` describe (see the module docstring)."""
     exposed = [(c.name, c.service) for c in CATALOG if expose_billing or not c.billing]
     edge_address = f"{settings.http_host}:{settings.http_port}"
-    public = _manager("public", _public_routes(settings), [], settings)
+    limited = settings.rate_limit_envoy
+    public = _manager(
+        "public", _public_routes(settings), [_rate_limit_filter(settings)] if limited else [], settings
+    )
     transcoder = {
         "name": "envoy.filters.http.grpc_json_transcoder",
         "typed_config": {
@@ -259,6 +322,8 @@ def render_envoy_config(
     )
     clusters = [_cluster("edge", edge_address, grpc=False, idle_seconds=settings.http_header_timeout_seconds)]
     clusters += [_cluster(name, settings.address(name), grpc=True) for name, _ in exposed]
+    if limited and not any(name == "billing" for name, _ in exposed):  # the rate limit service
+        clusters.append(_cluster("billing", settings.address("billing"), grpc=True))
     config: dict[str, Any] = {
         "static_resources": {
             "listeners": [

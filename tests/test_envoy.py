@@ -53,6 +53,22 @@ async def validated_config(config: dict[str, Any], folder: Path) -> Path:
     return path
 
 
+async def start_envoy(config: dict[str, Any], folder: Path, base_id: int) -> asyncio.subprocess.Process:
+    """Validates ``config`` (:func:`validated_config`) and starts Envoy on it (stop it with ``terminate``)."""
+    path = await validated_config(config, folder)
+    return await asyncio.create_subprocess_exec(
+        envoy_binary(),
+        "-c",
+        str(path),
+        "--log-level",
+        "warn",
+        "--base-id",
+        str(base_id),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
 @dataclass
 class Envoy:
     public: str
@@ -80,18 +96,7 @@ async def envoy(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         services_port=services_port,
         admin_port=admin_port,
     )
-    path = await validated_config(config, folder)
-    process = await asyncio.create_subprocess_exec(
-        envoy_binary(),
-        "-c",
-        str(path),
-        "--log-level",
-        "warn",
-        "--base-id",
-        str(public_port),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    process = await start_envoy(config, folder, public_port)
     try:
         async with aiohttp.ClientSession() as http, asyncio.timeout(60):
             while True:  # ready once the admin says so and the upstreams passed their health checks

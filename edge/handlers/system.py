@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
 
 from edge.flow import credential_from
-from edge.keys import REGISTRY, REQUEST_ID, UPSTREAMS
+from edge.keys import REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
+from edge.readiness import model_states
 from edge.responses import json_response
 from services.common.money import format_credits
 from services.common.registry import ModelSpec, Registry
@@ -19,11 +21,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: every service of the catalog answers its health check with SERVING."""
-    services = await request.app[UPSTREAMS].health()
+    """Ready: every service of the catalog answers its health check with SERVING (a capability
+    does once its default model is loaded). ``models`` gives each model's load state
+    (``edge.readiness``): a model still loading answers 503 ``maintenance_mode`` meanwhile."""
+    upstreams = request.app[UPSTREAMS]
+    services, models = await asyncio.gather(
+        upstreams.health(), model_states(upstreams, request.app[SETTINGS], request[REQUEST_ID])
+    )
     ready = all(services.values())
     return json_response(
-        {"status": "ready" if ready else "not_ready", "services": services}, status=200 if ready else 503
+        {"status": "ready" if ready else "not_ready", "services": services, "models": models},
+        status=200 if ready else 503,
     )
 
 

@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 from edge.flow import IDEMPOTENCY_HEADER, credential_from
 from edge.forms import read_body
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
+from edge.ratelimit import FORWARDED_HEADERS, LIMIT_HEADERS
 from edge.responses import json_response
 from edge.schemas import TaskCreateRequest, parse_body
 from edge.tasks import (
@@ -169,6 +170,10 @@ async def create_task(request: web.Request) -> web.StreamResponse:
             answer = await response.read()
             status = response.status
             kind = response.content_type
+            # the route's rate-limit answer (x-ratelimit-*, Retry-After) is this answer's
+            request[LIMIT_HEADERS] = {
+                name: response.headers[name] for name in FORWARDED_HEADERS if name in response.headers
+            }
     except BaseException:
         if media_id:
             await asyncio.to_thread(store.delete, media_id)

@@ -24,6 +24,7 @@ Commands::
     ledger ID [--limit N]
     maintenance on|off|status
     webhook-secret ID [--rotate] [--grace-hours N]
+    limits ID [--rpm N] [--rpm CAPABILITY=N ...] [--concurrent N] [--reset]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from services.billing.ledger import AccountRecord, Ledger
+from services.billing.limits_admin import add_limits_command
 from services.billing.store import Database
 from services.billing.webhook_admin import add_webhook_secret_command
 from services.common.errors import InvalidRequest, KilnError
@@ -236,6 +238,7 @@ def add_admin_commands(subparsers: Any) -> None:
     maintenance.set_defaults(admin_handler=_maintenance)
 
     add_webhook_secret_command(subparsers)
+    add_limits_command(subparsers)
 
 
 async def open_ledger(settings: Settings) -> Ledger:

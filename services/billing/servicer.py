@@ -10,7 +10,9 @@ Authorize is the hot path (once per billed request): maintenance flag
 finds the account, checks its idempotency key, prices the work for it and
 holds the total. Commit prices the work actually done with the same
 function (:func:`~services.billing.pricing.quote`), capped at the hold: the
-caller reports usage, never an amount.
+caller reports usage, never an amount. With rate limits, the same transaction
+refuses a synchronous request past the account's jobs in flight
+(:mod:`services.billing.rate_limits`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from services.billing.ledger import (
     ReservationRecord,
     StoredAnswer,
 )
+from services.billing.metrics import CreditMetrics
 from services.billing.pricing import ImageGenerationItem, quote
+from services.billing.rate_limits import RateLimitPolicy
 from services.billing.store import Tx
 from services.billing.tasks import TaskStore, is_run_token
 from services.common.errors import AuthenticationFailed, InvalidRequest, MaintenanceMode
@@ -135,12 +139,18 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         *,
         default_ttl_seconds: int,
         tasks: TaskStore | None = None,
+        credits: CreditMetrics | None = None,
+        limits: RateLimitPolicy | None = None,
     ) -> None:
         self.ledger = ledger
         self.registry = registry
         self.authenticator = authenticator
         self.default_ttl_seconds = default_ttl_seconds
         self.tasks = tasks or TaskStore(ledger)
+        #: Credits held, charged and returned (``services.billing.metrics``).
+        self.credits = credits or CreditMetrics()
+        #: Jobs in flight: a synchronous request's hold is refused (429) past the account's limit.
+        self.concurrency_check = limits.concurrency_check(ledger.now_ms) if limits is not None else None
 
     def _ttl(self, ttl_seconds: int) -> int:
         if ttl_seconds < 0 or ttl_seconds > MAX_TTL_SECONDS:
@@ -192,15 +202,18 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         run token (a run replaying its task's request) gets the task's own hold instead."""
         await self._check_maintenance()
         if then is None and is_run_token(_bearer(credential)):
-            return await self.tasks.run_authorization(_bearer(credential))
-        return await self.ledger.authorize(
+            return await self.tasks.run_authorization(_bearer(credential))  # the task's hold: not new
+        outcome = await self.ledger.authorize(
             self._finder(credential),
             lambda account: quote(items, self.registry, premium=account.premium),
             request_id,
             ttl,
             claim,
-            then,
+            then or self.concurrency_check,  # a task (``then`` queues it) waits in its queue instead
         )
+        if outcome.reservation is not None:
+            self.credits.hold(outcome.reservation.amount)
+        return outcome
 
     async def Authenticate(
         self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext
@@ -230,6 +243,7 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         reservation = await self.ledger.reserve(
             request.account_id, request.amount_hundredths, request.request_id, self._ttl(request.ttl_seconds)
         )
+        self.credits.hold(reservation.amount)
         return pb.ReserveResponse(reservation=reservation_pb(reservation))
 
     async def Commit(self, request: pb.CommitRequest, context: grpc.aio.ServicerContext) -> pb.CommitResponse:
@@ -241,6 +255,7 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
             return sum(quote(items, self.registry, premium=account.premium)) if items else 0
 
         reservation = await self.ledger.commit(request.reservation_id, price, media)
+        self.credits.commit(reservation.amount, reservation.charged)
         return pb.CommitResponse(reservation=reservation_pb(reservation))
 
     async def GetReservation(
@@ -276,6 +291,8 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
             reservation = await self.ledger.get_reservation(request.reservation_id)
         else:
             reservation = await self.ledger.release(request.reservation_id)
+            if reservation.state == "released":
+                self.credits.release(reservation.amount)
         return pb.ReleaseResponse(reservation=reservation_pb(reservation))
 
     async def GetAccount(

@@ -27,8 +27,9 @@ batch. A caller cancelled while its item waits takes the item out of the
 queue; one cancelled while its batch runs simply does not get the result.
 
 ``enabled=False`` (or ``max_batch_size=1``) turns batching off: each item
-runs alone, in arrival order, through the same ``call`` (the benchmark's
-"off" case). :attr:`stats` counts batches, items and batch sizes.
+runs alone, through the same ``call`` (the benchmark's "off" case), admitted
+fairly across the callers' accounts (:class:`~services.common.admission.Slots`;
+in arrival order within one). :attr:`stats` counts batches, items and batch sizes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from services.common.admission import Slots
 from services.common.errors import ProcessingError
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self.max_concurrent_batches = max_concurrent_batches
         self._call = call or asyncio.to_thread
         self._queues: dict[Hashable, _Queue[ItemT, ResultT]] = {}
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: Slots | None = None
         self._batches = 0
         self._items = 0
         self._failed = 0
@@ -185,9 +187,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     # --- internals ---
 
-    def _semaphore(self) -> asyncio.Semaphore:
+    def _semaphore(self) -> Slots:
+        # Fair across accounts (services.common.admission), not first come, first served: with
+        # batching off, every item waits here; unbounded, the engine bounds its requests.
         if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_concurrent_batches)
+            self._slots = Slots(self.name, self.max_concurrent_batches)
         return self._slots
 
     async def _flush(self, key: Hashable, queue: _Queue[ItemT, ResultT]) -> None:

@@ -33,6 +33,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from services.common.admission import QueuePolicy
 from services.common.errors import InvalidRequest, MaintenanceMode, ProcessingError
 from services.common.registry import ModelSpec, Registry
 from services.common.runner import Progress, StepRunner
@@ -50,6 +51,19 @@ class EngineState(StrEnum):
     READY = "ready"
     UNAVAILABLE = "unavailable"
     CLOSED = "closed"
+
+
+#: The ``Retry-After`` of a request for a model still loading: a tiny model loads in about a
+#: second, a real one in tens; five seconds keeps clients from hammering a loading service.
+LOADING_RETRY_AFTER_SECONDS = 5.0
+
+
+def still_loading(model_id: str) -> MaintenanceMode:
+    """The error of a request for a model that is still loading (503 ``maintenance_mode``)."""
+    return MaintenanceMode(
+        f"Model '{model_id}' is still loading; please try again shortly.",
+        retry_after=LOADING_RETRY_AFTER_SECONDS,
+    )
 
 
 class EngineUnavailable(Exception):
@@ -88,7 +102,10 @@ class Engine(ABC, Generic[RequestT, ResultT]):
         return self.state is EngineState.READY
 
     def require_ready(self, what: str = "Model") -> None:
-        """Raises :class:`InvalidRequest` unless the engine can serve (unavailable, or still loading)."""
+        """Raises unless the engine can serve: :class:`MaintenanceMode` while it loads (a 503
+        with ``Retry-After``), :class:`InvalidRequest` when it cannot serve here."""
+        if self.state in (EngineState.NEW, EngineState.LOADING):
+            raise still_loading(self.name)
         if not self.ready:
             raise InvalidRequest(
                 f"{what} '{self.name}' is not available on this server: "
@@ -109,7 +126,7 @@ class Engine(ABC, Generic[RequestT, ResultT]):
         self.state = EngineState.LOADING
         started = time.perf_counter()
         try:
-            await self.runner.call(self.load_blocking)
+            await self.runner.call(self.load_blocking, bounded=False)
         except EngineUnavailable as exc:
             self._unavailable(str(exc))
         except Exception as exc:
@@ -149,6 +166,11 @@ class Engine(ABC, Generic[RequestT, ResultT]):
         """Stops the running jobs of one request at their next step; returns how many."""
         return self.runner.abort(request_id)
 
+    def configure_queue(self, policy: QueuePolicy) -> None:
+        """How the engine's queue admits jobs (:mod:`services.common.admission`); set before it
+        loads. Engines that queue work elsewhere (a decode loop, a batcher) also apply it there."""
+        self.runner.configure(policy)
+
     def close_blocking(self) -> None:
         """Frees the model (runs on the worker thread)."""
 
@@ -158,7 +180,7 @@ class Engine(ABC, Generic[RequestT, ResultT]):
             return
         self.runner.abort_all()
         try:
-            await self.runner.call(self.close_blocking)
+            await self.runner.call(self.close_blocking, bounded=False)
         except Exception:
             log.exception("engine %s failed to close cleanly", self.name)
         self.state = EngineState.CLOSED
@@ -231,6 +253,12 @@ class EnginePool(Generic[EngineT]):
         """Returns once :meth:`load` has tried every engine."""
         await self._loaded_event().wait()
 
+    def configure_queues(self, policy: QueuePolicy) -> None:
+        """Applies the queue policy of the settings to every engine (before they load). The
+        pool builders are the capabilities' own; the one server builder calls this for all."""
+        for engine in self.engines.values():
+            engine.configure_queue(policy)
+
     def status(self, model_id: str) -> tuple[bool, str | None]:
         """(ready, why not) of one model."""
         if model_id in self.unavailable:
@@ -248,7 +276,7 @@ class EnginePool(Generic[EngineT]):
         if engine is not None and engine.ready:
             return engine
         if engine is not None and engine.state in (EngineState.NEW, EngineState.LOADING):
-            raise MaintenanceMode(f"Model '{model_id}' is still loading; please try again shortly.")
+            raise still_loading(model_id)
         _, reason = self.status(model_id)
         raise InvalidRequest(f"Model '{model_id}' is not available on this server: {reason}")
 

@@ -62,16 +62,40 @@ def quoted(value: str, limit: int = QUOTED_INPUT_CHARS) -> str:
     return value if len(value) <= limit else value[:limit] + "..."
 
 
+#: ``ErrorInfo.metadata`` key of an error's retry hint, in whole milliseconds.
+RETRY_AFTER_MS_KEY = "retry_after_ms"
+
+
 class KilnError(Exception):
-    """An error with a contract type and a message safe to show the caller."""
+    """An error with a contract type and a message safe to show the caller.
+
+    ``metadata`` travels with it across gRPC (``ErrorInfo.metadata``). ``retry_after``
+    (seconds) is the one entry the edge reads: it answers it as ``Retry-After`` and
+    ``retry-after-ms`` headers (a model still loading, a rate limit)."""
 
     error_type: ErrorType = ErrorType.PROCESSING
     default_message: str = "The request could not be processed."
 
-    def __init__(self, message: str | None = None, *, metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        metadata: dict[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         self.message = message or self.default_message
         super().__init__(self.message)
         self.metadata = dict(metadata or {})
+        if retry_after is not None:
+            self.metadata[RETRY_AFTER_MS_KEY] = str(max(0, round(retry_after * 1000)))
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds the caller should wait before trying again, when the error says."""
+        try:
+            return int(self.metadata[RETRY_AFTER_MS_KEY]) / 1000
+        except (KeyError, ValueError):
+            return None
 
     #: How this error travels when it is not its type's usual one (e.g. a 409).
     mapping_override: ErrorMapping | None = None
@@ -165,7 +189,13 @@ _VARIANTS: dict[tuple[ErrorType, str], type[KilnError]] = {
 }
 
 
-def error_from_type(error_type: ErrorType, message: str, grpc_code: str | None = None) -> KilnError:
-    """Rebuilds the exception for an error type and gRPC code name (used when an error crosses gRPC)."""
+def error_from_type(
+    error_type: ErrorType,
+    message: str,
+    grpc_code: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> KilnError:
+    """Rebuilds the exception for an error type and gRPC code name, with its metadata (used
+    when an error crosses gRPC)."""
     cls = _VARIANTS.get((error_type, grpc_code or ""), _BY_TYPE[error_type])
-    return cls(message)
+    return cls(message, metadata=metadata)

@@ -63,7 +63,9 @@ def error_from_rpc(err: grpc.aio.AioRpcError) -> KilnError:
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 try:
-                    return error_from_type(ErrorType(info.reason), status.message, err.code().name)
+                    return error_from_type(
+                        ErrorType(info.reason), status.message, err.code().name, dict(info.metadata)
+                    )
                 except ValueError:
                     break
     code = err.code()

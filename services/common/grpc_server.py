@@ -28,11 +28,16 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from kiln.common.v1 import engine_status_service_pb2_grpc as engine_status_grpc
+from services.common.admission import QueuePolicy, caller_from_metadata, caller_var
 from services.common.capability import Capability
 from services.common.decoding import DecodePool
 from services.common.engine import EnginePool
+from services.common.engine_status import SERVICE_NAME as ENGINE_STATUS_SERVICE
+from services.common.engine_status import EngineStatusServicer
 from services.common.errors import ERROR_DOMAIN, KilnError, ProcessingError
 from services.common.mesh_auth import MeshAuthInterceptor, mesh_secret
+from services.common.metrics import MetricsInterceptor, ServiceMetrics, address_host, metrics_background
 from services.common.registry import Registry, load_registry
 from services.common.servicer import ServiceParts
 from services.common.settings import Settings
@@ -93,7 +98,8 @@ def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[An
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps KilnError (and anything unexpected) to rich statuses; sets the request id."""
+    """Maps KilnError (and anything unexpected) to rich statuses; sets the request id and the
+    caller (``x-kiln-account`` / ``x-kiln-tier``) for the call's task."""
 
     async def intercept_service(
         self,
@@ -106,6 +112,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "x-request-id":
                 request_id_var.set(str(value))
+        # Whom the engines' queues admit the call's jobs for (services.common.admission).
+        caller_var.set(caller_from_metadata(handler_call_details.invocation_metadata))
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
         if handler.unary_stream is not None:
@@ -130,6 +138,8 @@ class GrpcService:
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     #: Awaited after the server stopped (close pools, engines).
     cleanup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: Its Prometheus metrics (calls, engines; :mod:`services.common.metrics`).
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def set_serving(self, serving: bool = True) -> None:
@@ -161,6 +171,7 @@ async def create_server(
     register: Callable[[grpc.aio.Server], None],
     service_names: Iterable[str],
     restricted: Mapping[str, Iterable[str]] | None = None,
+    metrics: ServiceMetrics | None = None,
 ) -> GrpcService:
     """Builds a server with the standard interceptors, reflection and health.
 
@@ -168,9 +179,13 @@ async def create_server(
     full names (``kiln.image.v1.ImageService``). Health starts NOT_SERVING.
     Every call but health needs the mesh credential; ``restricted`` names the
     methods only some identities may call (see :class:`MeshAuthInterceptor`).
+    Every call is counted in ``metrics`` (a new :class:`ServiceMetrics` when None), served
+    over HTTP when ``metrics_port_offset`` is set.
     """
+    metrics = metrics or ServiceMetrics()
     server = grpc.aio.server(
         interceptors=[
+            MetricsInterceptor(metrics),  # outermost: sees the status the others made
             *server_interceptors(),
             MeshAuthInterceptor(mesh_secret(settings), restricted),
             ErrorInterceptor(),
@@ -192,7 +207,10 @@ async def create_server(
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind gRPC address {address}")
-    service = GrpcService(server=server, port=port, health=health, service_names=names)
+    service = GrpcService(server=server, port=port, health=health, service_names=names, metrics=metrics)
+    if settings.metrics_port_offset:
+        offset = settings.metrics_port_offset
+        service.background.append(metrics_background(metrics, address_host(address), lambda: port + offset))
     await service.set_serving(False)
     return service
 
@@ -208,13 +226,21 @@ async def create_engine_server(
     decoder: DecodePool | None = None,
 ) -> GrpcService:
     """The standard server for a capability whose servicer runs an engine pool: built by
-    :func:`create_server`, with the engines loading once it listens (see :func:`serve_engine_pool`)."""
+    :func:`create_server`, with the engines loading once it listens (see :func:`serve_engine_pool`).
+    Beside the capability's service it serves ``kiln.common.v1.EngineStatusService`` (the
+    models' load states, for the edge's ``/readyz``), and its metrics report the engines."""
+
+    def register(server: grpc.aio.Server) -> None:
+        add_to_server(servicer, server)
+        engine_status_grpc.add_EngineStatusServiceServicer_to_server(EngineStatusServicer(pool), server)
+
     service = await create_server(
         address=address,
         settings=settings,
-        register=lambda server: add_to_server(servicer, server),
-        service_names=[service_name],
+        register=register,
+        service_names=[service_name, ENGINE_STATUS_SERVICE],
     )
+    service.metrics.add_engines(pool)
     if decoder is not None:  # its worker processes stop with the server
         service.cleanup.append(_closer(decoder))
     return serve_engine_pool(service, pool)
@@ -279,6 +305,7 @@ class EngineService:
                 default=self.default_model,
                 **self.pool_options(settings),
             )
+        pool.configure_queues(QueuePolicy.from_settings(settings))  # the engine_queue_* settings
         servicer = self.servicer(ServiceParts(registry, pool, decoder, settings))
         return await create_engine_server(
             address=address or settings.bind_address(settings.address(self.capability.name)),

@@ -1,7 +1,10 @@
 """The worker that runs an engine's blocking, step-wise jobs: :class:`StepRunner`.
 
 It runs blocking, step-wise jobs (a diffusers ``__call__``) on the engine's own
-worker thread(s), one job at a time by default. The job reports each finished
+worker thread(s), one job at a time by default. Jobs wait for a worker in a
+bounded, fair queue (:class:`~services.common.admission.Slots`: per-account
+fair queuing, a premium lane; a full queue refuses the job with
+:class:`~services.common.errors.RateLimited`). The job reports each finished
 step through its :class:`StepControl`; the runner bridges those reports to the
 event loop as :class:`Progress` events, measures queue time (waiting for a
 slot) and run time, and when the consumer is cancelled sets a flag that makes
@@ -21,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
+from services.common.admission import Caller, QueuePolicy, Slots
 from services.common.errors import ProcessingError
 
 log = logging.getLogger(__name__)
@@ -128,19 +132,23 @@ class StepRunner:
     One runner per engine. :meth:`start` runs a job as a :class:`RunningJob`
     (its :class:`Progress` events, then its :class:`JobOutcome`), :meth:`result`
     runs one to its outcome; :meth:`call` runs a plain blocking function
-    (model loading) on the same worker threads.
+    (model loading) on the same worker threads. Jobs are admitted by ``policy``
+    (:class:`~services.common.admission.QueuePolicy`), for the caller of the
+    current request (:data:`~services.common.admission.caller_var`) unless one is given.
     """
 
-    def __init__(self, name: str, *, concurrency: int = 1, history: int = 64) -> None:
+    def __init__(
+        self, name: str, *, concurrency: int = 1, history: int = 64, policy: QueuePolicy | None = None
+    ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.name = name
         self.concurrency = concurrency
+        self.policy = policy or QueuePolicy()
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"engine-{name}")
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: Slots | None = None
         self._controls: dict[int, tuple[str, StepControl]] = {}
         self._next_id = 0
-        self.waiting = 0
         self.reports: collections.deque[JobReport] = collections.deque(maxlen=history)
         self._closed = False
 
@@ -148,26 +156,48 @@ class StepRunner:
     def running(self) -> int:
         return len(self._controls)
 
-    def _semaphore(self) -> asyncio.Semaphore:
+    @property
+    def waiting(self) -> int:
+        """Jobs (and calls) waiting for a worker."""
+        return self._slots.waiting if self._slots is not None else 0
+
+    def configure(self, policy: QueuePolicy) -> None:
+        """Sets the admission policy (before any job is queued: the engine pool does it
+        when the service is built)."""
+        if self._slots is not None and self._slots.waiting:
+            raise RuntimeError(f"engine {self.name}: the queue policy cannot change while jobs wait")
+        self.policy = policy
+        if self._slots is not None:
+            self._slots.queue.policy = policy
+
+    def _semaphore(self) -> Slots:
         if self._slots is None:
-            self._slots = asyncio.Semaphore(self.concurrency)
+            self._slots = Slots(self.name, self.concurrency, self.policy)
         return self._slots
 
-    async def call(self, fn: Callable[[], T]) -> T:
-        """Runs ``fn`` on a worker thread once a slot is free (no progress, no cancellation)."""
+    async def call(self, fn: Callable[[], T], *, bounded: bool = True, caller: Caller | None = None) -> T:
+        """Runs ``fn`` on a worker thread once a slot is free (no progress, no cancellation).
+
+        ``bounded=False`` queues it even when the queue is full (model loading and closing,
+        the batches of work already admitted)."""
         if self._closed:
             raise RuntimeError(f"engine {self.name} is closed")
         slots = self._semaphore()
-        async with slots:
+        await slots.acquire(caller, bounded=bounded)
+        try:
             return await asyncio.wrap_future(self._executor.submit(fn))
+        finally:
+            slots.release()
 
     async def _stream(
-        self, job: Callable[[StepControl], T], *, key: str = "", label: str = ""
+        self, job: Callable[[StepControl], T], *, key: str = "", label: str = "", caller: Caller | None = None
     ) -> AsyncGenerator[Progress | JobOutcome[T], None]:
         """Runs ``job(control)`` on a worker thread, yielding its progress and then its outcome.
 
         ``key`` groups jobs for :meth:`abort` (e.g. the request id). Exceptions
-        raised by the job propagate to the consumer; a job stopped by
+        raised by the job propagate to the consumer, as does
+        :class:`~services.common.errors.RateLimited` when the queue is full (at the
+        first iteration: nothing was queued); a job stopped by
         :meth:`abort` or :meth:`shutdown` while its consumer still listens ends
         the stream with :class:`~services.common.errors.ProcessingError`.
         Consumers that may stop early should iterate inside
@@ -182,11 +212,7 @@ class StepRunner:
         control = StepControl(loop, events.put_nowait)
         slots = self._semaphore()
         queued_at = time.perf_counter()
-        self.waiting += 1
-        try:
-            await slots.acquire()
-        finally:
-            self.waiting -= 1
+        await slots.acquire(caller)
         queue_ms = (time.perf_counter() - queued_at) * 1000
         job_id = self._next_id
         self._next_id += 1
@@ -239,9 +265,14 @@ class StepRunner:
             # The slot is released by `finished` when the worker returns.
             control.cancel()
 
-    def start(self, job: Callable[[StepControl], T], *, key: str = "", label: str = "") -> RunningJob[T]:
-        """:meth:`_stream` as a :class:`RunningJob`: iterate it for progress, then read its outcome."""
-        return RunningJob(self._stream(job, key=key, label=label))
+    def start(
+        self, job: Callable[[StepControl], T], *, key: str = "", label: str = "", caller: Caller | None = None
+    ) -> RunningJob[T]:
+        """:meth:`_stream` as a :class:`RunningJob`: iterate it for progress, then read its outcome.
+
+        ``caller`` (default: the current request's, read when iteration starts) is whom the
+        job is queued for."""
+        return RunningJob(self._stream(job, key=key, label=label, caller=caller))
 
     async def result(
         self, job: Callable[[StepControl], T], *, key: str = "", label: str = ""

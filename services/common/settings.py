@@ -203,6 +203,40 @@ class Settings(BaseSettings):
         10.0, description="Deadline of one billing call from the edge (a commit is retried past it)."
     )
     expiry_sweep_seconds: float = Field(5.0, description="How often billing releases expired holds.")
+    # --- rate limits (services/billing/rate_limits.py; `kiln admin limits` overrides per account) ---
+    rate_limit_rpm: int = Field(
+        0, ge=0, description="Requests per minute an account may make per capability; 0: no limit."
+    )
+    rate_limit_rpm_premium: int = Field(
+        0, ge=0, description="rate_limit_rpm of premium accounts (their own tier); 0: no limit."
+    )
+    rate_limit_capability_rpm: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per-capability requests per minute, overriding rate_limit_rpm (JSON: "
+        '{"chat": 30, "image_generation": 10}; capabilities as in edge/ratelimit.py; 0: no limit).',
+    )
+    rate_limit_capability_rpm_premium: dict[str, int] = Field(
+        default_factory=dict, description="rate_limit_capability_rpm of premium accounts."
+    )
+    rate_limit_max_concurrent: int = Field(
+        0, ge=0, description="Synchronous paid requests an account may have in flight; 0: no limit."
+    )
+    rate_limit_max_concurrent_premium: int = Field(
+        0, ge=0, description="rate_limit_max_concurrent of premium accounts; 0: no limit."
+    )
+    rate_limit_storage: str = Field(
+        "memory://",
+        description="Where the request counters live: memory:// (one billing process) or "
+        "redis://host:port[/db] (shared by every billing replica, so N edges share one budget).",
+    )
+    rate_limit_key_prefix: str = Field(
+        "kiln", description="Prefix of the counters' keys (deployments sharing one Redis use their own)."
+    )
+    rate_limit_envoy: bool = Field(
+        False,
+        description="Envoy's global rate-limit filter in front (kiln envoy-config) already asked "
+        "the limiter: the edge does not ask again.",
+    )
     jwt_hs256_secret: SecretStr | None = Field(None, description="Shared secret for HS256 JWTs.")
     jwt_public_keys: list[Path] = Field(
         default_factory=list, description="PEM public keys for RS256/ES256 JWTs."
@@ -252,6 +286,29 @@ class Settings(BaseSettings):
         "already keeps every core busy.",
     )
     batch_window_ms: float = Field(5.0, description="How long a dynamic batch waits for more requests.")
+    engine_queue_max: int = Field(
+        64,
+        ge=0,
+        description="Most requests waiting for one model (its engine's queue); more are refused with "
+        "a 429 rate_limit_error (a task's run retries later, so the task stays pending).",
+    )
+    engine_queue_max_per_account: int = Field(
+        32,
+        ge=0,
+        description="Most requests of one account waiting for one model, so one account cannot fill "
+        "the queue for everyone (0: only engine_queue_max).",
+    )
+    engine_fair_admission: bool = Field(
+        True,
+        description="Admit waiting requests fairly across accounts (start-time fair queuing, premium "
+        "accounts in their own lane); false: first come, first served (the bounds still apply).",
+    )
+    engine_premium_weight: int = Field(
+        1,
+        ge=1,
+        description="Premium admissions per standard admission while both wait (1: every other one), "
+        "so premium goes first but never starves standard accounts.",
+    )
 
     # --- media retention and disk (edge/retention.py) ---
     media_ttl_seconds: int = Field(
@@ -295,6 +352,18 @@ class Settings(BaseSettings):
     # --- operations ---
     grace_seconds: float = Field(5.0, description="Graceful shutdown period for in-flight calls.")
     otel_exporter: Literal["none", "console", "otlp"] = Field("none", description="Where spans go.")
+    metrics_public: bool = Field(
+        False,
+        description="Whether the edge answers GET /metrics (Prometheus text, no credential); a 404 like "
+        "an unknown route when false. The edge counts its metrics either way.",
+    )
+    metrics_port_offset: int = Field(
+        0,
+        ge=0,
+        le=10000,
+        description="Each gRPC service also serves GET /metrics (Prometheus text) over HTTP on its gRPC "
+        "port plus this offset, on the same interface (e.g. 1000: image_gen's 50052 -> 51052); 0: off.",
+    )
     log_level: str = Field("INFO", description="Python logging level.")
 
     @field_validator("webhook_retry_schedule", "webhook_allowed_hosts", mode="before")

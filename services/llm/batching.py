@@ -9,7 +9,9 @@ batch, so a request's ``seed`` could not make its answer reproducible. So the
 service batches by itself, with transformers' own models and caches:
 
 * **Admission.** A request (already tokenized, its images already turned
-  into pixel patches, on a thread pool) waits in a queue. Between two decode
+  into pixel patches, on a thread pool) waits in a bounded, fair queue
+  (:class:`~services.common.admission.FairQueue`: a full queue refuses it with
+  a 429, accounts are admitted fairly, premium in its own lane). Between two decode
   steps the loop admits waiting requests, up to ``max_batch`` active ones:
   each is **prefilled alone** (batch of one, its own ``DynamicCache``), its
   first token sampled and streamed, and its cache is then merged into the
@@ -55,6 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from services.common.admission import Caller, FairQueue, QueuePolicy, caller_var
 from services.common.errors import KilnError, ProcessingError
 
 log = logging.getLogger(__name__)
@@ -359,14 +362,16 @@ class LoopStats:
 class DecodeLoop:
     """The batching decode loop of one engine (see the module docs). Thread-safe ``submit``."""
 
-    def __init__(self, adapter: ModelAdapter, *, name: str, max_batch: int = 8) -> None:
+    def __init__(
+        self, adapter: ModelAdapter, *, name: str, max_batch: int = 8, policy: QueuePolicy | None = None
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.adapter = adapter
         self.name = name
         self.max_batch = max_batch
         self.stats = LoopStats()
-        self._pending: collections.deque[SequenceState] = collections.deque()
+        self._pending: FairQueue[SequenceState] = FairQueue(name, policy)
         self._cond = threading.Condition()
         self._closed = False
         self._holds = 0
@@ -384,11 +389,18 @@ class DecodeLoop:
     def active(self) -> int:
         return len(self._active)
 
-    def submit(self, seq: SequenceState) -> None:
+    def submit(self, seq: SequenceState, caller: Caller | None = None) -> None:
+        """Queues ``seq`` for ``caller`` (default: the current request's); raises
+        :class:`~services.common.errors.RateLimited` when the queue is full."""
+        caller = caller or caller_var.get()
         with self._cond:
             if self._closed:
                 raise ProcessingError("The model is shutting down.")
-            self._pending.append(seq)
+            try:
+                self._pending.check(caller)
+            except KilnError:  # requests whose consumer left still hold places: free them first
+                self._pending.discard(lambda waiting: waiting.cancelled)
+            self._pending.push(seq, caller)
             self._cond.notify()
 
     @contextlib.contextmanager
@@ -421,8 +433,11 @@ class DecodeLoop:
                     break
                 admit: list[SequenceState] = []
                 if not self._holds:
-                    while self._pending and len(self._active) + len(admit) < self.max_batch:
-                        admit.append(self._pending.popleft())
+                    while len(self._active) + len(admit) < self.max_batch:
+                        queued = self._pending.pop()
+                        if queued is None:
+                            break
+                        admit.append(queued)
             with torch.inference_mode():
                 for seq in admit:
                     self._admit(seq)
@@ -431,10 +446,9 @@ class DecodeLoop:
                     self._step()
                     self._retire()
         shutting_down = ProcessingError("The model is shutting down.")
-        for seq in [*self._active, *self._pending]:
+        for seq in [*self._active, *self._pending.drain()]:
             seq.fail(shutting_down)
         self._active.clear()
-        self._pending.clear()
 
     def _admit(self, seq: SequenceState) -> None:
         if seq.cancelled:

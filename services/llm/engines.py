@@ -193,7 +193,9 @@ class ChatEngine(RegistryEngine[ChatRequest, ChatEvent]):
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         if not self.eos_ids:
             raise EngineUnavailable("its tokenizer and config name no end-of-sequence token")
-        self.decoder = DecodeLoop(adapter, name=self.spec.id, max_batch=self.max_batch)
+        self.decoder = DecodeLoop(
+            adapter, name=self.spec.id, max_batch=self.max_batch, policy=self.runner.policy
+        )
 
     def load_model(self) -> ModelAdapter:
         """Loads ``self.model`` and ``self.tokenizer``; returns the decode loop's adapter."""

@@ -53,11 +53,12 @@ Lanczos to the output size. Greyscale and palette images are upscaled as RGB
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import time
 from abc import abstractmethod
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,6 +67,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from services.common.admission import counted
 from services.common.batching import BatcherStats, DynamicBatcher
 from services.common.engine import EnginePool, EngineUnavailable, RegistryEngine
 from services.common.errors import InvalidRequest, ProcessingError
@@ -299,8 +301,10 @@ class NetworkEngine(UpscaleEngine):
             key=_tile_key,
             name=f"upscale-{spec.id}",
             enabled=self.options.batching,
-            call=self.runner.call,
+            call=self._call,
         )
+        #: Requests in flight per account ("": all), bounded by the queue policy.
+        self._in_flight: collections.Counter[str] = collections.Counter()
 
     # --- loading (worker thread) ---
 
@@ -433,8 +437,17 @@ class NetworkEngine(UpscaleEngine):
             blender.add(tile, output.data)
         return blender.result()
 
+    async def _call(self, fn: Callable[[], T]) -> T:
+        # The batches' work was admitted with its request (upscale): never refused here.
+        return await self.runner.call(fn, bounded=False)
+
     async def upscale(self, request: UpscaleRequest, *, request_id: str = "") -> UpscaleResult:
+        """The bound of the queue policy applies to whole requests (one is many tiles)."""
         self._check(request)
+        with counted(self._in_flight, self.spec.id, self.runner.policy):
+            return await self._upscale(request)
+
+    async def _upscale(self, request: UpscaleRequest) -> UpscaleResult:
         image, scale = request.image, request.scale
         passes = self.passes(scale)
         rgb, alpha = await asyncio.to_thread(split_alpha, image)
