@@ -13,7 +13,9 @@ the headers go out, streams included. A request nothing limits gets none.
 
 With ``KILN_RATE_LIMIT_ENVOY=true``, Envoy's global rate-limit filter in front asked the
 limiter already (``kiln envoy-config``; Envoy adds the headers from the limiter's answer):
-the edge does not ask again. The limiter unreachable lets the request through (as Envoy's
+the edge does not ask again. When the limiter says nothing limits a credential's capability,
+the edge does not ask again for :data:`UNLIMITED_MEMORY_SECONDS` (an unlimited deployment pays
+no extra call per request; a limit set meanwhile applies within that time). The limiter unreachable lets the request through (as Envoy's
 filter does with ``failure_mode_deny: false``); Authorize decides next.
 
 :data:`ROUTE_CAPABILITIES` names each paid route's capability, for the edge and for Envoy's
@@ -25,7 +27,9 @@ route's request to this edge), except behind Envoy, which sees only ``tasks``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -110,12 +114,32 @@ class RateLimitClient:
             raise error_from_rpc(err) from None
 
 
+#: How long the edge remembers that nothing limits a (credential, capability): the limiter is
+#: not asked again meanwhile, so an unlimited deployment pays no extra call per request. A limit
+#: set for such an account applies within this time.
+UNLIMITED_MEMORY_SECONDS = 10.0
+#: Most (credential, capability) pairs remembered (then the memory starts afresh).
+UNLIMITED_MEMORY_ENTRIES = 10_000
+
+
 @dataclass
 class Limiter:
-    """The app's limiter client, made on first use from billing's channel."""
+    """The app's limiter client, made on first use from billing's channel, and the memory of
+    what nothing limits."""
 
     settings: Settings
     _client: RateLimitClient | None = field(default=None, repr=False)
+    _unlimited: dict[tuple[str, str], float] = field(default_factory=dict, repr=False)
+
+    def unlimited(self, credential: str, capability: str) -> bool:
+        """Whether the limiter said lately that nothing limits this credential's capability."""
+        until = self._unlimited.get((_digest(credential), capability))
+        return until is not None and until > time.monotonic()
+
+    def remember_unlimited(self, credential: str, capability: str) -> None:
+        if len(self._unlimited) >= UNLIMITED_MEMORY_ENTRIES:
+            self._unlimited.clear()
+        self._unlimited[(_digest(credential), capability)] = time.monotonic() + UNLIMITED_MEMORY_SECONDS
 
     def client(self, app: web.Application) -> RateLimitClient:
         if self._client is None:
@@ -130,20 +154,28 @@ class Limiter:
 LIMITER = web.AppKey("rate_limiter", Limiter)
 
 
+def _digest(credential: str) -> str:
+    return hashlib.sha256(credential.encode()).hexdigest()
+
+
 async def check_rate_limit(request: web.Request) -> None:
     """Counts a paid request (see the module docstring); RateLimited (429) when it is over."""
     if request.app[SETTINGS].rate_limit_envoy:
         return
-    client = request.app[LIMITER].client(request.app)
+    limiter = request.app[LIMITER]
+    credential, capability = credential_value(request), capability_of(request)
+    if limiter.unlimited(credential, capability):
+        return
     try:
-        answer = await client.should_rate_limit(
-            credential_value(request), capability_of(request), request[REQUEST_ID]
+        answer = await limiter.client(request.app).should_rate_limit(
+            credential, capability, request[REQUEST_ID]
         )
     except UpstreamUnavailable:
         log.warning("request %s: the rate limiter did not answer; not limited", request[REQUEST_ID])
         return
     counted = [status for status in answer.statuses if status.current_limit.requests_per_unit]
     if not counted:
+        limiter.remember_unlimited(credential, capability)
         return
     status = min(counted, key=lambda s: (s.code != rls_pb2.RateLimitResponse.OVER_LIMIT, s.limit_remaining))
     reset = status.duration_until_reset.ToNanoseconds() / 1e9
