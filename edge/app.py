@@ -10,7 +10,7 @@ from aiohttp import web
 
 from edge.clients import Upstreams
 from edge.keys import MEDIA, PENDING, REGISTRY, SETTINGS, UPSTREAMS, PendingReleases
-from edge.media_store import LocalMediaStore
+from edge.media_store import open_media_store
 from edge.metrics import METRICS, EdgeMetrics, record_metrics
 from edge.middlewares import AUTHENTICATED_ROUTES, credential_first, error_envelope, request_context
 from edge.ratelimit import setup_rate_limits
@@ -52,7 +52,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     app[METRICS] = EdgeMetrics()
     app[AUTHENTICATED_ROUTES] = frozenset((r.method, r.path) for r in ROUTES if r.authenticated)
     app[REGISTRY] = registry or load_registry(settings.registry_path)
-    app[MEDIA] = LocalMediaStore(settings.resolved_media_root)
+    app[MEDIA] = open_media_store(settings)  # KILN_MEDIA_BACKEND: the media root or a bucket
     app[DISK_GUARD] = DiskGuard.from_settings(settings)
     app.on_startup.append(_freeze_startup_heap)
     app.cleanup_ctx.append(_upstreams)

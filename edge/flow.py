@@ -183,7 +183,7 @@ def _priced_item(usage: billing_pb.Usage, amount: int) -> dict[str, Any]:
 @dataclass
 class MediaFile:
     """A file the work produced, stored before the charge under an id chosen up front
-    (``LocalMediaStore.new_id()``), so the answer can name it."""
+    (``MediaStore.new_id()``), so the answer can name it."""
 
     data: bytes
     mime_type: str
@@ -281,7 +281,8 @@ class Hold:
     async def _release_and_discard(self) -> None:
         if await _released(self.request, self.reservation_id) and self.stored:
             store = self.request.app[MEDIA]
-            await asyncio.to_thread(lambda: [store.delete(media_id) for media_id in self.stored])
+            for media_id in self.stored:
+                await store.delete_async(media_id)
 
 
 async def billed(
@@ -432,10 +433,10 @@ async def request_fingerprint(request: web.Request) -> str:
 async def _replay(request: web.Request, stored: billing_pb.StoredResponse) -> web.Response:
     body = stored.body
     if stored.body_media_id:
-        media = request.app[MEDIA].get(stored.body_media_id)
-        if media is None:
+        saved = await request.app[MEDIA].read_async(stored.body_media_id)
+        if saved is None:
             raise ProcessingError("The stored answer of this Idempotency-Key is no longer available.")
-        body = await asyncio.to_thread(media.path.read_bytes)
+        body = saved
     response = web.Response(status=stored.status, body=body)
     for header in stored.headers:
         response.headers.add(header.name, header.value)

@@ -8,13 +8,14 @@ import hashlib
 from aiohttp import web
 
 from edge.clients import Upstreams
-from edge.media_store import LocalMediaStore
+from edge.media_store import MediaStore
 from services.common.registry import Registry
 from services.common.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", Registry)
-MEDIA = web.AppKey("media", LocalMediaStore)
+#: The media store (edge.media_store.MediaStore: local disk or an S3 bucket).
+MEDIA = web.AppKey[MediaStore]("media")
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 #: Per-request id (``X-Request-ID`` or a new one), set by the request middleware.
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -1,7 +1,9 @@
 """Media retention and the disk guard: the media root never fills up with files nobody may fetch.
 
 **Retention** (:class:`MediaSweeper`, run every ``media_sweep_seconds`` by the edge, which
-owns the media root; the records are billing's, reached with its ``SweepMedia`` RPC):
+owns the media store, the media root or an S3 bucket alike (``edge.media_store.MediaStore``:
+it lists files with their last-modified times and deletes them by id); the records are
+billing's, reached with its ``SweepMedia`` RPC):
 
 1. *Expired files*: billing deletes the records of files older than ``media_ttl_seconds``
    (7 days by default: the contract's links expire after 7 days), except the library's
@@ -40,7 +42,7 @@ from aiohttp import web
 
 from edge.clients import BillingClient
 from edge.keys import MEDIA, SETTINGS, UPSTREAMS
-from edge.media_store import MIME_EXTENSIONS, LocalMediaStore
+from edge.media_store import MIME_EXTENSIONS, MediaStore
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from services.common.errors import KilnError, LowDiskSpace
 from services.common.settings import Settings
@@ -77,7 +79,7 @@ class MediaSweeper:
 
     def __init__(
         self,
-        store: LocalMediaStore,
+        store: MediaStore,
         billing: BillingClient,
         settings: Settings,
         *,
@@ -109,7 +111,7 @@ class MediaSweeper:
         expired = await self._expire(now)
         cutoff = now - self.grace_seconds
         since = max(0.0, self._checked_until - RECHECK_SECONDS)
-        candidates, old_answers = await asyncio.to_thread(self._scan, since, cutoff, now - ANSWER_TTL_SECONDS)
+        candidates, old_answers = await self._scan(since, cutoff, now - ANSWER_TTL_SECONDS)
         unpaid = 0
         for start in range(0, len(candidates), SWEEP_BATCH):
             reply = await self._sweep(now, limit=1, candidates=candidates[start : start + SWEEP_BATCH])
@@ -117,7 +119,7 @@ class MediaSweeper:
             unpaid += await self._delete(reply.unrecorded_media_ids)
         self._checked_until = max(self._checked_until, cutoff)
         answers = await self._delete(old_answers)
-        temporaries = await asyncio.to_thread(self.store.remove_stale_temporaries, now - STALE_TEMP_SECONDS)
+        temporaries = await self.store.remove_stale_temporaries_async(now - STALE_TEMP_SECONDS)
         counts = {"expired": expired, "unpaid": unpaid, "answers": answers, "temporaries": temporaries}
         if any(counts.values()):
             log.info("media sweep deleted %s", ", ".join(f"{n} {what}" for what, n in counts.items()))
@@ -144,23 +146,20 @@ class MediaSweeper:
         return await self.billing.sweep_media(request, "media-sweep")
 
     async def _delete(self, media_ids: Sequence[str]) -> int:
-        return await asyncio.to_thread(self._delete_now, media_ids) if media_ids else 0
-
-    def _delete_now(self, media_ids: Sequence[str]) -> int:
         deleted = 0
         for media_id in media_ids:
             try:
-                deleted += self.store.delete(media_id)
+                deleted += await self.store.delete_async(media_id)
             except OSError as err:  # left for an operator; the next edge start checks it again
                 log.warning("media sweep could not delete %s: %s", media_id, err)
         return deleted
 
-    def _scan(self, since: float, cutoff: float, answers_cutoff: float) -> tuple[list[str], list[str]]:
+    async def _scan(self, since: float, cutoff: float, answers_cutoff: float) -> tuple[list[str], list[str]]:
         """Files to check for a record (modified in [since, cutoff): old enough, not checked
         yet) and stored answers older than ``answers_cutoff``; one pass over the store."""
         candidates: list[str] = []
         answers: list[str] = []
-        for media_id, ext, mtime in self.store.files():
+        async for media_id, ext, mtime in self.store.files_async():
             if ext == ANSWER_EXTENSION:
                 if mtime < answers_cutoff:
                     answers.append(media_id)
@@ -188,9 +187,10 @@ class DiskGuard:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DiskGuard:
-        """Guards the media root and, for SQLite, the database's folder (a PostgreSQL
-        server's disk is its operator's to watch)."""
-        paths = [settings.resolved_media_root]
+        """Guards the media root (the data folder when media live in a bucket, whose space is
+        its provider's) and, for SQLite, the database's folder (a PostgreSQL server's disk is
+        its operator's to watch)."""
+        paths = [settings.resolved_media_root if settings.media_backend == "local" else settings.data_dir]
         url = settings.resolved_database_url
         if url.startswith("sqlite:///"):
             paths.append(Path(url.removeprefix("sqlite:///")).parent)

@@ -455,6 +455,7 @@ ROUTES: tuple[Route, ...] = (
             200: Answer("The file", _MEDIA_FILES),
             206: Answer("The requested Range of the file", _MEDIA_FILES),
             304: Answer("Not modified (If-None-Match / If-Modified-Since)"),
+            307: Answer("A presigned URL in Location (S3 media store, KILN_MEDIA_S3_REDIRECT)"),
             404: _error("not_found_error"),
             416: Answer("Range not satisfiable"),
         },

@@ -164,10 +164,10 @@ async def defer(
             request[REQUEST_ID],
         )
     except BaseException:
-        await asyncio.to_thread(store.delete, media_id)
+        await store.delete_async(media_id)
         raise
     if response.HasField("replay"):  # the key's earlier request finished: its answer again
-        await asyncio.to_thread(store.delete, media_id)
+        await store.delete_async(media_id)
         return response.replay
     request.app[WAKE].set()
     document = task_document(task_record(response.task))
@@ -362,10 +362,9 @@ class TaskRun:
     async def _replay(self) -> Outcome:
         """Sends the task's request to this edge; (status, output, error, stored files)."""
         app = self.app
-        stored = app[MEDIA].get(self.task.input_media_id)
-        if stored is None:
+        body = await app[MEDIA].read_async(self.task.input_media_id)
+        if body is None:
             return "failed", b"", json.dumps(_envelope("The task's input is no longer stored.")).encode(), []
-        body = await asyncio.to_thread(stored.path.read_bytes)
         method, _, path = self.task.route.partition(" ")
         headers = {
             "Authorization": f"Bearer {self.run_token}",

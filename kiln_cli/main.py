@@ -33,6 +33,8 @@ from typing import Any
 
 from aiohttp import web
 
+from kiln_cli import containers, health
+from kiln_cli.notices import quiet_expected_notices
 from services.catalog import CATALOG, capability
 from services.common.grpc_server import GrpcService
 from services.common.money import format_credits
@@ -111,6 +113,12 @@ def check_ports(settings: Settings, services: tuple[str, ...]) -> None:
             continue
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as sock:
+            # As the servers themselves bind (aiohttp and gRPC set SO_REUSEADDR): the
+            # connections of a mesh stopped a moment ago, in TIME-WAIT for a minute, do not
+            # make the port look taken; a socket listening on it still does (on Unix,
+            # SO_REUSEADDR never lets two sockets listen on one port).
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
             except OSError as exc:
@@ -331,7 +339,10 @@ def stop_in_order(children: dict[str, subprocess.Popen[bytes]], grace_seconds: f
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    name = args.service
+    name = args.service or os.environ.get(health.SERVICE_VARIABLE, "")
+    if name not in SERVICES:
+        print(f"kiln serve: name a service ({', '.join(SERVICES)}) or set KILN_SERVICE", file=sys.stderr)
+        return 2
     check_ports(settings, (name,))
     from services.common.mesh_auth import SECRET_FILE
 
@@ -380,6 +391,13 @@ def cmd_envoy_config(args: argparse.Namespace, settings: Settings) -> int:
 
     from kiln_cli.envoy import build_descriptor_set, render_envoy_config
 
+    if args.deploy:  # the deployment files' config (kiln_cli/deploy.py), not this mesh's
+        from kiln_cli.deploy import write_envoy
+
+        written = write_envoy(args.out or Path("envoy"))
+        print(f"wrote {', '.join(map(str, written))}")
+        return 0
+    args.out = args.out or Path(".kiln/envoy")
     args.out.mkdir(parents=True, exist_ok=True)
     descriptor = build_descriptor_set((args.out / "kiln-descriptors.binpb").resolve())
     config = render_envoy_config(
@@ -396,6 +414,14 @@ def cmd_envoy_config(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_deploy_files(args: argparse.Namespace, settings: Settings) -> int:
+    from kiln_cli.deploy import write_deploy_files
+
+    for path in write_deploy_files(args.root):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from services.billing.admin import add_admin_commands
 
@@ -405,19 +431,36 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--split", action="store_true", help="one process per service")
     up.set_defaults(func=cmd_up)
     serve = commands.add_parser("serve", help="run one service (as a container does)")
-    serve.add_argument("service", choices=SERVICES)
+    serve.add_argument(
+        "service", nargs="?", choices=SERVICES, help="default: $KILN_SERVICE (what each image sets)"
+    )
     serve.set_defaults(func=cmd_serve)
+    health.add_command(commands)
+    containers.add_command(commands)
     envoy = commands.add_parser(
         "envoy-config", help="write an Envoy config (front proxy + gRPC/JSON transcoder) for this mesh"
     )
     envoy.add_argument(
-        "--out", type=Path, default=Path("envoy"), help="folder for the config and descriptors"
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the config and descriptors (.kiln/envoy; with --deploy: envoy)",
+    )
+    envoy.add_argument(
+        "--deploy",
+        action="store_true",
+        help="the committed envoy/ of the deployment files (DNS names, default settings)",
     )
     envoy.add_argument("--public-port", type=int, default=8080, help="the front proxy's port")
     envoy.add_argument("--services-host", default="127.0.0.1", help="where the services listener binds")
     envoy.add_argument("--services-port", type=int, default=8081, help="gRPC and transcoded JSON")
     envoy.add_argument("--expose-billing", action="store_true", help="also route kiln.billing.v1")
     envoy.set_defaults(func=cmd_envoy_config)
+    deploy = commands.add_parser(
+        "deploy-files", help="regenerate envoy/, deploy/compose.yaml and deploy/k8s/base from the catalog"
+    )
+    deploy.add_argument("--root", type=Path, default=Path("."), help="the checkout to write into")
+    deploy.set_defaults(func=cmd_deploy_files)
     token = commands.add_parser(
         "token", help="print the mesh credential of an identity (grpcurl, backends calling services)"
     )
@@ -436,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    quiet_expected_notices()
     try:
         return int(args.func(args, settings))
     except PortTaken as exc:

@@ -13,7 +13,6 @@ route checks it exactly as a synchronous call, and the billed flow queues it
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiohttp
@@ -176,11 +175,11 @@ async def create_task(request: web.Request) -> web.StreamResponse:
             }
     except BaseException:
         if media_id:
-            await asyncio.to_thread(store.delete, media_id)
+            await store.delete_async(media_id)
         raise
     if status >= 400 or (not body.dry_run and status != 202):
         if media_id:
-            await asyncio.to_thread(store.delete, media_id)  # nothing was queued
+            await store.delete_async(media_id)  # nothing was queued
         if kind != "application/json":
             raise ProcessingError(f"The task could not be created (HTTP {status}).")
         return web.Response(body=answer, status=status, content_type="application/json")

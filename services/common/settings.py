@@ -327,6 +327,36 @@ class Settings(BaseSettings):
         "below it, paid requests are refused with 503 (0 turns the guard off).",
     )
 
+    # --- media storage backend (edge/media_store.py, edge/media_s3.py; docs/operations.md) ---
+    media_backend: Literal["local", "s3"] = Field(
+        "local",
+        description="Where generated files live: 'local' (the media root) or 's3' (an S3-compatible "
+        "bucket, KILN_S3_*).",
+    )
+    s3_endpoint: str | None = Field(
+        None,
+        description="S3 endpoint URL (http://127.0.0.1:8333 for SeaweedFS or MinIO; path-style "
+        "addressing); AWS's regional endpoint when unset.",
+    )
+    s3_bucket: str | None = Field(None, description="Bucket of the media files (required with 's3').")
+    s3_prefix: str = Field("media", description="Key prefix (a folder) of the media files in the bucket.")
+    s3_region: str = Field("us-east-1", description="Region the requests are signed for (SigV4).")
+    s3_access_key_id: str | None = Field(
+        None, description="S3 access key id; the client's usual environment/instance credentials when unset."
+    )
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret access key.")
+    s3_presign_seconds: int = Field(
+        3600,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Lifetime of the presigned URLs /v1/media/{id} redirects to (SigV4 allows 7 days).",
+    )
+    media_s3_redirect: bool = Field(
+        False,
+        description="With 's3': answer /v1/media/{id} with a 307 to a presigned URL instead of "
+        "streaming the file through the edge.",
+    )
+
     # --- task webhooks (services/billing/webhooks.py, edge/webhooks.py; docs/api.md) ---
     webhook_retry_schedule: Annotated[tuple[float, ...], NoDecode] = Field(
         (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0),

@@ -13,9 +13,9 @@ at the start), so the first audio leaves after a few frames.
 
 ``qwen-tts`` 0.1.1 pins transformers 4.57.3, so the tts service runs in its
 own environment (``.venv-tts``, built by the Makefile). The package imports
-``torchaudio.compliance.kaldi`` for its 25 Hz tokenizer only; that import is
-satisfied by a stand-in whose ``fbank`` raises, so models with the 25 Hz
-tokenizer are refused at load time (the released Qwen3-TTS models use the
+``torchaudio.compliance.kaldi`` and ``sox`` for its 25 Hz tokenizer only; those
+imports are satisfied by stand-ins that raise when used, so models with the
+25 Hz tokenizer are refused at load time (the released Qwen3-TTS models use the
 12 Hz one).
 
 Without registry weights a tiny random-weight model of the real architecture
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import importlib.machinery
 import io
-import logging
 import sys
 import types
 from collections.abc import AsyncGenerator, Callable
@@ -72,16 +71,38 @@ class CloneRequest:
 _TORCHAUDIO_NAMES = ("torchaudio", "torchaudio.compliance", "torchaudio.compliance.kaldi")
 
 
-def _drop(record: logging.LogRecord) -> bool:
-    return False
+def _needs_25hz_tokenizer(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("the 25 Hz Qwen3-TTS tokenizer needs torchaudio and SoX, which are not installed")
+
+
+def _stand_ins() -> dict[str, types.ModuleType]:
+    """Modules that raise when used, for the 25 Hz tokenizer's imports that are not loaded yet.
+
+    torchaudio is absent (it would pull a CUDA torch). The ``sox`` package, even when
+    installed, runs ``sox -h`` through the shell as it is imported, which prints
+    ``sox: not found`` on the console where the SoX program is missing.
+    """
+    names = [*_TORCHAUDIO_NAMES] if all(name not in sys.modules for name in _TORCHAUDIO_NAMES) else []
+    if "sox" not in sys.modules:
+        names.append("sox")
+    modules = {name: types.ModuleType(name) for name in names}
+    for name, module in modules.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    if "torchaudio" in modules:
+        modules["torchaudio.compliance.kaldi"].fbank = _needs_25hz_tokenizer  # type: ignore[attr-defined]
+        modules["torchaudio"].compliance = modules["torchaudio.compliance"]  # type: ignore[attr-defined]
+        modules["torchaudio.compliance"].kaldi = modules["torchaudio.compliance.kaldi"]  # type: ignore[attr-defined]
+    if "sox" in modules:
+        modules["sox"].Transformer = _needs_25hz_tokenizer  # type: ignore[attr-defined]
+    return modules
 
 
 def import_qwen_tts() -> Any:
-    """The ``qwen_tts`` package, imported with a stand-in for ``torchaudio.compliance.kaldi``.
+    """The ``qwen_tts`` package, imported with stand-ins for ``torchaudio.compliance.kaldi`` and ``sox``.
 
-    The stand-in is only in :data:`sys.modules` while ``qwen_tts`` imports, so
+    The stand-ins are only in :data:`sys.modules` while ``qwen_tts`` imports, so
     nothing else (transformers' own availability checks included) ever sees a
-    torchaudio that is not there.
+    torchaudio or sox that is not there.
     """
     if "qwen_tts" in sys.modules:
         return sys.modules["qwen_tts"]
@@ -92,38 +113,21 @@ def import_qwen_tts() -> Any:
     is_available = getattr(import_utils, "is_torchaudio_available", None)
     if callable(is_available):
         is_available()  # cached before the stand-in exists
-    if all(name not in sys.modules for name in _TORCHAUDIO_NAMES):
-
-        def fbank(*args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError("the 25 Hz Qwen3-TTS tokenizer needs torchaudio, which is not installed")
-
-        modules = {name: types.ModuleType(name) for name in _TORCHAUDIO_NAMES}
-        for name, module in modules.items():
-            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        modules["torchaudio.compliance.kaldi"].fbank = fbank  # type: ignore[attr-defined]
-        modules["torchaudio"].compliance = modules["torchaudio.compliance"]  # type: ignore[attr-defined]
-        modules["torchaudio.compliance"].kaldi = modules["torchaudio.compliance.kaldi"]  # type: ignore[attr-defined]
-        sys.modules.update(modules)
-        # Importing prints a flash-attn notice (for the 25 Hz tokenizer's Whisper encoder)
-        # and `sox` warns that the SoX program is missing: neither is used here, so both
-        # notices are dropped to keep `kiln up`'s console readable.
-        sox_log = logging.getLogger("sox")
-        sox_log.addFilter(_drop)
-        try:
-            with redirect_stdout(io.StringIO()):
-                import qwen_tts
-        except ImportError as exc:
-            raise EngineUnavailable(
-                f"qwen-tts cannot be imported ({exc}); the tts service runs in its own environment "
-                "(make builds .venv-tts)"
-            ) from exc
-        finally:
-            sox_log.removeFilter(_drop)
-            for name in _TORCHAUDIO_NAMES:
-                sys.modules.pop(name, None)
-        return qwen_tts
-    import qwen_tts
-
+    modules = _stand_ins()
+    sys.modules.update(modules)
+    try:
+        # Importing prints a flash-attn notice (for the 25 Hz tokenizer's Whisper encoder),
+        # not used here: dropped to keep `kiln up`'s console readable.
+        with redirect_stdout(io.StringIO()):
+            import qwen_tts
+    except ImportError as exc:
+        raise EngineUnavailable(
+            f"qwen-tts cannot be imported ({exc}); the tts service runs in its own environment "
+            "(make builds .venv-tts)"
+        ) from exc
+    finally:
+        for name in modules:
+            sys.modules.pop(name, None)
     return qwen_tts
 
 

@@ -44,7 +44,9 @@ def sweeper(edge: Edge) -> MediaSweeper:
 
 
 def store(edge: Edge) -> LocalMediaStore:
-    return edge.runner.app[MEDIA]
+    media = edge.runner.app[MEDIA]
+    assert isinstance(media, LocalMediaStore)
+    return media
 
 
 def stored_names(root: Path) -> list[str]:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,39 @@ def test_check_ports_names_the_grpc_service_and_its_variable(tmp_path: Path) -> 
         settings = load_settings(data_dir=tmp_path, addresses={"billing": address})
         with pytest.raises(PortTaken, match="KILN_BILLING_ADDRESS"):
             check_ports(settings, ("billing", "image_gen", "edge"))
+
+
+def _port_in_time_wait() -> int:
+    """A port whose only socket is a closed connection in TIME-WAIT, as a stopped mesh leaves."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = int(server.getsockname()[1])
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            accepted.close()  # the server side closes first: its end waits in TIME-WAIT
+            assert client.recv(1) == b""
+    for _ in range(100):  # the client's FIN moves the server's end to TIME-WAIT
+        with socket.socket() as plain:
+            try:
+                plain.bind(("127.0.0.1", port))
+            except OSError:
+                return port
+        time.sleep(0.01)
+    pytest.fail(f"no TIME-WAIT socket on port {port}: a bind without SO_REUSEADDR succeeded")
+
+
+def test_check_ports_passes_a_port_left_in_time_wait_and_fails_a_listener(tmp_path: Path) -> None:
+    port = _port_in_time_wait()
+    settings = load_settings(data_dir=tmp_path, http_host="127.0.0.1", http_port=port)
+    check_ports(settings, ("edge",))  # Ctrl-C then `make run` again: starts at once
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        with pytest.raises(PortTaken, match=f"port {port} on 127.0.0.1 \\(edge\\) is already in use"):
+            check_ports(settings, ("edge",))
 
 
 def test_admin_commands_manage_accounts_keys_and_credits(tmp_path: Path) -> None:
