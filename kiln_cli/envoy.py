@@ -44,6 +44,7 @@ The config is JSON, which Envoy reads like YAML (``envoy -c kiln-envoy.json``);
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +90,32 @@ def _endpoint(address: str) -> dict[str, Any]:
     return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}
 
 
-def _cluster(name: str, address: str, *, grpc: bool, idle_seconds: float = 0) -> dict[str, Any]:
+def _cluster(
+    name: str, address: str | Sequence[str], *, grpc: bool, idle_seconds: float = 0
+) -> dict[str, Any]:
+    addresses = [address] if isinstance(address, str) else list(address)
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STRICT_DNS",
         "connect_timeout": "2s",
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [_endpoint(address)]}]},
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [_endpoint(each) for each in addresses]}],
+        },
     }
     if not grpc:
+        # Edges leave the rotation when /healthz stops answering (two misses: a busy edge may
+        # answer one check late), checked every half second even without traffic.
+        cluster["health_checks"] = [
+            {
+                "timeout": "2s",
+                "interval": "0.5s",
+                "no_traffic_interval": "0.5s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": "/healthz"},
+            }
+        ]
         # Envoy drops its pooled connections to the edge before the edge closes them itself
         # (KILN_HTTP_HEADER_TIMEOUT_SECONDS of idling): no request is sent on a connection
         # that is closing.
@@ -141,9 +160,26 @@ def _timeouts(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _route_timeouts(total: float, idle: float) -> dict[str, str]:
-    """A route's ``timeout`` (0: none) and ``idle_timeout``."""
-    return {"timeout": _seconds(total), "idle_timeout": _seconds(idle)}
+def _route_timeouts(total: float, idle: float) -> dict[str, Any]:
+    """A route's ``timeout`` (0: none) and ``idle_timeout``, and the retry of a request that
+    never reached an edge (refused, or reset before it was sent: it never ran, so even a
+    paid POST is safe to send to another edge)."""
+    return {"timeout": _seconds(total), "idle_timeout": _seconds(idle), "retry_policy": _RETRY_UNSENT}
+
+
+_RETRY_UNSENT: dict[str, Any] = {
+    "retry_on": "connect-failure,reset-before-request",
+    "num_retries": 2,
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ],
+    "host_selection_retry_max_attempts": 3,
+}
 
 
 def _public_routes(settings: Settings) -> list[dict[str, Any]]:
@@ -282,10 +318,13 @@ def render_envoy_config(
     services_port: int = 8081,
     admin_port: int = 0,
     expose_billing: bool = False,
+    edges: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The Envoy bootstrap for the mesh that ``settings`` describe (see the module docstring)."""
+    """The Envoy bootstrap for the mesh that ``settings`` describe (see the module docstring).
+    ``edges``: the edges' addresses (default: the one of ``settings``); Envoy balances over
+    them and takes a dead one out of the rotation."""
     exposed = [(c.name, c.service) for c in CATALOG if expose_billing or not c.billing]
-    edge_address = f"{settings.http_host}:{settings.http_port}"
+    edge_address = list(edges) or [f"{settings.http_host}:{settings.http_port}"]
     limited = settings.rate_limit_envoy
     public = _manager(
         "public", _public_routes(settings), [_rate_limit_filter(settings)] if limited else [], settings

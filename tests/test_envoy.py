@@ -207,10 +207,21 @@ async def test_the_config_bounds_slow_clients_and_sizes_route_timeouts(tmp_path:
         }
 
     public = routes("public")
-    assert public["/v1/images/generations"] == {"cluster": "edge", "timeout": "420s", "idle_timeout": "300s"}
+    timeouts = {
+        path: {k: v for k, v in route.items() if k != "retry_policy"} for path, route in public.items()
+    }
+    assert timeouts["/v1/images/generations"] == {
+        "cluster": "edge",
+        "timeout": "420s",
+        "idle_timeout": "300s",
+    }
     assert public["/v1/videos/remove-background"]["timeout"] == "420s"
-    assert public["/v1/media/"] == {"cluster": "edge", "timeout": "0s", "idle_timeout": "60s"}
-    assert public["/"] == {"cluster": "edge", "timeout": "60s", "idle_timeout": "60s"}
+    assert timeouts["/v1/media/"] == {"cluster": "edge", "timeout": "0s", "idle_timeout": "60s"}
+    assert timeouts["/"] == {"cluster": "edge", "timeout": "60s", "idle_timeout": "60s"}
+    # Only a request that never reached an edge is sent again (it never ran: safe even when paid).
+    assert {route["retry_policy"]["retry_on"] for route in public.values()} == {
+        "connect-failure,reset-before-request"
+    }
     services = routes("services")
     assert services["/kiln.image.v1.ImageService/"]["timeout"] == "420s"
     assert services["/kiln.billing.v1.BillingService/"]["timeout"] == "15s"
