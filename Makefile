@@ -29,7 +29,7 @@ PROTOS := $(shell find protos/kiln -name '*.proto')
 # Vendored contracts generated into ./kiln too (Envoy's rate limit service: kiln/vendor/envoy/...).
 VENDORED_PROTOS := $(shell find protos/third_party/kiln -name '*.proto')
 
-.PHONY: run test gen install lint protolint check clean bench
+.PHONY: run test gen install lint protolint check clean bench chromium
 
 $(BIN)/python:
 	$(TIMED) "$(VENV): new environment, latest pip" \
@@ -96,7 +96,14 @@ lint: gen $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy services edge kiln_cli bench
 
-test: gen protolint lint $(TTS_STAMP)
+# Debian's chromium for the playground's browser test (tests/edge/test_playground.py; Playwright
+# cannot download a browser here). Where apt-get cannot install it the test is skipped, saying why.
+chromium:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } || \
+	  echo "chromium not installed: the playground's browser test will be skipped"
+
+test: gen protolint lint $(TTS_STAMP) chromium
 	$(BIN)/python -m pytest
 	$(TTS_BIN)/python -m pytest tests/services/tts
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -115,6 +115,36 @@ class BillingClient(_Client):
             )
         )
         return response.account
+
+    async def authenticate_session(
+        self, session_token: str, request_id: str
+    ) -> billing_pb.AuthenticateResponse:
+        """The account and session of a session token (GET /v1/session)."""
+        return await _call(
+            self._stub.Authenticate(
+                billing_pb.AuthenticateRequest(credential=billing_pb.Credential(session_token=session_token)),
+                timeout=self._timeout,
+                metadata=self._metadata(request_id),
+            )
+        )
+
+    async def sign_in(
+        self, name: str, password: str, client_address: str, request_id: str
+    ) -> billing_pb.SignInResponse:
+        request = billing_pb.SignInRequest(name=name, password=password, client_address=client_address)
+        return await _call(
+            self._stub.SignIn(request, timeout=self._timeout, metadata=self._metadata(request_id))
+        )
+
+    async def sign_out(self, session_token: str, request_id: str) -> bool:
+        response = await _call(
+            self._stub.SignOut(
+                billing_pb.SignOutRequest(session_token=session_token),
+                timeout=self._timeout,
+                metadata=self._metadata(request_id),
+            )
+        )
+        return response.revoked
 
     async def quote(
         self, usage: Sequence[billing_pb.Usage], account_id: str, request_id: str
@@ -237,8 +267,14 @@ class ImageGenClient(_Client):
     def __init__(self, channel: grpc.aio.Channel, *, timeout: float, token: str) -> None:
         super().__init__(image_grpc.ImageServiceStub(channel), timeout=timeout, token=token)
 
-    async def run(self, params: GenerationParams, request_id: str) -> image_pb.GeneratedImages:
-        """The final result of a generation or edit (progress events are skipped).
+    async def run(
+        self,
+        params: GenerationParams,
+        request_id: str,
+        on_progress: Callable[[int, int], Awaitable[None]] | None = None,
+    ) -> image_pb.GeneratedImages:
+        """The final result of a generation or edit; ``on_progress(step, total)`` hears each
+        finished step.
 
         Cancelling the caller cancels the call, which stops the model at its next step.
         """
@@ -256,6 +292,8 @@ class ImageGenClient(_Client):
             async for event in events:
                 if event.HasField("result"):
                     return cast(image_pb.GeneratedImages, event.result)
+                if on_progress is not None and event.HasField("progress"):
+                    await on_progress(event.progress.step, event.progress.total_steps)
         raise ProcessingError("The image service ended the stream without a result.")
 
 

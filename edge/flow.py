@@ -76,6 +76,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 from aiohttp import web
 
+from edge.handlers.session import session_credential
 from edge.keys import BODY_DIGEST, MEDIA, PENDING, REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.ratelimit import check_rate_limit
 from edge.responses import json_response
@@ -113,13 +114,18 @@ DRY_RUN_VALUES = {"true": True, "1": True, "false": False, "0": False}
 
 
 def credential_from(request: web.Request) -> billing_pb.Credential:
-    """``X-API-Key: <key>`` or ``Authorization: Bearer <key or JWT>``."""
+    """``X-API-Key: <key>``, else ``Authorization: Bearer <key or JWT>``, else the session
+    cookie (``kiln_session``; a state-changing request with it also needs ``X-CSRF-Token``, a
+    403 otherwise: :mod:`edge.handlers.session`)."""
     api_key = request.headers.get("X-API-Key", "").strip()
     if api_key:
         return billing_pb.Credential(api_key=api_key)
     scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return billing_pb.Credential(bearer_token=token.strip())
+    session = session_credential(request)
+    if session is not None:
+        return session
     raise AuthenticationFailed()
 
 

@@ -3,7 +3,8 @@
 Before billing's Authorize (:func:`edge.flow._authorize`; never for a dry run), the edge asks
 the limiter that billing serves (Envoy's ``RateLimitService/ShouldRateLimit``,
 :mod:`services.billing.rate_limits`) with the descriptor ``[("credential", <X-API-Key or
-Authorization value as sent>), ("capability", <the route's capability>)]``. Over the limit,
+Authorization value as sent, or ``Session <token>`` for the session cookie>), ("capability",
+<the route's capability>)]``. Over the limit,
 the request is a 429 ``rate_limit_error`` with seed 003's message, ``Retry-After`` and
 ``retry-after-ms`` (:func:`services.common.rate_limit_headers.rate_limited`), and nothing is
 held or charged. Every answer to a counted request (the 429, a success, any error after the
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 import grpc
 from aiohttp import web
 
+from edge.handlers.session import session_token
 from edge.keys import REQUEST_ID, SETTINGS, UPSTREAMS
 from kiln.vendor.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from services.common.errors import AuthenticationFailed, UpstreamUnavailable
@@ -81,8 +83,11 @@ def capability_of(request: web.Request) -> str:
 
 
 def credential_value(request: web.Request) -> str:
-    """The credential as sent: ``X-API-Key``'s value, else ``Authorization``'s."""
+    """The credential as sent: ``X-API-Key``'s value, else ``Authorization``'s, else
+    ``Session <token>`` for the session cookie."""
     value = request.headers.get("X-API-Key", "").strip() or request.headers.get("Authorization", "").strip()
+    if not value and session_token(request):
+        return f"Session {session_token(request)}"
     if not value:
         raise AuthenticationFailed()
     return value

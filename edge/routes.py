@@ -15,7 +15,20 @@ from typing import Any, TypeAlias
 from aiohttp import web
 from pydantic import BaseModel
 
-from edge.handlers import audio, chat, images, media, music, segmentation, system, tasks, upscale, video
+from edge.handlers import (
+    audio,
+    chat,
+    images,
+    media,
+    music,
+    playground,
+    segmentation,
+    session,
+    system,
+    tasks,
+    upscale,
+    video,
+)
 from edge.metrics import get_metrics
 from edge.middlewares import expect_continue
 from edge.response_models import (
@@ -101,6 +114,9 @@ class Route:
     responses: Mapping[int, Answer] = field(default_factory=dict)
     #: Query parameters: name -> JSON schema (a paid route's ``dry_run`` is added).
     query: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: The security schemes of a route that checks its credential itself (``authenticated``
+    #: routes take an API key, a bearer token or the session cookie).
+    security: tuple[str, ...] = ()
 
     @property
     def paid(self) -> bool:
@@ -117,7 +133,9 @@ _PAID_ERRORS: dict[int, Answer] = {
     400: _error("invalid_request_error: a bad parameter, model or file"),
     401: _error("authentication_error: no or an unknown credential"),
     402: _error("insufficient_credits"),
-    403: _error("premium_required"),
+    403: _error(
+        "premium_required; or authentication_error: the session cookie without the session's X-CSRF-Token"
+    ),
     408: _error("invalid_request_error: the request body arrived too slowly"),
     409: _error("invalid_request_error: a request with this Idempotency-Key is in progress"),
     413: _error("invalid_request_error: the body is larger than the limit, or the form has too many parts"),
@@ -173,7 +191,7 @@ def _tasks(ok: Answer, *errors: int) -> dict[int, Answer]:
         400: "a bad parameter, model or input",
         401: "no or an unknown credential",
         402: "insufficient credits",
-        403: "premium required",
+        403: "premium required, or the session cookie without the session's X-CSRF-Token",
         404: "no such task (or another account's) or model",
         409: "the task has already finished",
         413: "the body is larger than the limit",
@@ -202,8 +220,9 @@ ROUTES: tuple[Route, ...] = (
         body=ImageGenerationRequest,
         responses=_paid(
             Answer(
-                "The images (JSON), or the file itself with return_binary",
-                {"application/json": ImagesResponse, **_IMAGE_FILES},
+                "The images (JSON), or the file itself with return_binary; progress events, then "
+                "the images, with Accept: text/event-stream",
+                {"application/json": ImagesResponse, **_IMAGE_FILES, **_progress(ImagesResponse)},
             )
         ),
     ),
@@ -225,8 +244,9 @@ ROUTES: tuple[Route, ...] = (
         files=("image", "image[]", "mask"),
         responses=_paid(
             Answer(
-                "The images (JSON), or the file itself with return_binary",
-                {"application/json": ImagesResponse, **_IMAGE_FILES},
+                "The images (JSON), or the file itself with return_binary; progress events, then "
+                "the images, with Accept: text/event-stream",
+                {"application/json": ImagesResponse, **_IMAGE_FILES, **_progress(ImagesResponse)},
             )
         ),
     ),
@@ -427,7 +447,7 @@ ROUTES: tuple[Route, ...] = (
         "/v1/tasks/{task_id}/cancel",
         tasks.cancel_task,
         "Cancel a pending or running task (its hold is released); a finished one is a 409.",
-        responses=_tasks(_ok(json=TaskEnvelope), 401, 404, 409, 500, 503),
+        responses=_tasks(_ok(json=TaskEnvelope), 401, 403, 404, 409, 500, 503),
     ),
     Route(
         "GET",
@@ -478,6 +498,76 @@ ROUTES: tuple[Route, ...] = (
             401: _error("authentication_error"),
             500: _error("processing_error"),
             503: _error("maintenance_mode"),
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/session",
+        session.sign_in,
+        "Sign in with a user name and password (JSON): sets the HttpOnly session cookie kiln_session "
+        "and answers the account, the CSRF token that state-changing requests with the cookie send "
+        "in X-CSRF-Token, and the expiry. Wrong passwords are rate limited per name and address.",
+        body=session.SignInRequest,
+        authenticated=False,
+        responses={
+            200: _ok("Signed in; the cookie is set", json=session.SessionInfo),
+            400: _error("invalid_request_error: not a JSON body with name and password"),
+            401: _error("authentication_error: wrong user name or password (the same for every failure)"),
+            408: _error("invalid_request_error: the request body arrived too slowly"),
+            413: _error("invalid_request_error: the body is larger than the limit"),
+            429: _error("rate_limit_error: too many failed sign-ins for this name or address"),
+            500: _error("processing_error"),
+            503: _error("maintenance_mode"),
+        },
+    ),
+    Route(
+        "GET",
+        "/v1/session",
+        session.get_session,
+        "The signed-in user, account, CSRF token and expiry of the session cookie.",
+        authenticated=False,
+        security=("Session",),
+        responses={
+            200: _ok(json=session.SessionInfo),
+            401: _error("authentication_error: no session cookie, or an ended session"),
+            500: _error("processing_error"),
+            503: _error("maintenance_mode"),
+        },
+    ),
+    Route(
+        "DELETE",
+        "/v1/session",
+        session.sign_out,
+        "Sign out: revokes the session and clears the cookie (X-CSRF-Token required).",
+        authenticated=False,
+        security=("Session",),
+        responses={
+            200: _ok(json=session.SignedOut),
+            401: _error("authentication_error: no session cookie"),
+            403: _error("authentication_error: no or a wrong X-CSRF-Token"),
+            500: _error("processing_error"),
+        },
+    ),
+    Route(
+        "GET",
+        "/",
+        playground.index,
+        "The playground: a page per capability in the browser (sign in with a user's password).",
+        authenticated=False,
+        responses={200: _ok("The playground's page", text_html={"type": "string"})},
+    ),
+    Route(
+        "GET",
+        "/playground/{name}",
+        playground.asset,
+        "One of the playground's scripts, style sheets or icons (edge/playground/).",
+        authenticated=False,
+        responses={
+            200: Answer(
+                "The file",
+                {kind: {"type": "string"} for kind in sorted(set(playground.CONTENT_TYPES.values()))},
+            ),
+            404: _error("not_found_error: no such playground file"),
         },
     ),
     Route(
@@ -596,8 +686,10 @@ def openapi_document() -> dict[str, Any]:
             content[media_type] = {"schema": {"$ref": f"#/components/schemas/{name}"}}
         if content:
             operation["requestBody"] = {"required": True, "content": content}
-        if route.authenticated:
-            operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
+        if route.security:
+            operation["security"] = [{name: []} for name in route.security]
+        elif route.authenticated:
+            operation["security"] = [{"ApiKey": []}, {"Bearer": []}, {"Session": []}]
         paths.setdefault(route.path, {})[route.method.lower()] = operation
     paths["/openapi.json"] = {
         "get": {
@@ -621,6 +713,13 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {
                 "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
                 "Bearer": {"type": "http", "scheme": "bearer"},
+                "Session": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": session.SESSION_COOKIE,
+                    "description": "The session of POST /v1/session; a POST, PUT, PATCH or DELETE with "
+                    "it also sends the session's CSRF token in X-CSRF-Token.",
+                },
             },
         },
     }

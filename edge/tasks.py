@@ -337,6 +337,8 @@ class TaskRun:
                 output_json=output,
                 error_json=error,
                 media=media,
+                progress_step=self.step,
+                progress_total=self.total,
             ),
         )
         if finished.task.callback_url:

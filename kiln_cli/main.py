@@ -6,6 +6,8 @@ SQLite and local media under ``KILN_DATA_DIR`` (``.kiln``) and tiny
 random-weight models. It makes sure a demo account exists and prints the URL
 and the demo API key. ``kiln serve <service>`` runs one service, as a container
 does. ``kiln admin`` manages accounts, keys, credits and maintenance mode.
+``kiln image``, ``kiln chat`` and the other client commands call a running Kiln
+over HTTP (:mod:`kiln_cli.client`).
 
 The services come from the catalog (:mod:`services.catalog`). A service
 with an environment of its own (the catalog says which: the tts service's
@@ -423,6 +425,7 @@ def cmd_deploy_files(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kiln_cli.client import add_commands as add_client_commands
     from services.billing.admin import add_admin_commands
 
     parser = argparse.ArgumentParser(prog="kiln", description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -437,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     health.add_command(commands)
     containers.add_command(commands)
+    add_client_commands(commands)  # kiln image, speak, chat, ...: calls to a running Kiln over HTTP
     envoy = commands.add_parser(
         "envoy-config", help="write an Envoy config (front proxy + gRPC/JSON transcoder) for this mesh"
     )

@@ -21,7 +21,7 @@ from edge.errors import envelope
 from edge.flow import Charge, Done, MediaFile, billed
 from edge.forms import FORM_TYPES, read_body, read_form
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
-from edge.responses import json_response
+from edge.responses import ProgressEvents, json_response
 from edge.schemas import (
     MAX_BATCH_REQUESTS,
     BatchImageGenerationRequest,
@@ -102,10 +102,18 @@ class ImageOutcome:
 
 
 async def _produce(
-    request: web.Request, params: GenerationParams, options: ImageOptions, request_id: str, started: float
+    request: web.Request,
+    params: GenerationParams,
+    options: ImageOptions,
+    request_id: str,
+    started: float,
+    progress: ProgressEvents | None = None,
 ) -> ImageOutcome:
-    """Runs one generation or edit; the images get their media ids (and URLs) here."""
-    result = await request.app[UPSTREAMS].images.run(params, request_id)
+    """Runs one generation or edit (its steps sent as ``progress`` events when the client asked
+    for them); the images get their media ids (and URLs) here."""
+    result = await request.app[UPSTREAMS].images.run(
+        params, request_id, progress.step if progress is not None and progress.wanted else None
+    )
     store = request.app[MEDIA]
     base = media_base(request)
     files = [MediaFile(image.data, image.mime_type, store.new_id()) for image in result.images]
@@ -138,8 +146,11 @@ async def _respond(
     """The billed flow for one checked image request, answered as JSON or as the file
     (``dry_run``: the request's ``dry_run`` field, see :func:`edge.flow.billed`)."""
 
+    # Accept: text/event-stream: a progress event per step, then the JSON answer as `result`.
+    progress = ProgressEvents(request)
+
     async def work(auth: billing_pb.AuthorizeResponse) -> Done[ImageOutcome]:
-        outcome = await _produce(request, params, options, request[REQUEST_ID], started)
+        outcome = await _produce(request, params, options, request[REQUEST_ID], started, progress)
         return Done(outcome, [outcome.usage], files=outcome.files)
 
     async def answer(outcome: ImageOutcome, charge: Charge) -> web.StreamResponse:
@@ -148,13 +159,23 @@ async def _respond(
             "X-Credits-Charged": format_credits(charge.charged),
             "Server-Timing": _server_timing(entry["timing"]),
         }
+        if progress.wanted:
+            return await progress.finish(entry)
         if options.return_binary:
             file = outcome.files[0]
             headers |= {"X-Seed": str(entry["seed"]), "Content-Location": f"/v1/media/{file.media_id}"}
             return web.Response(body=file.data, content_type=file.mime_type, headers=headers)
         return json_response(entry, headers=headers)
 
-    return await billed(request, [usage_for(params)], work, answer, dry_run=dry_run)
+    try:
+        return await billed(
+            request, [usage_for(params)], work, answer, streamed=progress.wanted, dry_run=dry_run
+        )
+    except KilnError as err:
+        ended = await progress.fail(envelope(err.message, err.error_type))
+        if ended is None:
+            raise
+        return ended
 
 
 async def create_generation(request: web.Request) -> web.StreamResponse:

@@ -25,6 +25,9 @@ Commands::
     maintenance on|off|status
     webhook-secret ID [--rotate] [--grace-hours N]
     limits ID [--rpm N] [--rpm CAPABILITY=N ...] [--concurrent N] [--reset]
+    user create ID --name N [--password-stdin] / user list ID / user password NAME
+    user disable NAME / user enable NAME
+    session list --user NAME / session revoke --user NAME
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any
 from services.billing.ledger import AccountRecord, Ledger
 from services.billing.limits_admin import add_limits_command
 from services.billing.store import Database
+from services.billing.user_admin import add_user_commands
 from services.billing.webhook_admin import add_webhook_secret_command
 from services.common.errors import InvalidRequest, KilnError
 from services.common.money import UNITS_PER_CREDIT, format_credits
@@ -239,6 +243,7 @@ def add_admin_commands(subparsers: Any) -> None:
 
     add_webhook_secret_command(subparsers)
     add_limits_command(subparsers)
+    add_user_commands(subparsers)
 
 
 async def open_ledger(settings: Settings) -> Ledger:

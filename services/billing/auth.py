@@ -1,4 +1,4 @@
-"""Credentials to accounts: API keys and JWT bearer tokens.
+"""Credentials to accounts: API keys, JWT bearer tokens and sign-in sessions.
 
 * ``X-API-Key: <key>`` and ``Authorization: Bearer <key>`` name an API key,
   looked up by its SHA-256 hash (see :meth:`Ledger.account_for_api_key`).
@@ -19,6 +19,9 @@
   subject is an account's external id, or the id of an account that has no
   external id (an account bound to an external subject is never found by its
   internal id).
+* A session token (the edge's ``kiln_session`` cookie, from SignIn) is looked up by its
+  SHA-256 hash with its user and account (:mod:`services.billing.sessions`): an expired,
+  signed-out or revoked session, or a disabled user, is refused.
 * A disabled account (``kiln admin account disable``) is refused whatever the
   credential, in the same transaction that would hold its credits.
 
@@ -38,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from services.billing.ledger import AccountFinder, AccountRecord, Ledger, api_key_finder, subject_finder
+from services.billing.sessions import session_finder
 from services.common.errors import AUTHENTICATION_MESSAGE, AuthenticationFailed
 from services.common.settings import Settings
 
@@ -136,17 +140,31 @@ class Authenticator:
         return sorted(self._keys)
 
     async def authenticate(
-        self, *, api_key: str | None = None, bearer_token: str | None = None
+        self,
+        *,
+        api_key: str | None = None,
+        bearer_token: str | None = None,
+        session_token: str | None = None,
     ) -> AccountRecord:
-        """The account of an ``X-API-Key`` value or a ``Bearer`` value."""
-        return await self.ledger.find_account(self.finder(api_key=api_key, bearer_token=bearer_token))
+        """The account of an ``X-API-Key`` value, a ``Bearer`` value or a session token."""
+        return await self.ledger.find_account(
+            self.finder(api_key=api_key, bearer_token=bearer_token, session_token=session_token)
+        )
 
-    def finder(self, *, api_key: str | None = None, bearer_token: str | None = None) -> AccountFinder:
+    def finder(
+        self,
+        *,
+        api_key: str | None = None,
+        bearer_token: str | None = None,
+        session_token: str | None = None,
+    ) -> AccountFinder:
         """Checks what can be checked without the database (a JWT's signature and claims)
         and returns the in-transaction lookup of the account, so that billing can find,
         price and hold in one transaction."""
         if api_key is not None:
             return self._api_key_finder(api_key)
+        if session_token is not None:
+            return session_finder(session_token.strip(), self.ledger.now_ms())
         if bearer_token is not None:
             token = bearer_token.strip()
             if is_jwt(token):

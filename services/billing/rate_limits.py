@@ -259,10 +259,17 @@ class RequestCounter:
         await self.limiter.clear(self._item(rpm), account_id, capability)
 
 
+#: The descriptor value of a session cookie's request: ``Session <token>`` (edge.ratelimit).
+SESSION_SCHEME = "session"
+
+
 def _credential_finder(authenticator: Authenticator, value: str) -> AccountFinder | None:
     """The account finder of a credential as sent (``X-API-Key`` value, or ``Authorization``
-    with or without its ``Bearer`` scheme); None for a task's run token."""
+    with or without its ``Bearer`` scheme, or ``Session <token>`` for the session cookie);
+    None for a task's run token."""
     scheme, _, rest = value.strip().partition(" ")
+    if scheme.lower() == SESSION_SCHEME and rest.strip():
+        return authenticator.finder(session_token=rest.strip())
     token = rest.strip() if scheme.lower() == "bearer" else value.strip()
     if not token or is_run_token(token):
         return None

@@ -33,6 +33,7 @@ from services.billing.metrics import CreditMetrics
 from services.billing.rate_limits import SERVICE_NAME as RATE_LIMIT_SERVICE_NAME
 from services.billing.rate_limits import RateLimiter, RateLimitPolicy, RateLimitServicer
 from services.billing.servicer import BillingServicer
+from services.billing.sessions import Sessions
 from services.billing.store import Database
 from services.billing.task_servicer import TaskServicer
 from services.billing.tasks import TaskStore
@@ -52,7 +53,17 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BillingService"].full_name
 TASK_SERVICE_NAME = task_pb.DESCRIPTOR.services_by_name["TaskService"].full_name
 TASK_METHODS = tuple(m.name for m in task_pb.DESCRIPTOR.services_by_name["TaskService"].methods)
 #: The RPCs that move money or write an account's records: only the edge may call them.
-EDGE_ONLY_METHODS = ("Authorize", "Reserve", "Commit", "Release", "SaveResponse", "SweepMedia")
+#: SignIn and SignOut too: the edge vouches for the client address wrong passwords are counted by.
+EDGE_ONLY_METHODS = (
+    "Authorize",
+    "Reserve",
+    "Commit",
+    "Release",
+    "SaveResponse",
+    "SweepMedia",
+    "SignIn",
+    "SignOut",
+)
 #: Envoy's rate limit service (services.billing.rate_limits) counts requests: the edge, and
 #: Envoy's global rate-limit filter (``kiln envoy-config`` gives it this identity's token).
 RATE_LIMIT_CALLERS = (EDGE, "envoy")
@@ -109,6 +120,7 @@ async def create_service(
             tasks=tasks,
             credits=CreditMetrics(metrics.registry),
             limits=RateLimitPolicy.from_settings(settings),
+            sessions=Sessions.from_settings(ledger, settings),
         )
         limiter = RateLimiter.from_settings(ledger, authenticator, settings)
 

@@ -13,6 +13,9 @@ function (:func:`~services.billing.pricing.quote`), capped at the hold: the
 caller reports usage, never an amount. With rate limits, the same transaction
 refuses a synchronous request past the account's jobs in flight
 (:mod:`services.billing.rate_limits`).
+
+SignIn and SignOut make and end sign-in sessions (:mod:`services.billing.sessions`);
+a session token is the third kind of credential, beside API keys and JWTs.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from services.billing.ledger import (
 from services.billing.metrics import CreditMetrics
 from services.billing.pricing import ImageGenerationItem, quote
 from services.billing.rate_limits import RateLimitPolicy
+from services.billing.sessions import SessionRecord, Sessions
 from services.billing.store import Tx
 from services.billing.tasks import TaskStore, is_run_token
 from services.common.errors import AuthenticationFailed, InvalidRequest, MaintenanceMode
@@ -72,6 +76,15 @@ def reservation_pb(res: ReservationRecord) -> pb.Reservation:
         charged_hundredths=res.charged,
         state=_STATES[res.state],
         expires_at_ms=res.expires_at_ms,
+    )
+
+
+def session_pb(session: SessionRecord) -> pb.Session:
+    return pb.Session(
+        user_name=session.user_name,
+        user_id=session.user_id,
+        created_at_ms=session.created_at_ms,
+        expires_at_ms=session.expires_at_ms,
     )
 
 
@@ -141,8 +154,11 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         tasks: TaskStore | None = None,
         credits: CreditMetrics | None = None,
         limits: RateLimitPolicy | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         self.ledger = ledger
+        #: Users, sign-in and sessions (SignIn, SignOut, session credentials).
+        self.sessions = sessions or Sessions(ledger)
         self.registry = registry
         self.authenticator = authenticator
         self.default_ttl_seconds = default_ttl_seconds
@@ -163,6 +179,8 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
             return self.authenticator.finder(api_key=credential.api_key)
         if kind == "bearer_token":
             return self.authenticator.finder(bearer_token=credential.bearer_token)
+        if kind == "session_token":
+            return self.authenticator.finder(session_token=credential.session_token)
         raise AuthenticationFailed()
 
     async def _check_maintenance(self) -> None:
@@ -222,9 +240,27 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         token = _bearer(request.credential)
         if is_run_token(token):
             account = (await self.tasks.run_authorization(token)).account
+        elif request.credential.WhichOneof("kind") == "session_token":
+            account, session = await self.sessions.authenticate(request.credential.session_token.strip())
+            return pb.AuthenticateResponse(account=account_pb(account), session=session_pb(session))
         else:
             account = await self.ledger.find_account(self._finder(request.credential))
         return pb.AuthenticateResponse(account=account_pb(account))
+
+    async def SignIn(self, request: pb.SignInRequest, context: grpc.aio.ServicerContext) -> pb.SignInResponse:
+        await self._check_maintenance()
+        signed_in = await self.sessions.sign_in(request.name, request.password, request.client_address)
+        return pb.SignInResponse(
+            account=account_pb(signed_in.account),
+            session=session_pb(signed_in.session),
+            session_token=signed_in.token,
+            csrf_token=signed_in.csrf_token,
+        )
+
+    async def SignOut(
+        self, request: pb.SignOutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SignOutResponse:
+        return pb.SignOutResponse(revoked=await self.sessions.sign_out(request.session_token.strip()))
 
     async def Quote(self, request: pb.QuoteRequest, context: grpc.aio.ServicerContext) -> pb.QuoteResponse:
         items = usage_items(request.usage)

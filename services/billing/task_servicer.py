@@ -189,6 +189,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
             output=request.output_json,
             error=request.error_json,
             media=[media_record(record) for record in request.media],
+            progress=(max(0, request.progress_step), max(0, request.progress_total)),
         )
         return pb.FinishTaskResponse(task=task_pb(task))
 

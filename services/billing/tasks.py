@@ -448,6 +448,7 @@ class TaskStore:
         output: bytes = b"",
         error: bytes = b"",
         media: Sequence[MediaRecord] = (),
+        progress: tuple[int, int] = (0, 0),
     ) -> TaskRecord:
         """Ends a run. ``completed`` needs the task's hold committed (the run's billed flow
         did it; ``media``, files the worker stored for the answer, are recorded with it); any
@@ -465,6 +466,11 @@ class TaskStore:
             if row is None:
                 raise Conflict(f"Task '{quoted(task_id)}' is not running under this run token.")
             task = _task(row)
+            if progress[1] > 0:  # the last steps may have come after the last renewal
+                tx.execute(
+                    "UPDATE tasks SET progress_step = ?, progress_total = ? WHERE id = ?",
+                    (progress[0], progress[1], task.id),
+                )
             reservation = read_reservation(tx, task.reservation_id)
             end, out, err = status, output or None, error or None
             if reservation.state == "committed":

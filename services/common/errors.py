@@ -123,6 +123,18 @@ class AuthenticationFailed(KilnError):
     default_message = AUTHENTICATION_MESSAGE
 
 
+class CsrfRejected(AuthenticationFailed):
+    """A state-changing request authenticated by the session cookie without the session's
+    CSRF token in ``X-CSRF-Token``: a 403 with the contract's ``authentication_error`` type
+    (the credential is valid; the request's origin is not proven)."""
+
+    mapping_override = ErrorMapping("PERMISSION_DENIED", 403)
+    default_message = (
+        "A request authenticated by the session cookie that changes state needs the session's "
+        "CSRF token in the 'X-CSRF-Token' header."
+    )
+
+
 class InsufficientCredits(KilnError):
     error_type = ErrorType.INSUFFICIENT_CREDITS
     default_message = "You do not have enough credits."
@@ -184,7 +196,7 @@ _BY_TYPE: dict[ErrorType, type[KilnError]] = {
 #: Errors that travel with another gRPC code than their type's usual one.
 _VARIANTS: dict[tuple[ErrorType, str], type[KilnError]] = {
     (cls.error_type, cls.mapping_override.grpc_code): cls
-    for cls in (Conflict,)
+    for cls in (Conflict, CsrfRejected)
     if cls.mapping_override is not None
 }
 

@@ -237,6 +237,35 @@ class Settings(BaseSettings):
         description="Envoy's global rate-limit filter in front (kiln envoy-config) already asked "
         "the limiter: the edge does not ask again.",
     )
+    # --- sign-in and sessions (services/billing/sessions.py, edge/handlers/session.py) ---
+    session_lifetime_seconds: int = Field(
+        24 * 3600, gt=0, description="How long a session lives after sign-in (absolute, not sliding)."
+    )
+    session_cookie_secure: bool = Field(
+        False,
+        description="Always mark the session cookie Secure (TLS ends in front of the edge, e.g. at "
+        "Envoy). It is Secure anyway when the edge itself serves the request over https.",
+    )
+    sign_in_failures_per_name: int = Field(
+        5,
+        ge=0,
+        description="Sign-in attempts per user name within the window before a 429 (a right password "
+        "clears them); 0: no limit.",
+    )
+    sign_in_failures_per_address: int = Field(
+        50,
+        ge=0,
+        description="Failed sign-ins per client address within the window before a 429; 0: no limit.",
+    )
+    sign_in_failure_window_seconds: int = Field(
+        900, gt=0, description="The moving window failed sign-ins are counted in (seconds)."
+    )
+    sign_in_client_address_header: str = Field(
+        "",
+        description="A header a trusted proxy in front sets to the client's address (e.g. "
+        "X-Forwarded-For: its last entry is used), for the per-address sign-in limit. Empty: the "
+        "connection's peer address. Set it only behind a proxy that overwrites or appends it.",
+    )
     jwt_hs256_secret: SecretStr | None = Field(None, description="Shared secret for HS256 JWTs.")
     jwt_public_keys: list[Path] = Field(
         default_factory=list, description="PEM public keys for RS256/ES256 JWTs."

@@ -287,3 +287,19 @@ async def test_a_request_past_the_sync_wait_is_answered_202_and_finishes_as_a_ta
         assert charged > 0 and await balance(mesh, customer.account_id) == 2000 - charged
     finally:
         await runner.cleanup()
+
+
+async def test_an_image_task_reports_the_generations_progress(
+    mesh: Mesh, http: aiohttp.ClientSession
+) -> None:
+    customer = await new_customer(mesh, "5")
+    body = {
+        "model": "z-image-turbo",
+        "input": {"prompt": "a kiln", "size": "256x256", "num_inference_steps": 3},
+    }
+    status, created = await post_task(mesh, http, body, customer.headers)
+    assert status == 200, created
+    task = await finished(mesh, http, created["data"]["task_id"], customer.headers)
+    assert task["status"] == "completed", task.get("error")
+    assert task["progress"] == {"step": 3, "total_steps": 3}
+    assert task["output"]["data"][0]["url"]
