@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from aiohttp import web
 
 from edge.responses import json_response
-from services.common.errors import ErrorType, KilnError
-
-
-def envelope(message: str, error_type: ErrorType | str) -> dict[str, dict[str, Any]]:
-    """``{"error": {"message": ..., "type": ..., "param": null, "code": null}}``: the contract's
-    ``message`` and ``type``, with OpenAI's ``param`` and ``code`` (always null: the message
-    names the parameter, and ``type`` is the machine-readable kind) so OpenAI's clients and
-    schema accept it."""
-    return {"error": {"message": message, "type": str(error_type), "param": None, "code": None}}
+from services.common.errors import KilnError, envelope
 
 
 def error_response(err: KilnError, *, status: int | None = None) -> web.Response:

@@ -22,12 +22,20 @@ from aiohttp.http import HttpVersion11
 from opentelemetry import trace
 from opentelemetry.propagate import extract
 
-from edge.errors import envelope, error_response
+from edge.errors import error_response
 from edge.flow import credential_from
 from edge.forms import BodyRefused
 from edge.keys import REQUEST_ID, SETTINGS, UPSTREAMS
 from edge.responses import json_response
-from services.common.errors import ErrorType, InvalidRequest, KilnError, NotFound, ProcessingError, quoted
+from services.common.errors import (
+    ErrorType,
+    InvalidRequest,
+    KilnError,
+    NotFound,
+    ProcessingError,
+    envelope,
+    quoted,
+)
 
 log = logging.getLogger("kiln.edge")
 _tracer = trace.get_tracer("kiln.edge")

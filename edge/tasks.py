@@ -45,7 +45,7 @@ from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.billing.v1 import task_service_pb2 as task_pb
 from services.billing.task_servicer import task_record
 from services.billing.tasks import is_run_token, task_document
-from services.common.errors import InvalidRequest, KilnError
+from services.common.errors import InvalidRequest, KilnError, envelope_json
 from services.common.mesh_auth import mesh_secret
 
 log = logging.getLogger("kiln.edge.tasks")
@@ -270,6 +270,11 @@ async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[s
         yield event, data
 
 
+def _failure(message: str, error_type: str = "processing_error") -> bytes:
+    """A failed run's error: the contract's envelope, as the route would have answered."""
+    return envelope_json(message, error_type)
+
+
 #: How a run ended: status, output JSON, error JSON, files stored for the answer.
 Outcome = tuple[str, bytes, bytes, list[billing_pb.MediaRecord]]
 
@@ -326,7 +331,7 @@ class TaskRun:
         if cancelled:
             status, error = (
                 "cancelled",
-                json.dumps(_envelope("The task was cancelled; nothing was charged.")).encode(),
+                _failure("The task was cancelled; nothing was charged."),
             )
         finished = await self.app[UPSTREAMS].tasks.call(
             "FinishTask",
@@ -366,7 +371,7 @@ class TaskRun:
         app = self.app
         body = await app[MEDIA].read_async(self.task.input_media_id)
         if body is None:
-            return "failed", b"", json.dumps(_envelope("The task's input is no longer stored.")).encode(), []
+            return "failed", b"", _failure("The task's input is no longer stored."), []
         method, _, path = self.task.route.partition(" ")
         headers = {
             "Authorization": f"Bearer {self.run_token}",
@@ -394,7 +399,7 @@ class TaskRun:
                         return "completed", data, b"", []
                     elif event == "error":
                         return "failed", b"", data, []
-                return "failed", b"", json.dumps(_envelope("The task's answer ended early.")).encode(), []
+                return "failed", b"", _failure("The task's answer ended early."), []
             if kind == "application/json":
                 return "completed", await response.read(), b"", []
             return await self._file(response)
@@ -428,17 +433,17 @@ class TaskRun:
         try:
             response = await job
         except KilnError as err:
-            return "failed", b"", json.dumps(_envelope(err.message, str(err.error_type))).encode(), []
+            return "failed", b"", _failure(err.message, str(err.error_type)), []
         except Exception:
             log.exception("task %s: the request failed", self.task.id)
             return (
                 "failed",
                 b"",
-                json.dumps(_envelope("Internal error while processing the request.")).encode(),
+                _failure("Internal error while processing the request."),
                 [],
             )
         if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
-            return "failed", b"", json.dumps(_envelope("The answer could not be kept.")).encode(), []
+            return "failed", b"", _failure("The answer could not be kept."), []
         if response.content_type == "application/json":
             return "completed", response.body, b"", []
         return await self.file_outcome(response.body, response.content_type, response.headers)
@@ -469,12 +474,8 @@ async def _bounded(response: aiohttp.ClientResponse, limit: int = 64 * 1024) -> 
     try:
         json.loads(data)
     except ValueError:
-        return json.dumps(_envelope(f"The task failed with HTTP {response.status}.")).encode()
+        return _failure(f"The task failed with HTTP {response.status}.")
     return data
-
-
-def _envelope(message: str, error_type: str = "processing_error") -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": None, "code": None}}
 
 
 _FINISH = {

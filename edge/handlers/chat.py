@@ -23,7 +23,6 @@ from typing import Any
 
 from aiohttp import web
 
-from edge.errors import envelope
 from edge.fetch import ImageFetcher
 from edge.flow import Charge, Done, Hold, billed, billed_stream, credential_from
 from edge.forms import read_body
@@ -32,7 +31,7 @@ from edge.responses import SSE_HEADERS, json_response, sse_event
 from edge.schemas import ChatCompletionRequest, ImagePart, parse_body
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.llm.v1 import llm_service_pb2 as llm_pb
-from services.common.errors import InvalidRequest, KilnError, ProcessingError
+from services.common.errors import InvalidRequest, KilnError, ProcessingError, envelope
 from services.common.money import format_credits
 from services.common.registry import CHAT, DEFAULT_CHAT_MODEL
 

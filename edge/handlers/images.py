@@ -17,7 +17,6 @@ from typing import Any
 
 from aiohttp import web
 
-from edge.errors import envelope
 from edge.flow import Charge, Done, MediaFile, billed
 from edge.forms import FORM_TYPES, read_body, read_form
 from edge.keys import MEDIA, REGISTRY, REQUEST_ID, SETTINGS, UPSTREAMS
@@ -34,7 +33,7 @@ from edge.schemas import (
 )
 from edge.tasks import task_origin
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
-from services.common.errors import InvalidRequest, KilnError
+from services.common.errors import InvalidRequest, KilnError, envelope
 from services.common.money import format_credits
 from services.image_gen.rules import GenerationParams
 

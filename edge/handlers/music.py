@@ -25,7 +25,6 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from edge.errors import envelope
 from edge.flow import Charge, Done, MediaFile, billed, credential_from
 from edge.forms import FORM_TYPES, read_body, read_upload_form
 from edge.handlers.images import media_base, timing_entry
@@ -42,7 +41,7 @@ from edge.schemas import (
 )
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.music.v1 import music_service_pb2 as music_pb
-from services.common.errors import InvalidRequest, KilnError, ProcessingError, quoted
+from services.common.errors import InvalidRequest, KilnError, ProcessingError, envelope, quoted
 from services.common.media.audio import encode_audio
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_MUSIC_MODEL, MUSIC

@@ -36,7 +36,6 @@ from typing import Any
 
 from aiohttp import web
 
-from edge.errors import envelope
 from edge.flow import Charge, Done, MediaFile, billed, credential_from
 from edge.forms import read_upload_form
 from edge.handlers.images import media_base, timing_entry
@@ -45,7 +44,7 @@ from edge.responses import ProgressEvents, json_response
 from edge.schemas import ImageToVideoForm, parse_form
 from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.video.v1 import video_service_pb2 as video_pb
-from services.common.errors import InvalidRequest, KilnError, ProcessingError, quoted
+from services.common.errors import InvalidRequest, KilnError, ProcessingError, envelope, quoted
 from services.common.media.image import probe_image
 from services.common.money import format_credits
 from services.common.registry import DEFAULT_VIDEO_MODEL, IMAGE_TO_VIDEO

@@ -41,7 +41,7 @@ from services.billing.auth import Authenticator
 from services.billing.ledger import AccountFinder, AccountRecord, Ledger, ReservationRecord
 from services.billing.store import Tx
 from services.billing.tasks import is_run_token
-from services.common.errors import InvalidRequest, KilnError, NotFound
+from services.common.errors import ErrorType, InvalidRequest, KilnError, NotFound, envelope_json
 from services.common.rate_limit_headers import limit_headers, rate_limited, retry_headers
 from services.common.settings import Settings
 
@@ -323,12 +323,6 @@ def _headers(values: Mapping[str, str]) -> list[rls_pb2.HeaderValue]:
     return [rls_pb2.HeaderValue(key=name, value=value) for name, value in values.items()]
 
 
-def _envelope(message: str) -> bytes:
-    """The contract's error envelope (edge.errors.envelope), for Envoy to answer with."""
-    body = {"error": {"message": message, "type": "rate_limit_error", "param": None, "code": None}}
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     """``envoy.service.ratelimit.v3.RateLimitService``: every descriptor with a credential and a
     capability is counted; OVER_LIMIT when any is over. The response carries the headers
@@ -372,7 +366,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
                         }
                     )
                 )
-                response.raw_body = _envelope(refusal.message)
+                response.raw_body = envelope_json(refusal.message, ErrorType.RATE_LIMIT)
         return response
 
     async def _decide(self, descriptor: rls_pb2.RateLimitDescriptor, cost: int) -> Decision | None:

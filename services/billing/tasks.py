@@ -52,7 +52,14 @@ from services.billing.ledger import (
 )
 from services.billing.store import Row, Tx
 from services.billing.webhooks import enqueue_webhook, task_webhook_summary
-from services.common.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound, quoted
+from services.common.errors import (
+    AuthenticationFailed,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    envelope_json,
+    quoted,
+)
 from services.common.money import format_credits
 
 TaskStatus = Literal["pending", "processing", "completed", "failed", "cancelled"]
@@ -356,10 +363,10 @@ class TaskStore:
                     self._end(tx, task, "cancelled", now, error=_cancelled())
                 elif not task.input_media_id:  # an adopted request: nothing to replay
                     message = "The server running the task stopped before it finished; nothing was charged."
-                    self._end(tx, task, "failed", now, error=_error_json(message, "processing_error"))
+                    self._end(tx, task, "failed", now, error=envelope_json(message, "processing_error"))
                 elif task.attempts >= MAX_ATTEMPTS:
                     message = "The task's worker stopped twice before it finished; nothing was charged."
-                    self._end(tx, task, "failed", now, error=_error_json(message, "processing_error"))
+                    self._end(tx, task, "failed", now, error=envelope_json(message, "processing_error"))
                 else:
                     return self._start(tx, task, worker_id, token, now, lease)
             oldest = tx.one(
@@ -482,7 +489,10 @@ class TaskStore:
                 for record in media:
                     record_media(tx, reservation, record, now)
             elif end == "completed":
-                end, err = "failed", _error_json("The task ended without being charged.", "processing_error")
+                end, err = (
+                    "failed",
+                    envelope_json("The task ended without being charged.", "processing_error"),
+                )
             return self._end(tx, task, end, now, output=out, error=err)
 
         return await self.db.run(tx_fn)
@@ -552,11 +562,4 @@ def _owned(tx: Tx, account_id: str, task_id: str) -> TaskRecord:
 
 
 def _cancelled() -> bytes:
-    return _error_json("The task was cancelled; nothing was charged.", "invalid_request_error")
-
-
-def _error_json(message: str, error_type: str) -> bytes:
-    # The contract's error envelope (edge.errors.envelope), as the edge answers errors.
-    return json.dumps(
-        {"error": {"message": message, "type": error_type, "param": None, "code": None}}
-    ).encode()
+    return envelope_json("The task was cancelled; nothing was charged.", "invalid_request_error")

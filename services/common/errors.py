@@ -10,8 +10,10 @@ mapping cannot drift.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 #: ``ErrorInfo.domain`` of every error Kiln raises.
 ERROR_DOMAIN = "kiln.dev"
@@ -64,6 +66,20 @@ def quoted(value: str, limit: int = QUOTED_INPUT_CHARS) -> str:
 
 #: ``ErrorInfo.metadata`` key of an error's retry hint, in whole milliseconds.
 RETRY_AFTER_MS_KEY = "retry_after_ms"
+
+
+def envelope(message: str, error_type: ErrorType | str) -> dict[str, dict[str, Any]]:
+    """``{"error": {"message": ..., "type": ..., "param": null, "code": null}}``: the contract's
+    ``message`` and ``type``, with OpenAI's ``param`` and ``code`` (always null: the message
+    names the parameter, and ``type`` is the machine-readable kind) so OpenAI's clients and
+    schema accept it. The edge answers every error with it; billing stores it on failed tasks
+    and gives it to Envoy for the limiter's 429."""
+    return {"error": {"message": message, "type": str(error_type), "param": None, "code": None}}
+
+
+def envelope_json(message: str, error_type: ErrorType | str) -> bytes:
+    """:func:`envelope` as JSON bytes."""
+    return json.dumps(envelope(message, error_type), separators=(",", ":")).encode()
 
 
 class KilnError(Exception):
