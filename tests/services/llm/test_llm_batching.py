@@ -11,7 +11,7 @@ import torch
 from kiln.llm.v1 import llm_service_pb2 as pb
 from services.llm.batching import IncrementalDetokenizer, Sampling, StopMatcher, sample
 
-from .conftest import MAX_BATCH, QWEN, SMOLLM2, Llm, chat_request, collect
+from .conftest import MAX_BATCH, QWEN, SMOLLM2, SMOLLM2_TRANSFORMERS, Llm, chat_request, collect
 
 PROMPTS = ("What is the capital of France?", "Write a poem about the sea.", "Hi", "Count to ten.")
 
@@ -71,10 +71,16 @@ def test_stop_matcher_holds_back_a_possible_stop_and_cuts_at_it() -> None:
     assert matcher.text.startswith("Hello ENX more END!")
 
 
-def test_incremental_detokenizer_never_splits_a_character(llm: Llm) -> None:
-    tokenizer = llm.engine(SMOLLM2).tokenizer
+@pytest.mark.parametrize("model", [SMOLLM2, SMOLLM2_TRANSFORMERS])
+def test_incremental_detokenizer_never_splits_a_character(llm: Llm, model: str) -> None:
+    """With transformers' tokenizer and with llama.cpp's (byte pieces joined, then decoded)."""
+    tokenizer = llm.engine(model).tokenizer
     text = "Café 😀 naïve 東京"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if model == SMOLLM2:
+        ids = tokenizer.encode(text)
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 4
     detok = IncrementalDetokenizer(tokenizer)
     pieces = [detok.add(i) for i in ids] + [detok.flush()]
     assert "".join(pieces) == text

@@ -15,7 +15,16 @@ from kiln.llm.v1 import llm_service_pb2 as pb
 from services.llm.servicer import SERVICE_NAME
 from tests.services.grpc_errors import assert_invalid_request
 
-from .conftest import QWEN, SMALL_CONTEXT, SMOLLM2, Llm, chat_request, collect, text_message
+from .conftest import (
+    QWEN,
+    SMALL_CONTEXT,
+    SMOLLM2,
+    SMOLLM2_TRANSFORMERS,
+    Llm,
+    chat_request,
+    collect,
+    text_message,
+)
 
 
 def png(width: int = 96, height: int = 64) -> bytes:
@@ -64,20 +73,26 @@ async def test_greedy_is_deterministic_and_seeded_sampling_repeats(llm: Llm) -> 
     assert sampled[0].text == sampled[1].text
 
 
-async def test_smollm2_knows_the_capital_of_france(llm: Llm) -> None:
-    answer = await collect(llm.stub, chat_request("What is the capital of France?", model="smollm2"))
-    assert answer.start.model == SMOLLM2
+@pytest.mark.parametrize(
+    ("model", "resolved"), [("smollm2", SMOLLM2), (SMOLLM2_TRANSFORMERS, SMOLLM2_TRANSFORMERS)]
+)
+async def test_smollm2_knows_the_capital_of_france(llm: Llm, model: str, resolved: str) -> None:
+    """The shipped GGUF on llama.cpp (re-encoded as f16) and dequantised for transformers."""
+    answer = await collect(llm.stub, chat_request("What is the capital of France?", model=model))
+    assert answer.start.model == resolved
     assert "Paris" in answer.text
     assert answer.end.finish_reason == pb.FINISH_REASON_STOP
 
 
-async def test_usage_counts_are_the_tokenizers(llm: Llm) -> None:
-    tokenizer = llm.engine(SMOLLM2).tokenizer
+@pytest.mark.parametrize("model", [SMOLLM2, SMOLLM2_TRANSFORMERS])
+async def test_usage_counts_are_the_tokenizers(llm: Llm, model: str) -> None:
+    """Counted with the transformers tokenizer of the same GGUF: llama.cpp's tokens agree."""
+    tokenizer = llm.engine(SMOLLM2_TRANSFORMERS).tokenizer
     messages = [
         text_message("system", "You are terse."),
         text_message("user", "What is the capital of France?"),
     ]
-    answer = await collect(llm.stub, chat_request(model=SMOLLM2, messages=messages))
+    answer = await collect(llm.stub, chat_request(model=model, messages=messages))
     expected_prompt = tokenizer.apply_chat_template(
         [
             {"role": "system", "content": "You are terse."},
