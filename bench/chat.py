@@ -194,7 +194,7 @@ async def serve_llm(data_dir: Path) -> None:
     from services.common.registry import load_registry
     from services.common.settings import load_settings
     from services.llm.engines import build_engine_pool
-    from services.llm.server import create_service
+    from services.llm.server import AUTO_CHAT_BATCH, create_service
 
     settings = load_settings(data_dir=data_dir)
     registry = load_registry(settings.registry_path)
@@ -202,7 +202,7 @@ async def serve_llm(data_dir: Path) -> None:
         registry,
         cache_dir=settings.resolved_model_cache_dir,
         torch_threads=settings.torch_threads,
-        max_batch=settings.batch_max_size,
+        max_batch=settings.batch_max_size or AUTO_CHAT_BATCH,
     )
     service = await create_service(settings, address="127.0.0.1:0", registry=registry, pool=pool)
     await service.start()

@@ -85,12 +85,16 @@ async def stream(client: Any, server: Server, prompt: str, tokens: int) -> tuple
         stream=True,
         stream_options={"include_usage": True},
     )
+    chunks = 0
     async for chunk in response:
-        if chunk.choices and chunk.choices[0].delta.content and not first:
-            first = time.perf_counter() - started
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunks += 1
+            if not first:
+                first = time.perf_counter() - started
         if chunk.usage is not None:
             used = chunk.usage.completion_tokens
-    return first, used
+    # llama-cpp-python's server sends no usage when streaming: one chunk per token there.
+    return first, used or chunks
 
 
 async def measure(server: Server, *, tokens: int, runs: int) -> Figures:
@@ -147,7 +151,7 @@ async def wait_chat(server: Server) -> None:
             async with http.post(f"{server.base_url}/chat/completions", json=body) as response:
                 if response.status == 200:
                     return
-                if response.status != 503:
+                if response.status < 500:
                     raise RuntimeError(
                         f"{server.name} answered {response.status}: {(await response.text())[:300]}"
                     )
@@ -190,13 +194,17 @@ def run_peer(args: argparse.Namespace) -> Figures:
 
 
 def run_kiln(args: argparse.Namespace) -> Figures:
-    from bench.mesh import running_mesh
+    from bench.mesh import running_mesh, wait_all_loaded
 
     env = {"KILN_MODEL_CACHE_DIR": str(args.model_cache)}
-    with running_mesh("single", env) as info:
+    with running_mesh(args.topology, env) as info:
         server = Server("Kiln", f"http://127.0.0.1:{info['edge']}/v1", MODEL, info["premium_key"])
 
         async def go() -> Figures:
+            import aiohttp
+
+            async with aiohttp.ClientSession() as http:  # every model loaded: nothing else runs
+                await wait_all_loaded(http, f"http://127.0.0.1:{info['edge']}")
             await wait_chat(server)
             return await measure(server, tokens=args.tokens, runs=args.runs)
 
@@ -213,8 +221,19 @@ def main() -> None:
         default=Path(tempfile.gettempdir()) / "kiln-bench-chat-peer",
         help="Kiln's model cache (the re-encoded GGUF and the mesh's tiny models are made once)",
     )
+    parser.add_argument(
+        "--topology",
+        choices=("single", "split"),
+        default="single",
+        help="Kiln's mesh: every service in one process (`kiln up`) or one process each (`kiln up --split`)",
+    )
+    parser.add_argument("--only", choices=("peer", "kiln"), help="measure one side only")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.only:
+        figures = run_peer(args) if args.only == "peer" else run_kiln(args)
+        print(args.only, figures)
+        return
     peer = run_peer(args)
     kiln = run_kiln(args)
     print(

@@ -146,6 +146,19 @@ async def wait_ready(http: Any, edge_url: str) -> None:
     raise RuntimeError("the mesh did not become ready")
 
 
+async def wait_all_loaded(http: Any, edge_url: str) -> None:
+    """Waits until no model of the mesh is still loading (``/readyz``'s ``models``): a model
+    loading in the background (the tts clone model, say) would share the CPU with a benchmark."""
+    await wait_ready(http, edge_url)
+    for _ in range(6000):
+        async with http.get(edge_url + "/readyz") as response:
+            models = (await response.json()).get("models", {})
+        if models and all(m.get("state") not in ("new", "loading") for m in models.values()):
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the mesh's models did not finish loading")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve", metavar="DATA_DIR", required=True)

@@ -93,7 +93,7 @@ def test_environments_match_the_makefile() -> None:
         assert match, name
         return match.group(1).strip()
 
-    main_extras = set(variable("EXTRAS").split(",")) - {"cpu", "gpu", "test"}
+    main_extras = set(variable("EXTRAS").split(",")) - {"cpu", "gpu", "test", "bench"}
     tts_extras = set(variable("TTS_EXTRAS").split(",")) - {"test"}
     assert set(ENVIRONMENTS["main"].extras.split(",")) == main_extras
     assert set(ENVIRONMENTS["tts"].extras.split(",")) == tts_extras

@@ -104,7 +104,7 @@ _log_callbacks: list[Any] = []  # ctypes callbacks must outlive the library's us
 
 def _LOG_CALLBACK(llama_cpp: Any) -> Any:
     def forward(level: int, text: bytes | None, _user: Any) -> None:
-        if text and level >= 3:  # GGML_LOG_LEVEL_WARN and ERROR; the load chatter stays out
+        if text and level in (3, 4) and text.strip(b". \n"):  # WARN and ERROR, no progress dots
             log.warning("llama.cpp: %s", text.decode(errors="replace").rstrip())
 
     callback = llama_cpp.llama_log_callback(forward)
@@ -242,6 +242,9 @@ class LlamaCppLoop(BatchLoop):
         self._deferred: list[SequenceState] = []
         #: Prompt tokens found in a slot's cache instead of being decoded again.
         self.reused_tokens = 0
+        #: Tokens decoded (prompt and generated) and the seconds spent in ``llama_decode``.
+        self.decoded_tokens = 0
+        self.decode_seconds = 0.0
         super().__init__(name=name, max_batch=max_batch, policy=policy)
 
     @property
@@ -340,7 +343,10 @@ class LlamaCppLoop(BatchLoop):
         if n == 0:
             return
         batch.n_tokens = n
+        started = time.perf_counter()
         status = self.model.lib.llama_decode(self.model.ctx, batch)
+        self.decode_seconds += time.perf_counter() - started
+        self.decoded_tokens += n
         if status != 0:
             log.error("llm %s: llama_decode returned %d", self.name, status)
             for slot in active:
