@@ -28,7 +28,8 @@ and ``enable_thinking`` (Qwen3's template switch; off by default, so answers
 carry no reasoning block).
 
 A request (:class:`ChatRequest`, images already decoded by the servicer) is
-tokenized on a thread pool; the prompt's token count (images included) is
+tokenized on a thread pool (a short text prompt, up to :data:`INLINE_PROMPT_CHARS`,
+on the event loop); the prompt's token count (images included) is
 checked against the context before anything is generated. Generation runs on
 the engine's :class:`~services.llm.batching.DecodeLoop`, which batches
 concurrent requests (see that module). :meth:`ChatEngine.run` yields
@@ -86,6 +87,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 4096
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_IMAGES = 8
+#: Text prompts up to this many characters are tokenized on the event loop (well under a
+#: millisecond); longer ones, and any with images, on a worker thread.
+INLINE_PROMPT_CHARS = 2048
 #: Version of the GGUF conversion layout (part of the cache directory name).
 GGUF_CONVERSION_VERSION = 1
 
@@ -280,7 +284,11 @@ class ChatEngine(RegistryEngine[ChatRequest, ChatEvent]):
         """Started, Delta..., Finished. Stop iterating to cancel (the slot frees at the next step)."""
         decoder = self._check_ready()
         self.check_request(request)
-        prompt = await asyncio.to_thread(self.prepare, request)
+        chars = sum(len(m.text) for m in request.messages)
+        if request.images or chars > INLINE_PROMPT_CHARS:
+            prompt = await asyncio.to_thread(self.prepare, request)
+        else:  # a short text prompt tokenizes faster than two thread hops take
+            prompt = self.prepare(request)
         wanted = request.max_tokens or self.default_max_tokens
         max_new = max(1, min(wanted, self.context - prompt.tokens))
         loop = asyncio.get_running_loop()

