@@ -197,6 +197,14 @@ def run_kiln(args: argparse.Namespace) -> Figures:
     from bench.mesh import running_mesh, wait_all_loaded
 
     env = {"KILN_MODEL_CACHE_DIR": str(args.model_cache)}
+    if args.engine != "llamacpp":  # the shipped registry with SmolLM2 on another engine
+        from services.common.settings import DEFAULT_REGISTRY
+
+        text = DEFAULT_REGISTRY.read_text()
+        assert text.count('engine = "llamacpp"') == 1
+        registry = Path(tempfile.mkdtemp(prefix="kiln-bench-")) / "registry.toml"
+        registry.write_text(text.replace('engine = "llamacpp"', f'engine = "{args.engine}"'))
+        env["KILN_REGISTRY_PATH"] = str(registry)
     with running_mesh(args.topology, env) as info:
         server = Server("Kiln", f"http://127.0.0.1:{info['edge']}/v1", MODEL, info["premium_key"])
 
@@ -228,6 +236,12 @@ def main() -> None:
         help="Kiln's mesh: every service in one process (`kiln up`) or one process each (`kiln up --split`)",
     )
     parser.add_argument("--only", choices=("peer", "kiln"), help="measure one side only")
+    parser.add_argument(
+        "--engine",
+        choices=("llamacpp", "causal_lm"),
+        default="llamacpp",
+        help="Kiln's engine for SmolLM2 (causal_lm: transformers, as before issue 19)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.only:
