@@ -1,23 +1,23 @@
 """Chat: total tokens/s with 8 concurrent streams vs. 1 (target >= 3x), and time to first token
 through the edge vs. calling the llm service directly (target: within 10 ms), on the real
-SmolLM2-135M-Instruct.
+SmolLM2-135M-Instruct (the shipped registry: llama.cpp, ``services/llm/llamacpp.py``).
+``bench/chat_peer.py`` compares the same model with llama.cpp's own server.
 
 Not a test. Run with `.venv/bin/python bench/chat.py`.
 
 Part 1 (direct) starts the llm service in a child process (``--serve-llm``:
 the shipped registry, the model cache under ``--data-dir``, so SmolLM2's GGUF
-conversion happens on the first run only) and calls it over gRPC: time to
+is re-encoded on the first run only) and calls it over gRPC: time to
 first token of lone requests, then the same number of tokens asked for by 1
 stream and by 8 concurrent streams (sampled with fixed seeds, so answers
 rarely end early); tokens/s counts the ``completion_tokens`` the service
 reports.
 
-The service runs with ``--torch-threads`` intra-op threads (default 1). On a
-2-core host torch's default (2 OpenMP threads, which spin-wait between
-operations) starves the gRPC and event-loop threads that carry each token to
-the client: measured here, time to first token rose from about 120 ms to about
-960 ms, for a little more tokens/s (3.9x instead of 3.3x). Leave a core to the
-server's I/O.
+The service runs with ``--torch-threads`` intra-op threads (default 1): that
+is the transformers engines' setting (the Qwen3.5 model). On a 2-core host
+torch's default (2 OpenMP threads, which spin-wait between operations)
+starved the gRPC and event-loop threads that carry each token to the client.
+llama.cpp's threads are the registry's ``threads`` option (default: every core).
 
 Part 2 (edge) runs when the mesh of ``bench/mesh.py`` starts the llm service
 (its JSON line has an ``llm`` port) and the edge serves ``POST
