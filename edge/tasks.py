@@ -45,7 +45,7 @@ from kiln.billing.v1 import billing_service_pb2 as billing_pb
 from kiln.billing.v1 import task_service_pb2 as task_pb
 from services.billing.task_servicer import task_record
 from services.billing.tasks import is_run_token, task_document
-from services.common.errors import InvalidRequest, KilnError, envelope_json
+from services.common.errors import InvalidRequest, KilnError, cancelled_task_error, envelope_json
 from services.common.mesh_auth import mesh_secret
 
 log = logging.getLogger("kiln.edge.tasks")
@@ -329,10 +329,7 @@ class TaskRun:
             work.cancel()
             raise
         if cancelled:
-            status, error = (
-                "cancelled",
-                _failure("The task was cancelled; nothing was charged."),
-            )
+            status, error = "cancelled", cancelled_task_error()
         finished = await self.app[UPSTREAMS].tasks.call(
             "FinishTask",
             task_pb.FinishTaskRequest(

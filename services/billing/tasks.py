@@ -57,6 +57,7 @@ from services.common.errors import (
     Conflict,
     InvalidRequest,
     NotFound,
+    cancelled_task_error,
     envelope_json,
     quoted,
 )
@@ -324,7 +325,7 @@ class TaskStore:
             if task.status == "processing":
                 tx.execute("UPDATE tasks SET cancel_requested = TRUE WHERE id = ?", (task.id,))
                 return _owned(tx, account_id, task_id)
-            error = _cancelled()
+            error = cancelled_task_error()
             return self._end(tx, task, "cancelled", now, error=error)
 
         return await self.db.run(tx_fn)
@@ -360,7 +361,7 @@ class TaskStore:
             for row in stale:
                 task = _task(row)
                 if task.cancel_requested:
-                    self._end(tx, task, "cancelled", now, error=_cancelled())
+                    self._end(tx, task, "cancelled", now, error=cancelled_task_error())
                 elif not task.input_media_id:  # an adopted request: nothing to replay
                     message = "The server running the task stopped before it finished; nothing was charged."
                     self._end(tx, task, "failed", now, error=envelope_json(message, "processing_error"))
@@ -559,7 +560,3 @@ def _owned(tx: Tx, account_id: str, task_id: str) -> TaskRecord:
     if row is None:
         raise NotFound(f"Task '{quoted(task_id)}' was not found.")
     return _task(row)
-
-
-def _cancelled() -> bytes:
-    return envelope_json("The task was cancelled; nothing was charged.", "invalid_request_error")

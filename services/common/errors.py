@@ -82,6 +82,12 @@ def envelope_json(message: str, error_type: ErrorType | str) -> bytes:
     return json.dumps(envelope(message, error_type), separators=(",", ":")).encode()
 
 
+def cancelled_task_error() -> bytes:
+    """The error a cancelled task ends with, whoever ends it (billing for a pending task, the
+    edge's worker for a running one): the caller asked for it, so not a processing error."""
+    return envelope_json("The task was cancelled; nothing was charged.", ErrorType.INVALID_REQUEST)
+
+
 class KilnError(Exception):
     """An error with a contract type and a message safe to show the caller.
 

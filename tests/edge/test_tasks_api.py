@@ -252,6 +252,8 @@ async def test_cancelling_a_running_task_stops_it_and_releases_its_hold(
     task = await finished(mesh, http, task_id, customer.headers)
     assert task["status"] == "cancelled", task
     assert task["credits_charged"] == "0" and "cancelled" in task["error"]["error"]["message"]
+    # the same error as a pending task's cancellation (billing's): the caller asked for it
+    assert task["error"]["error"]["type"] == "invalid_request_error"
     account = await mesh.ledger.get_account(customer.account_id)
     assert account.held == 0 and account.balance == 2000
 
