@@ -42,18 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from bench.chat import MODEL, PROMPTS  # noqa: E402  (the same model and prompts as bench/chat.py)
+
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPTS = (
-    "Write a long story about a lighthouse keeper.",
-    "Explain how a steam engine works, step by step.",
-    "Describe a walk through a city at night.",
-    "Write a letter to a friend about your holiday.",
-    "List ideas for a birthday party and explain each.",
-    "Tell the history of the bicycle.",
-    "Describe the life of a honey bee.",
-    "Write a travel guide to the mountains.",
-)
 
 
 @dataclass

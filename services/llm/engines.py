@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import os
 import secrets
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -201,6 +202,17 @@ class ChatEngine(RegistryEngine[ChatRequest, ChatEvent]):
     def load_model(self) -> ModelAdapter:
         """Loads ``self.model`` and ``self.tokenizer``; returns the decode loop's adapter."""
         raise NotImplementedError
+
+    def weights_source(self) -> Path:
+        """The registry's weights: its directory, or for ``weights = "package"`` the directory of
+        the Python package ``options.package``."""
+        if self.weights_dir is not None:
+            return self.weights_dir
+        if self.spec.weights == "package":
+            return package_directory(str(self.spec.options.get("package", "")))
+        raise EngineUnavailable(
+            f"the {self.spec.engine} engine needs weights (a directory, or 'package' with options.package)"
+        )
 
     def close_blocking(self) -> None:
         if self.decoder is not None:
@@ -417,14 +429,7 @@ class CausalLmEngine(ChatEngine):
     def model_directory(self) -> Path:
         """Where the model loads from: registry weights, or a package (converted from GGUF when asked)."""
         gguf_file = self.spec.options.get("gguf_file")
-        if self.weights_dir is not None:
-            source = self.weights_dir
-        elif self.spec.weights == "package":
-            source = package_directory(str(self.spec.options.get("package", "")))
-        else:
-            raise EngineUnavailable(
-                "the causal_lm engine needs weights (a directory, or 'package' with options.package)"
-            )
+        source = self.weights_source()
         if gguf_file:
             return ensure_gguf_conversion(self.cache_dir, self.spec.id, source, str(gguf_file))
         return source
@@ -577,15 +582,7 @@ class LlamaCppEngine(ChatEngine):
         gguf_file = self.spec.options.get("gguf_file")
         if not gguf_file:
             raise EngineUnavailable("the llamacpp engine needs options.gguf_file")
-        if self.weights_dir is not None:
-            source = self.weights_dir
-        elif self.spec.weights == "package":
-            source = package_directory(str(self.spec.options.get("package", "")))
-        else:
-            raise EngineUnavailable(
-                "the llamacpp engine needs weights (a directory, or 'package' with options.package)"
-            )
-        path = source / str(gguf_file)
+        path = self.weights_source() / str(gguf_file)
         if not path.is_file():
             raise EngineUnavailable(f"its GGUF file {path} does not exist")
         gguf_type = self.spec.options.get("gguf_type")
@@ -594,12 +591,18 @@ class LlamaCppEngine(ChatEngine):
         return llamacpp.ensure_gguf_type(self.cache_dir, self.spec.id, path, str(gguf_type))
 
     def build_loop(self) -> BatchLoop:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
+        cores = os.cpu_count() or 1
+        threads = _int_option(self.spec, "threads", cores)  # decoding; prompt chunks: batch_threads
         with MODEL_LOAD_LOCK:
-            model = llamacpp.load_llama_model(
-                self.spec, self.model_file(), context=self.context, max_batch=self.max_batch
+            model = llamacpp.LlamaModel(
+                self.model_file(),
+                n_ctx=max(self.context, _int_option(self.spec, "kv_tokens", self.context)),
+                n_seq=self.max_batch,
+                threads=threads,
+                batch_threads=_int_option(self.spec, "batch_threads", max(threads, cores)),
             )
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # installed: the model loaded
+
         template = model.chat_template()
         if not template:
             model.close()

@@ -59,7 +59,6 @@ import torch
 from services.common.engine import EngineUnavailable
 from services.common.errors import KilnError, ProcessingError
 from services.common.model_cache import build_directory_once, derived_file_name
-from services.common.registry import ModelSpec
 from services.llm.batching import BatchLoop, SequenceState, Started, sample
 
 log = logging.getLogger(__name__)
@@ -93,7 +92,7 @@ def llama() -> Any:
         ) from exc
     with _backend_lock:
         if not _backend_ready:
-            llama_cpp.llama_log_set(_LOG_CALLBACK(llama_cpp), None)
+            llama_cpp.llama_log_set(_log_callback(llama_cpp), None)
             llama_cpp.llama_backend_init()
             _backend_ready = True
     return llama_cpp
@@ -102,7 +101,7 @@ def llama() -> Any:
 _log_callbacks: list[Any] = []  # ctypes callbacks must outlive the library's use of them
 
 
-def _LOG_CALLBACK(llama_cpp: Any) -> Any:
+def _log_callback(llama_cpp: Any) -> Any:
     def forward(level: int, text: bytes | None, _user: Any) -> None:
         if text and level in (3, 4) and text.strip(b". \n"):  # WARN and ERROR, no progress dots
             log.warning("llama.cpp: %s", text.decode(errors="replace").rstrip())
@@ -242,9 +241,6 @@ class LlamaCppLoop(BatchLoop):
         self._deferred: list[SequenceState] = []
         #: Prompt tokens found in a slot's cache instead of being decoded again.
         self.reused_tokens = 0
-        #: Tokens decoded (prompt and generated) and the seconds spent in ``llama_decode``.
-        self.decoded_tokens = 0
-        self.decode_seconds = 0.0
         super().__init__(name=name, max_batch=max_batch, policy=policy)
 
     @property
@@ -271,7 +267,7 @@ class LlamaCppLoop(BatchLoop):
 
     def _place(self, seq: SequenceState) -> bool:
         """Gives ``seq`` a free slot if its reservation fits the cache; False to wait."""
-        prompt = [int(t) for t in seq.prompt.input_ids[0].tolist()]
+        prompt: list[int] = seq.prompt.input_ids[0].tolist()
         need = len(prompt) + seq.max_new_tokens
         free = [s for s in self.slots if s.seq is None]
         if not free:
@@ -285,8 +281,8 @@ class LlamaCppLoop(BatchLoop):
                 n += 1
             return n
 
-        slot = max(free, key=lambda s: (shared(s), -s.used_at))
-        keep = shared(slot)
+        # the free slot sharing the longest prefix; of equals, the least recently used
+        keep, _, slot = max(((shared(s), -s.used_at, s) for s in free), key=lambda c: c[:2])
         in_use = sum(s.reserved for s in self.slots if s.seq is not None)
         idle = sorted((s for s in free if s is not slot and s.cached), key=lambda s: s.used_at)
         idle_cached = sum(len(s.cached) for s in idle)
@@ -315,52 +311,49 @@ class LlamaCppLoop(BatchLoop):
 
     def _step(self) -> None:
         batch = self.model.batch
-        rows: list[tuple[Slot, int]] = []  # (slot, batch index of its logits)
+        rows: list[tuple[SequenceState, int]] = []  # (sequence, batch index of its logits)
         n = 0
 
-        def add(slot: Slot, token: int, logits: bool) -> None:
+        def add(slot: Slot, seq: SequenceState, tokens: list[int], logits: bool) -> None:
+            """Appends ``tokens`` at ``seq``'s next positions; logits for the last one if asked."""
             nonlocal n
-            batch.token[n] = token
-            batch.pos[n] = slot.seq.position if slot.seq is not None else 0
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = slot.seq_id
-            batch.logits[n] = logits
-            if slot.seq is not None:
-                slot.seq.position += 1
-            slot.cached.append(token)
+            for token in tokens:
+                batch.token[n] = token
+                batch.pos[n] = seq.position
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.seq_id
+                batch.logits[n] = False
+                seq.position += 1
+                n += 1
+            slot.cached.extend(tokens)
             if logits:
-                rows.append((slot, n))
-            n += 1
+                batch.logits[n - 1] = True
+                rows.append((seq, n - 1))
 
-        active = [self._slot_of(seq) for seq in self._active if not seq.cancelled]
-        for slot in active:  # generating rows first: one token each
+        active = [(self._slot_of(seq), seq) for seq in self._active if not seq.cancelled]
+        for slot, seq in active:  # generating rows first: one token each
             if not slot.feed:
-                add(slot, slot.seq.last_token if slot.seq is not None else 0, True)
-        for slot in active:  # then prompt chunks, in arrival order, while the batch has room
-            while slot.feed and n < N_BATCH:
-                token = slot.feed.pop(0)
-                add(slot, token, not slot.feed)
+                add(slot, seq, [seq.last_token], True)
+        for slot, seq in active:  # then prompt chunks, in arrival order, while the batch has room
+            if slot.feed and n < N_BATCH:
+                chunk, slot.feed = slot.feed[: N_BATCH - n], slot.feed[N_BATCH - n :]
+                add(slot, seq, chunk, not slot.feed)
         if n == 0:
             return
         batch.n_tokens = n
-        started = time.perf_counter()
         status = self.model.lib.llama_decode(self.model.ctx, batch)
-        self.decode_seconds += time.perf_counter() - started
-        self.decoded_tokens += n
         if status != 0:
             log.error("llm %s: llama_decode returned %d", self.name, status)
-            for slot in active:
-                if slot.seq is not None:
-                    slot.seq.fail(ProcessingError("Generation failed."))
+            for slot, seq in active:
+                seq.fail(ProcessingError("Generation failed."))
                 self.model.forget(slot.seq_id)
                 slot.cached, slot.feed = [], []
             return
         self.stats.steps += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
         self.stats.batch_sizes[len(rows)] += 1
-        for slot, index in rows:
-            seq = slot.seq
-            if seq is None or seq.cancelled:
+        for seq, index in rows:
+            if seq.cancelled:
                 continue
             try:
                 if seq.generated == 0:
@@ -375,9 +368,7 @@ class LlamaCppLoop(BatchLoop):
 
     def _retire(self) -> None:
         if not any(s.done or s.cancelled for s in self._active):
-            if self._deferred:
-                self._retry_deferred()
-            return
+            return  # no room freed: a deferred request still waits
         for slot in self.slots:
             seq = slot.seq
             if seq is not None and (seq.done or seq.cancelled):
@@ -399,23 +390,3 @@ class LlamaCppLoop(BatchLoop):
             if not self._place(seq):
                 return
             self._deferred.pop(0)
-
-
-def _positive(spec: ModelSpec, name: str, default: int) -> int:
-    value = spec.options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EngineUnavailable(f"its option {name} must be a positive integer, not {value!r}")
-    return value
-
-
-def load_llama_model(spec: ModelSpec, path: Path, *, context: int, max_batch: int) -> LlamaModel:
-    """The model at ``path`` with a cache for ``kv_tokens`` (default: ``context``) tokens."""
-    cores = os.cpu_count() or 1
-    threads = _positive(spec, "threads", cores)
-    return LlamaModel(
-        path,
-        n_ctx=max(context, _positive(spec, "kv_tokens", context)),
-        n_seq=max_batch,
-        threads=threads,
-        batch_threads=_positive(spec, "batch_threads", max(threads, cores)),
-    )
